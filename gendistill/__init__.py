@@ -1,0 +1,3 @@
+"""Data-free distillation of diffusion models and classifiers."""
+
+__version__ = "0.1.0"

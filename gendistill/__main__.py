@@ -1,0 +1,3 @@
+from gendistill.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""The ``gendistill`` command. Each subcommand's ``main(argv)`` lives in ``gendistill.training``.
+
+Bad input (a ``ValueError`` or ``FileNotFoundError`` raised while validating it) is printed as one line and
+exits with code 2; ``GENDISTILL_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+COMMANDS = {
+    "boot": "distill a diffusers teacher into a one-step BOOT student pipeline",
+    "teach": "train a teacher (methods: diffusion)",
+    "demo": "run the embedded default end to end (MNIST teacher -> BOOT student)",
+    "sample": "sample a grid of images from a saved BOOT student folder",
+}
+TEACH_METHODS = ("diffusion",)
+
+USAGE = "usage: gendistill {" + ",".join(COMMANDS) + "} [options]   (gendistill COMMAND --help for options)\n" + "\n".join(
+    f"  {name:8s} {text}" for name, text in COMMANDS.items()
+)
+
+
+def _dispatch(command: str, argv: list[str]) -> int:
+    if command == "boot":
+        from gendistill.training.boot import main
+    elif command == "teach":
+        if not argv or argv[0] not in TEACH_METHODS:
+            got = argv[0] if argv else "nothing"
+            raise ValueError(f"unknown teach method {got!r}; valid: {', '.join(TEACH_METHODS)}")
+        from gendistill.training.teach_diffusion import main
+
+        argv = argv[1:]
+    elif command == "demo":
+        from gendistill.training.demo import main
+    elif command == "sample":
+        from gendistill.training.sample import main
+    else:
+        raise ValueError(f"unknown command {command!r}; valid: {', '.join(COMMANDS)}")
+    return main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    try:
+        return _dispatch(argv[0], argv[1:])
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("GENDISTILL_DEBUG"):
+            raise
+        print(f"gendistill {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Offline data sources."""

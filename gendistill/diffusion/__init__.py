@@ -1,0 +1,1 @@
+"""Diffusion teachers (loading, prediction types, DDIM signal-space math) and the BOOT objective."""

@@ -1,0 +1,92 @@
+"""Noise-schedule math shared by teachers, BOOT and samplers.
+
+Notation follows spec/BOOT.md: ``alpha_t = sqrt(alphas_cumprod[t])``, ``sigma_t = sqrt(1 - alphas_cumprod[t])``,
+half log-SNR ``lambda_t = log(alpha_t / sigma_t)`` and ``x_t = alpha_t * x0 + sigma_t * eps``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+    return prediction_type
+
+
+def predicted_x0(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """Clean-sample prediction ``f`` from a network's native output ``u`` at noise level ``(alpha, sigma)``.
+
+    ``model_output``/``sample``: (B, C, H, W); ``alpha``/``sigma``: scalars or tensors broadcastable to them.
+    """
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output
+    if prediction_type == "sample":
+        return model_output
+    return predicted_x0(model_output, sample, alpha, sigma, check_prediction_type(prediction_type))
+
+
+def boot_grid(num_train_timesteps: int, num_intervals: int) -> list[int]:
+    """The BOOT grid ``T = t_0 > t_1 > ... > t_K = 0``: ``K + 1`` distinct teacher timesteps, evenly spaced.
+
+    ``t_0 = num_train_timesteps - 1`` is the noisiest timestep, where the trajectory starts at ``x_T = eps``
+    (the "trailing" spacing of diffusers' schedulers); ``t_K = 0`` is where the one-step sample is read.
+    """
+    if num_intervals < 1:
+        raise ValueError(f"the number of intervals K must be positive, got {num_intervals}")
+    if num_intervals > num_train_timesteps - 1:
+        raise ValueError(
+            f"K={num_intervals} intervals need {num_intervals + 1} distinct timesteps but the teacher has only "
+            f"{num_train_timesteps}; use K <= {num_train_timesteps - 1}"
+        )
+    grid = torch.linspace(num_train_timesteps - 1, 0, num_intervals + 1).round().long()
+    return [int(t) for t in grid]
+
+
+class NoiseSchedule:
+    """``alpha_t``, ``sigma_t`` and ``lambda_t`` looked up by integer timestep, from a scheduler's ``alphas_cumprod``."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        ac = alphas_cumprod.detach().to(torch.float64).clamp(0.0, 1.0)
+        self.alphas_cumprod = ac
+        self.alpha = ac.sqrt()
+        self.sigma = (1.0 - ac).sqrt()
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def coefficients(self, timesteps: torch.Tensor, *, ndim: int = 4, dtype=torch.float32):
+        """``(alpha, sigma)`` for ``timesteps`` (B,), shaped (B, 1, ..., 1) with ``ndim`` dims."""
+        idx = timesteps.detach().long().cpu()
+        shape = (-1,) + (1,) * (ndim - 1)
+        alpha = self.alpha[idx].to(device=timesteps.device, dtype=dtype).view(shape)
+        sigma = self.sigma[idx].to(device=timesteps.device, dtype=dtype).view(shape)
+        return alpha, sigma
+
+    def step_fraction(self, t: torch.Tensor, s: torch.Tensor, *, ndim: int = 4, dtype=torch.float32) -> torch.Tensor:
+        """``d = 1 - exp(lambda_t - lambda_s)`` for a DDIM step from ``t`` to the less noisy ``s``.
+
+        Computed as ``1 - (alpha_t sigma_s) / (sigma_t alpha_s)`` in float64, which is exact at the ends:
+        ``alpha_t = 0`` (zero terminal SNR) gives ``d = 1`` and ``sigma_s = 0`` gives ``d = 1``.
+        """
+        t_idx, s_idx = t.detach().long().cpu(), s.detach().long().cpu()
+        ratio = (self.alpha[t_idx] * self.sigma[s_idx]) / (self.sigma[t_idx] * self.alpha[s_idx])
+        d = 1.0 - ratio
+        return d.to(device=t.device, dtype=dtype).view((-1,) + (1,) * (ndim - 1))
+
+
+def ddim_signal_step(y_t: torch.Tensor, f: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """One exact DDIM (eta = 0) step in signal space: ``y_s = y_t + d * (f - y_t)`` (spec/BOOT.md).
+
+    ``y_t`` is the signal ``(x_t - sigma_t * eps) / alpha_t`` of the trajectory from noise ``eps``, ``f`` the
+    teacher's clean prediction at ``x_t`` and ``d = 1 - exp(lambda_t - lambda_s)``.
+    """
+    return y_t + d * (f - y_t)

@@ -1,0 +1,459 @@
+# Copyright 2025 The gendistill authors. Licensed under the Apache License, Version 2.0.
+"""One-step sampler for a BOOT student of a pixel-space diffusers ``UNet2DModel`` teacher.
+
+BOOT: J. Gu et al., "BOOT: Data-free Distillation of Denoising Diffusion Models with Bootstrapping",
+arXiv 2306.05544 (2023); the signal-space DDIM step used for refinement is derived in gendistill's spec/BOOT.md.
+
+This file depends only on torch, numpy, PIL and diffusers: ``save_pretrained`` copies it next to the weights, so a
+saved folder also loads in stock diffusers with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
+``BootImagePipeline.from_pretrained`` (below) loads the same folder without importing the folder's copy of this file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils import replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+
+PIPELINE_MODULE = "pipeline_boot"
+PARAMETERIZATIONS = ("teacher", "raw")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+# Libraries whose classes `BootImagePipeline.from_pretrained` may instantiate, with the base classes (by name, resolved
+# lazily) a component class must derive from. Text pipelines would add
+# "transformers": ("PreTrainedModel", "PreTrainedTokenizerBase").
+LOADABLE_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "diffusers": ("ModelMixin", "SchedulerMixin"),
+}
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from gendistill.pipelines import BootImagePipeline
+
+        >>> pipe = BootImagePipeline.from_pretrained("path/to/boot-student")  # never runs the folder's .py
+        >>> image = pipe(class_labels=207, generator=torch.Generator().manual_seed(0)).images[0]  # one step
+        >>> image = pipe(class_labels=207, refine_steps=2).images[0]  # + 2 teacher DDIM steps (saved with the teacher)
+        ```
+"""
+
+
+def to_x0(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """Clean prediction from a native network output ``u`` (B, C, H, W) at ``x`` (B, C, H, W) and (alpha, sigma)."""
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+
+
+class BootImagePipeline(DiffusionPipeline):
+    r"""
+    One-step (optionally teacher-refined) image generation from a BOOT student.
+
+    The student ``g(eps, t, c)`` reads pure noise ``eps`` and returns the signal
+    ``y_t = (x_t - sigma_t eps) / alpha_t`` of the teacher's DDIM trajectory from that noise; its output at the last
+    grid time ``t_K`` is the image.
+
+    Args:
+        unet ([`UNet2DModel`]): The BOOT student (same class and config as the teacher).
+        scheduler ([`DDIMScheduler`]): Built from the teacher's scheduler config; provides ``alphas_cumprod`` and
+            ``config.prediction_type``. Its ``clip_sample``/``thresholding`` are not applied: the student was trained
+            on the unclipped trajectory.
+        teacher_unet ([`UNet2DModel`], *optional*): The teacher, needed only for ``refine_steps > 0``.
+        boot_timesteps (`list[int]`): The BOOT grid ``t_0 > t_1 > ... > t_K`` (K + 1 distinct teacher timesteps);
+            the trajectory starts at ``x_{t_0} = eps``.
+        parameterization (`str`): ``"teacher"`` reads the student output as the teacher's native prediction at
+            ``x_{t_0} = eps``; ``"raw"`` reads it as the signal itself.
+        null_class_id (`int`, *optional*): The teacher's null class for classifier-free guidance; never a valid label.
+        guidance_scale (`float`): The guidance scale ``w`` the student was distilled with; used in refinement.
+    """
+
+    model_cpu_offload_seq = "unet->teacher_unet"
+    _optional_components = ["teacher_unet"]
+
+    # Note: every non-module argument needs a default. diffusers treats an `__init__` argument without a default as a
+    # pipeline component, both in `save_pretrained` and in `from_pretrained`.
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: DDIMScheduler,
+        teacher_unet: UNet2DModel | None = None,
+        *,
+        boot_timesteps: list[int] | None = None,
+        parameterization: str = "teacher",
+        null_class_id: int | None = None,
+        guidance_scale: float = 1.0,
+    ):
+        super().__init__()
+        boot_timesteps = self._check_config(
+            unet, scheduler, teacher_unet, boot_timesteps, parameterization, null_class_id, guidance_scale
+        )
+        self.register_modules(unet=unet, scheduler=scheduler, teacher_unet=teacher_unet)
+        self.register_to_config(
+            boot_timesteps=boot_timesteps,
+            parameterization=parameterization,
+            null_class_id=None if null_class_id is None else int(null_class_id),
+            guidance_scale=float(guidance_scale),
+        )
+
+    @staticmethod
+    def _check_config(unet, scheduler, teacher_unet, boot_timesteps, parameterization, null_class_id, guidance_scale):
+        """Validate the constructor arguments; return ``boot_timesteps`` as a list of Python ints."""
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unsupported scheduler prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}"
+            )
+        if boot_timesteps is None:
+            raise ValueError(
+                "boot_timesteps is required: the BOOT grid t_0 > t_1 > ... > t_K the student was trained on"
+            )
+        grid = [int(t) for t in boot_timesteps]
+        num_train_timesteps = len(scheduler.alphas_cumprod)
+        if (
+            len(grid) < 2
+            or any(a <= b for a, b in zip(grid, grid[1:]))
+            or grid[-1] < 0
+            or grid[0] >= num_train_timesteps
+        ):
+            raise ValueError(
+                f"boot_timesteps {grid} must be at least 2 distinct descending ints in 0..{num_train_timesteps - 1}"
+            )
+        if (
+            parameterization == "teacher"
+            and prediction_type == "epsilon"
+            and float(scheduler.alphas_cumprod[grid[0]]) == 0
+        ):
+            raise ValueError(
+                f"parameterization 'teacher' with an epsilon teacher divides by alpha at t_0={grid[0]}, which is 0 "
+                "(zero terminal SNR); use parameterization 'raw'"
+            )
+        num_classes = unet.config.num_class_embeds
+        if num_classes is None:
+            if null_class_id is not None:
+                raise ValueError(f"null_class_id={null_class_id} was given but the student is unconditional")
+            if guidance_scale != 1.0:
+                raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional student; use 1.0")
+        else:
+            if null_class_id is not None and not 0 <= int(null_class_id) < num_classes:
+                raise ValueError(f"null_class_id={null_class_id} is out of range; valid: 0..{num_classes - 1}")
+            if guidance_scale != 1.0 and null_class_id is None:
+                raise ValueError(f"guidance_scale={guidance_scale} needs the teacher's null_class_id")
+        if teacher_unet is not None:
+            for key in ("in_channels", "out_channels", "sample_size", "num_class_embeds"):
+                if teacher_unet.config[key] != unet.config[key]:
+                    raise ValueError(
+                        f"teacher_unet {key}={teacher_unet.config[key]} differs from the student's {unet.config[key]}"
+                    )
+        return grid
+
+    # --- schedule ------------------------------------------------------------------------------------------------
+    def _alpha_sigma(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` as float32 scalars on ``device``."""
+        ac = self.scheduler.alphas_cumprod[t].to(torch.float64).clamp(0.0, 1.0)
+        return ac.sqrt().to(device, torch.float32), (1.0 - ac).sqrt().to(device, torch.float32)
+
+    def _step_fraction(self, t: int, s: int, device: torch.device) -> torch.Tensor:
+        """``d = 1 - exp(lambda_t - lambda_s)`` for a step from ``t`` to the less noisy ``s``.
+
+        Written as ``1 - alpha_t sigma_s / (sigma_t alpha_s)`` in float64, so zero terminal SNR gives ``d = 1``.
+        """
+        ac = self.scheduler.alphas_cumprod.to(torch.float64).clamp(0.0, 1.0)
+        alpha_t, sigma_t, alpha_s, sigma_s = ac[t].sqrt(), (1 - ac[t]).sqrt(), ac[s].sqrt(), (1 - ac[s]).sqrt()
+        return (1.0 - alpha_t * sigma_s / (sigma_t * alpha_s)).to(device, torch.float32)
+
+    # --- inputs --------------------------------------------------------------------------------------------------
+    def valid_class_ids(self) -> list[int]:
+        """Class ids a caller may request: all class embeddings except the null class; empty if unconditional."""
+        num_classes = self.unet.config.num_class_embeds
+        if num_classes is None:
+            return []
+        return [c for c in range(num_classes) if c != self.config.null_class_id]
+
+    def _valid_ids_message(self) -> str:
+        num_classes = self.unet.config.num_class_embeds
+        null = self.config.null_class_id
+        return f"valid: 0..{num_classes - 1}" + ("" if null is None else f" except the null class {null}")
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one sample."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return self.unet.config.in_channels, height, width
+
+    def check_inputs(self, batch_size, class_labels, generator, latents, refine_steps, output_type) -> int:
+        """Validate the call arguments; return the effective batch size."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unsupported output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
+        num_intervals = len(self.config.boot_timesteps) - 1
+        if not isinstance(refine_steps, int) or not 0 <= refine_steps <= num_intervals:
+            raise ValueError(
+                f"refine_steps={refine_steps!r} is out of range; valid: 0..{num_intervals} (K of the BOOT grid)"
+            )
+        if refine_steps > 0 and self.teacher_unet is None:
+            raise ValueError(
+                f"refine_steps={refine_steps} needs the teacher, but this folder has no teacher UNet; save the "
+                "pipeline with its teacher_unet to refine, or use refine_steps=0"
+            )
+
+        if class_labels is not None:
+            if self.unet.config.num_class_embeds is None:
+                raise ValueError("class_labels were given but this student is unconditional (no num_class_embeds)")
+            labels = torch.as_tensor(class_labels)
+            if labels.is_floating_point() or labels.is_complex() or labels.ndim > 1:
+                raise ValueError(f"class_labels must be an int or a 1-D sequence of ints, got {class_labels!r}")
+            if labels.ndim == 1:
+                if len(labels) == 0:
+                    raise ValueError("class_labels is empty")
+                if batch_size != 1 and batch_size != len(labels):
+                    raise ValueError(f"batch_size={batch_size} disagrees with the {len(labels)} class_labels given")
+                batch_size = len(labels)
+            bad = sorted({int(c) for c in labels.flatten().tolist()} - set(self.valid_class_ids()))
+            if bad:
+                raise ValueError(f"class id(s) {bad} cannot be requested; {self._valid_ids_message()}")
+
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"{len(generator)} generators were given for a batch of {batch_size}; give one per image")
+        expected = (batch_size, *self.sample_shape())
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(f"latents have shape {tuple(latents.shape)} but {expected} was expected")
+        return batch_size
+
+    def prepare_class_labels(
+        self,
+        batch_size: int,
+        class_labels: int | list[int] | torch.Tensor | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """Class labels (B,) long: the given ones (an int is broadcast), or drawn uniformly from the valid ids."""
+        if self.unet.config.num_class_embeds is None:
+            return None
+        if class_labels is not None:
+            labels = torch.as_tensor(class_labels, dtype=torch.long)
+            return labels.expand(batch_size).clone().to(device) if labels.ndim == 0 else labels.to(device)
+        valid = torch.tensor(self.valid_class_ids(), dtype=torch.long)
+        if isinstance(generator, list):
+            index = torch.cat([torch.randint(len(valid), (1,), generator=g, device=g.device).cpu() for g in generator])
+        else:
+            rand_device = generator.device if generator is not None else torch.device("cpu")
+            index = torch.randint(len(valid), (batch_size,), generator=generator, device=rand_device).cpu()
+        return valid[index].to(device)
+
+    # --- networks ------------------------------------------------------------------------------------------------
+    def student_signal(self, eps: torch.Tensor, t: int, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """``g(eps, t, c)``: the student's estimate of the signal ``y_t`` (B, C, H, W), float32."""
+        timesteps = torch.full((eps.shape[0],), t, dtype=torch.long, device=eps.device)
+        u = self.unet(eps.to(self.unet.dtype), timesteps, class_labels=class_labels).sample.float()
+        if self.config.parameterization == "raw":
+            return u
+        # Read u as the teacher's native prediction at x_{t_0} = eps.
+        alpha, sigma = self._alpha_sigma(self.config.boot_timesteps[0], eps.device)
+        return to_x0(u, eps, alpha, sigma, self.scheduler.config.prediction_type)
+
+    def start_signal(self, eps: torch.Tensor) -> torch.Tensor:
+        """Exact signal at ``t_0`` (B, C, H, W): ``eps (1 - sigma) / alpha``; zero if ``alpha = 0`` (then d = 1)."""
+        alpha, sigma = self._alpha_sigma(self.config.boot_timesteps[0], eps.device)
+        if float(alpha) == 0.0:
+            return torch.zeros_like(eps)
+        return eps * (1.0 - sigma) / alpha
+
+    def teacher_x0(self, x: torch.Tensor, t: int, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's clean prediction ``f(x_t, t, c)`` (B, C, H, W), with guidance applied to its native output."""
+        w = self.config.guidance_scale
+        dtype = self.teacher_unet.dtype
+        timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        if w == 1.0 or class_labels is None:
+            u = self.teacher_unet(x.to(dtype), timesteps, class_labels=class_labels).sample.float()
+        else:
+            null = torch.full_like(class_labels, self.config.null_class_id)
+            u_both = self.teacher_unet(
+                torch.cat([x, x]).to(dtype),
+                torch.cat([timesteps, timesteps]),
+                class_labels=torch.cat([class_labels, null]),
+            ).sample.float()
+            u_cond, u_null = u_both.chunk(2)
+            u = u_null + w * (u_cond - u_null)
+        alpha, sigma = self._alpha_sigma(t, x.device)
+        return to_x0(u, x, alpha, sigma, self.scheduler.config.prediction_type)
+
+    # --- sampling ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        batch_size: int = 1,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        refine_steps: int = 0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate images with one student evaluation, optionally followed by ``refine_steps`` teacher DDIM steps.
+
+        Args:
+            batch_size (`int`, defaults to 1): Number of images; a list/tensor of ``class_labels`` sets it instead.
+            class_labels (`int`, `list[int]` or `torch.LongTensor` (B,), *optional*): Classes for a class-conditional
+                student; an int is used for every image. Drawn uniformly from the valid ids (with ``generator``)
+                when omitted.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): Makes sampling deterministic.
+            latents (`torch.Tensor` (B, C, H, W), *optional*): The noise ``eps``; drawn with ``generator`` if omitted.
+            refine_steps (`int`, defaults to 0): ``k`` in ``0..K``: jump with the student to grid time ``t_{K-k}``,
+                then run ``k`` teacher DDIM steps along the grid to ``t_K``. ``k = K`` is the teacher's own K-step DDIM
+                sample (it starts from the exact signal at ``t_0``). Needs ``teacher_unet``.
+            output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"`` (B, H, W, C) or ``"pt"`` (B, C, H, W),
+                values in [0, 1].
+            return_dict (`bool`, defaults to `True`): Return an [`ImagePipelineOutput`] instead of a tuple.
+
+        Examples:
+
+        Returns:
+            [`ImagePipelineOutput`] or `tuple`: the images (in a one-element tuple when ``return_dict`` is False).
+        """
+        # 1. Check inputs
+        batch_size = self.check_inputs(batch_size, class_labels, generator, latents, refine_steps, output_type)
+        device = self._execution_device
+        grid = self.config.boot_timesteps
+        num_intervals = len(grid) - 1
+
+        # 2. Prepare the noise eps (B, C, H, W), float32
+        if latents is None:
+            shape = (batch_size, *self.sample_shape())
+            eps = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            eps = latents.to(device=device, dtype=torch.float32)
+
+        # 3. Prepare class labels (B,) or None
+        labels = self.prepare_class_labels(batch_size, class_labels, generator, device)
+
+        # 4. Jump with the student to grid time t_{K-k}; at t_0 the signal is known exactly
+        start = num_intervals - refine_steps
+        y = self.start_signal(eps) if start == 0 else self.student_signal(eps, grid[start], labels)
+
+        # 5. Refine with k teacher DDIM steps along the grid, in signal space: y_s = y_t + d (f(x_t) - y_t)
+        if refine_steps > 0:
+            with self.progress_bar(total=refine_steps) as progress_bar:
+                for t, s in zip(grid[start:-1], grid[start + 1 :]):
+                    alpha, sigma = self._alpha_sigma(t, device)
+                    x = alpha * y + sigma * eps
+                    f = self.teacher_x0(x, t, labels)
+                    y = y + self._step_fraction(t, s, device) * (f - y)
+                    progress_bar.update()
+
+        # 6. Post-process to images in [0, 1]
+        image = (y / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    # --- saving and loading --------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save like diffusers, then name this file as the pipeline class and copy it into ``save_directory``.
+
+        Stock diffusers then loads it with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
+        """
+        if kwargs.get("push_to_hub"):
+            raise ValueError("push_to_hub is not supported here; save locally, then upload the whole folder")
+        super().save_pretrained(save_directory, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(Path(__file__), Path(save_directory) / f"{PIPELINE_MODULE}.py")
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
+    ) -> BootImagePipeline:
+        """Load a saved folder by building each component from ``model_index.json``; never imports the folder's code.
+
+        (diffusers' own ``from_pretrained`` would execute the folder's ``pipeline_boot.py`` and return its class.)
+        Only classes of the libraries in ``LOADABLE_LIBRARIES`` that derive from their listed base classes load.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no such pipeline folder: {folder}")
+        index_path = folder / "model_index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{folder} has no model_index.json; is it a folder saved by save_pretrained?")
+        index = json.loads(index_path.read_text())
+        class_name = index.get("_class_name")
+        saved_name = class_name[-1] if isinstance(class_name, list) and class_name else class_name
+        if saved_name != cls.__name__:
+            raise ValueError(f"{index_path} describes pipeline {class_name!r}, not {cls.__name__}")
+
+        # 1. Sort the entries into components and config values, resolving every component class before loading any
+        component_names, config_names = cls._get_signature_keys(cls)
+        component_classes, kwargs = {}, {}
+        for name, value in index.items():
+            if name.startswith("_"):
+                continue
+            if name in component_names:
+                if value is None or value == [None, None]:
+                    continue  # an optional component saved as absent
+                component_classes[name] = cls._component_class(name, value)
+            elif name in config_names:
+                kwargs[name] = value
+            else:
+                raise ValueError(f"{index_path} has an unexpected entry {name!r}; {cls.__name__} does not take it")
+        missing = [n for n in component_names if n not in component_classes and n not in cls._optional_components]
+        if missing:
+            raise ValueError(f"{index_path} does not provide the required component(s) {missing}")
+
+        # 2. Load each component from its subfolder
+        for name, component_cls in component_classes.items():
+            subfolder = folder / name
+            if not subfolder.is_dir():
+                raise FileNotFoundError(f"component folder {subfolder} is missing")
+            if torch_dtype is not None and issubclass(component_cls, diffusers.ModelMixin):
+                kwargs[name] = component_cls.from_pretrained(subfolder, torch_dtype=torch_dtype)
+            else:
+                kwargs[name] = component_cls.from_pretrained(subfolder)
+        return cls(**kwargs)
+
+    @staticmethod
+    def _component_class(name: str, value) -> type:
+        """The class named by a component's ``[library, class_name]`` entry, if ``LOADABLE_LIBRARIES`` allows it."""
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"model_index.json entry {name!r} must be [library, class_name], got {value!r}")
+        library_name, class_name = value
+        if library_name not in LOADABLE_LIBRARIES:
+            raise ValueError(
+                f"component {name!r} comes from library {library_name!r}; loadable: {', '.join(LOADABLE_LIBRARIES)}"
+            )
+        library = diffusers if library_name == "diffusers" else importlib.import_module(library_name)
+        bases = tuple(getattr(library, base) for base in LOADABLE_LIBRARIES[library_name])
+        component_cls = getattr(library, class_name, None) if class_name.isidentifier() else None
+        if not (isinstance(component_cls, type) and issubclass(component_cls, bases)):
+            raise ValueError(
+                f"component {name!r} names class {class_name!r}, which is not a {library_name} subclass of "
+                f"{' or '.join(LOADABLE_LIBRARIES[library_name])}"
+            )
+        return component_cls

@@ -1,0 +1,377 @@
+"""The one training loop every gendistill method runs on.
+
+Accelerate does devices, precision, DDP/FSDP (``accelerate launch``), accumulation, clipping and
+``save_state``/``load_state`` with automatic checkpoint naming and a total limit; diffusers gives ``EMAModel`` and
+``get_scheduler``. The loop knows nothing about the method: it asks the task (see ``gendistill.task``) for its
+phases, batches and losses.
+
+Run folder layout (``recipe.output``)::
+
+    gendistill_run.json          the recipe of the run (a folder holding another run is refused)
+    checkpoints/checkpoint_<i>/  accelerate state; complete only once ``trainer_state.json`` is in it
+    logs/metrics.jsonl           every logged scalar, one JSON object per line (also sent to trackers)
+    samples/step_<n>.png         sample grids of generative tasks
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from .recipes import TrainRecipe, recipe_dict
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "gendistill_run.json"
+STATE_FILE = "trainer_state.json"  # written last, atomically: its presence marks a complete checkpoint
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Counters:
+    """Step counters checkpointed with the accelerate state (so resume is exact)."""
+
+    def __init__(self):
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _checkpoint_index(folder: Path) -> int:
+    match = re.fullmatch(r"checkpoint_(\d+)", folder.name)
+    return int(match.group(1)) if match else -1
+
+
+def complete_checkpoints(output: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(output) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _checkpoint_index(p) >= 0 and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_checkpoint_index)
+
+
+def resolve_resume(recipe: TrainRecipe) -> Path | None:
+    """The checkpoint folder ``recipe.resume`` points to; ``ValueError`` when there is nothing to resume."""
+    if recipe.resume is None:
+        return None
+    if recipe.resume == "latest":
+        found = complete_checkpoints(recipe.output)
+        if not found:
+            raise ValueError(f"--resume latest: no complete checkpoint in {recipe.output!r}/checkpoints to resume")
+        return found[-1]
+    path = Path(recipe.resume)
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"--resume {recipe.resume!r} is not a complete gendistill checkpoint folder (no {STATE_FILE})")
+    return path
+
+
+def check_output_folder(recipe: TrainRecipe, command: str) -> None:
+    """Refuse an output folder holding another run (or unrelated files) unless ``overwrite``; read-only."""
+    out = Path(recipe.output)
+    if recipe.overwrite or not out.exists():
+        if recipe.resume is not None and not recipe.overwrite:
+            raise ValueError(f"--resume {recipe.resume}: output folder {recipe.output!r} does not exist")
+        return
+    if not out.is_dir():
+        raise ValueError(f"output {recipe.output!r} exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    run_file = out / RUN_FILE
+    if not run_file.is_file():
+        raise ValueError(f"output folder {recipe.output!r} is not empty and holds no gendistill run; "
+                         "choose another folder or pass --overwrite")
+    previous = json.loads(run_file.read_text(encoding="utf-8"))
+    current = {"command": command, "recipe": recipe_dict(recipe)}
+    ignore = set(recipe.RESUMABLE_CHANGES)
+    diffs = [k for k in sorted(set(previous.get("recipe", {})) | set(current["recipe"]))
+             if k not in ignore and previous.get("recipe", {}).get(k) != current["recipe"].get(k)]
+    if previous.get("command") != command:
+        diffs.insert(0, "command")
+    if diffs:
+        detail = ", ".join(f"{k}: {previous.get('recipe', {}).get(k)!r} -> {current['recipe'].get(k)!r}"
+                           for k in diffs[:4] if k != "command")
+        raise ValueError(f"output folder {recipe.output!r} already holds a different run ({detail or 'other command'}); "
+                         "pass --overwrite to replace it or choose another folder")
+    if recipe.resume is None:
+        raise ValueError(f"output folder {recipe.output!r} already holds this run; "
+                         "pass --resume latest to continue it or --overwrite to start again")
+
+
+def _trackers() -> list[str]:
+    return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
+
+
+def _flat_config(recipe: TrainRecipe) -> dict:
+    """Tracker-friendly hyper-parameters (scalars only)."""
+    out = {}
+    for key, value in recipe_dict(recipe).items():
+        out[key] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
+
+
+class Trainer:
+    """Runs a task's phases for ``recipe.max_steps`` iterations with checkpoints, EMA, logging and samples.
+
+    Args:
+        task: the task module (frozen teacher + trainable modules, see ``gendistill.task``).
+        recipe: the run's recipe (a ``TrainRecipe`` subclass).
+        command: the CLI command that made the run (recorded in ``gendistill_run.json``).
+    """
+
+    def __init__(self, task: torch.nn.Module, recipe: TrainRecipe, *, command: str):
+        recipe.validate()
+        self.recipe, self.command, self.task = recipe, command, task
+        self.output = Path(recipe.output)
+        check_output_folder(recipe, command)
+        self.resume_from = resolve_resume(recipe)
+        mixed = recipe.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=mixed,
+            gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+            log_with=_trackers() or None,
+            step_scheduler_with_optimizer=False,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output),
+                logging_dir=str(self.output / "logs"),
+                automatic_checkpoint_naming=True,
+                total_limit=recipe.checkpoints_total_limit,
+            ),
+        )
+        if accelerator.is_main_process:
+            if recipe.overwrite and self.output.exists():
+                shutil.rmtree(self.output)
+            self.output.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(self.output / RUN_FILE, {"command": command, "recipe": recipe_dict(recipe)})
+        accelerator.wait_for_everyone()
+        set_seed(recipe.seed, device_specific=True)
+
+        task.to(accelerator.device)
+        self.phases = task.phases()
+        self.optimizers, self.schedulers, self.emas = {}, {}, {}
+        for phase in self.phases:
+            module = getattr(task, phase.name)
+            params = [p for p in module.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(
+                params,
+                lr=phase.lr or recipe.lr,
+                betas=(recipe.adam_beta1, recipe.adam_beta2),
+                weight_decay=recipe.weight_decay,
+            )
+            scheduler = get_scheduler(
+                recipe.lr_scheduler,
+                optimizer=optimizer,
+                num_warmup_steps=recipe.lr_warmup_steps,
+                num_training_steps=recipe.max_steps * phase.steps,
+            )
+            module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+            setattr(task, phase.name, module)
+            self.optimizers[phase.name], self.schedulers[phase.name] = optimizer, scheduler
+            if recipe.ema_decay > 0:
+                ema = EMAModel(accelerator.unwrap_model(module).parameters(), decay=recipe.ema_decay)
+                ema.to(accelerator.device)
+                accelerator.register_for_checkpointing(ema)
+                self.emas[phase.name] = ema
+        self.counters = Counters()
+        accelerator.register_for_checkpointing(self.counters)
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        accelerator.init_trackers(command.replace(" ", "_"), config=_flat_config(recipe))
+        self.metrics_file = self.output / "logs" / "metrics.jsonl"
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    def _load(self, folder: Path) -> None:
+        accelerator = self.accelerator
+        accelerator.load_state(str(folder))
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        # The next automatic name follows the resumed one; drop any incomplete folder that would collide.
+        accelerator.project_configuration.iteration = _checkpoint_index(folder) + 1
+        if accelerator.is_main_process:
+            root = self.output / "checkpoints"
+            for stale in root.iterdir() if root.is_dir() else []:
+                if _checkpoint_index(stale) > _checkpoint_index(folder) and not (stale / STATE_FILE).is_file():
+                    shutil.rmtree(stale)
+        accelerator.wait_for_everyone()
+        logger.info("resumed from %s at step %d", folder, state["step"])
+
+    def save_checkpoint(self) -> Path:
+        """``accelerator.save_state`` (automatic name, total limit), then the completion marker, atomically."""
+        accelerator = self.accelerator
+        accelerator.save_state()
+        folder = self.output / "checkpoints" / f"checkpoint_{accelerator.save_iteration - 1}"
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_json_atomic(folder / STATE_FILE, {"step": self.counters.step, "command": self.command})
+        accelerator.wait_for_everyone()
+        return folder
+
+    # --- modules for evaluation / export -------------------------------------------------------------------
+    def export_module(self, phase: str) -> torch.nn.Module:
+        """A copy of the trainable module of ``phase`` with its EMA weights (or live weights without EMA)."""
+        module = copy.deepcopy(self.accelerator.unwrap_model(getattr(self.task, phase)))
+        if phase in self.emas:
+            self.emas[phase].copy_to(module.parameters())
+        return module.eval()
+
+    # --- logging -------------------------------------------------------------------------------------------
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if not hasattr(self.task, "evaluate") or not self.accelerator.is_main_process:
+            return {}
+        live = {p.name: self.accelerator.unwrap_model(getattr(self.task, p.name)) for p in self.phases}
+        metrics = dict(self.task.evaluate(**live))
+        if self.emas:
+            ema_metrics = self.task.evaluate(**{p.name: self.export_module(p.name) for p in self.phases})
+            metrics.update({f"ema/{k}": v for k, v in ema_metrics.items()})
+        self.log(metrics, step)
+        return metrics
+
+    def write_samples(self, step: int) -> Path | None:
+        if not hasattr(self.task, "sample_images") or not self.accelerator.is_main_process:
+            return None
+        images = self.task.sample_images(**{p.name: self.export_module(p.name) for p in self.phases})
+        path = self.output / "samples" / f"step_{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images.float().cpu(), path, nrow=max(1, images.shape[0] // 2))
+        return path
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def _phase_step(self, phase, batch_size: int) -> tuple[float, bool]:
+        """One optimizer step of ``phase`` (with accumulation). Returns (mean loss, stepped)."""
+        accelerator, task = self.accelerator, self.task
+        module, optimizer = getattr(task, phase.name), self.optimizers[phase.name]
+        total, skipped = 0.0, False
+        for _ in range(self.recipe.gradient_accumulation_steps):
+            batch = task.sample_batch(phase.name, batch_size, accelerator.device)
+            with accelerator.accumulate(module):
+                with accelerator.autocast():
+                    losses = task(phase.name, batch)
+                loss = losses["loss"]
+                finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
+                if not bool(finite):
+                    skipped = True
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                accelerator.backward(loss)
+                total += float(loss.detach()) / self.recipe.gradient_accumulation_steps
+                if accelerator.sync_gradients and not skipped:
+                    if self.recipe.grad_clip > 0:
+                        accelerator.clip_grad_norm_(module.parameters(), self.recipe.grad_clip)
+                    optimizer.step()
+                    self.schedulers[phase.name].step()
+                    if phase.name in self.emas:
+                        self.emas[phase.name].step(accelerator.unwrap_model(module).parameters())
+                optimizer.zero_grad(set_to_none=True)
+        return total, not skipped
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``recipe.max_steps``; returns the last metrics of ``task.evaluate`` (main process)."""
+        recipe, accelerator, counters = self.recipe, self.accelerator, self.counters
+        self.task.train()
+        if counters.step == 0:
+            self.evaluate(0)
+        progress = tqdm(
+            total=recipe.max_steps, initial=counters.step, disable=not accelerator.is_main_process,
+            desc=self.command, unit="step", dynamic_ncols=True,
+        )
+        images_per_step = recipe.batch_size * recipe.gradient_accumulation_steps * accelerator.num_processes
+        tic, window, losses = time.perf_counter(), 0, {}
+        metrics: dict[str, float] = {}
+        while counters.step < recipe.max_steps:
+            stepped_all = True
+            for phase in self.phases:
+                for _ in range(phase.steps):
+                    loss, stepped = self._phase_step(phase, recipe.batch_size)
+                    stepped_all &= stepped
+                    if stepped:
+                        losses.setdefault(f"loss/{phase.name}", []).append(loss)
+            if stepped_all:
+                counters.nonfinite_in_a_row = 0
+            else:
+                counters.nonfinite_total += 1
+                counters.nonfinite_in_a_row += 1
+                logger.warning("non-finite loss at step %d: step skipped (%d in a row)", counters.step,
+                               counters.nonfinite_in_a_row)
+                if counters.nonfinite_in_a_row >= recipe.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{counters.nonfinite_in_a_row} non-finite losses in a row at step {counters.step}; "
+                        "lower the learning rate or use --mixed-precision bf16/no"
+                    )
+            counters.step += 1
+            window += 1
+            progress.update(1)
+            step = counters.step
+            if step % recipe.log_every == 0 or step == recipe.max_steps:
+                elapsed = time.perf_counter() - tic
+                values = {k: sum(v) / len(v) for k, v in losses.items() if v}
+                values["images_per_s"] = window * images_per_step / max(elapsed, 1e-9)
+                values["nonfinite_skipped"] = counters.nonfinite_total
+                for name, sched in self.schedulers.items():
+                    values[f"lr/{name}"] = sched.get_last_lr()[0]
+                self.log(values, step)
+                progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()
+                                      if k.startswith("loss") or k == "images_per_s"})
+                tic, window, losses = time.perf_counter(), 0, {}
+            if recipe.eval_every and step % recipe.eval_every == 0 and step != recipe.max_steps:
+                metrics = self.evaluate(step) or metrics
+            if recipe.sample_every and step % recipe.sample_every == 0 and step != recipe.max_steps:
+                self.write_samples(step)
+            if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step != recipe.max_steps:
+                self.save_checkpoint()
+        progress.close()
+        metrics = self.evaluate(counters.step) or metrics
+        self.write_samples(counters.step)
+        if not complete_checkpoints(self.output) or _last_step(self.output) != counters.step:
+            self.save_checkpoint()
+        accelerator.wait_for_everyone()
+        return metrics
+
+    def end(self) -> None:
+        self.accelerator.end_training()
+
+
+def _last_step(output: Path) -> int:
+    found = complete_checkpoints(output)
+    if not found:
+        return -1
+    return int(json.loads((found[-1] / STATE_FILE).read_text(encoding="utf-8"))["step"])
+

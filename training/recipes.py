@@ -1,0 +1,159 @@
+"""Recipes: dataclasses with defaults that run, loaded from YAML (``yaml.safe_load`` only) and flags.
+
+Precedence: dataclass defaults < ``--config recipe.yaml`` < command-line flags. Every field is a flag
+(``num_intervals`` -> ``--num-intervals``); an unknown YAML key is a ``ValueError`` listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+@dataclass
+class TrainRecipe:
+    """Fields every recipe shares; read by the training core."""
+
+    output: str = "gendistill-run"  # run folder: checkpoints/, logs/, samples/ and the exported artefact
+    max_steps: int = 1000  # training iterations (each runs every phase's optimizer steps)
+    batch_size: int = 128  # per-process batch size
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    lr_scheduler: str = "constant_with_warmup"  # any diffusers get_scheduler name
+    lr_warmup_steps: int = 0  # warm-up optimizer steps
+    grad_clip: float = 1.0  # max gradient norm (0 disables clipping)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | fp16 | bf16
+    ema_decay: float = 0.999  # EMA of the trainable weights, used for export (0 disables EMA)
+    seed: int = 0  # global seed (per process: seed + process index)
+    checkpoint_every: int = 500  # save a resumable checkpoint every N steps (0: only at the end)
+    checkpoints_total_limit: int = 2  # keep at most this many checkpoints
+    eval_every: int = 100  # compute the task's quality metrics every N steps (0: only at start and end)
+    sample_every: int = 500  # write a PNG sample grid every N steps (0: only at the end)
+    log_every: int = 10  # log losses every N steps
+    max_nonfinite_steps: int = 20  # abort after this many non-finite losses in a row
+    resume: str | None = None  # "latest" or a checkpoint folder to resume from
+    overwrite: bool = False  # replace an output folder that holds another run
+
+    # Fields that may differ between a run and its resumption.
+    RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = ("resume", "overwrite", "max_steps")
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "max_nonfinite_steps",
+                     "checkpoints_total_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "eval_every", "sample_every", "lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision {self.mixed_precision!r} is not valid; valid: {', '.join(MIXED_PRECISION)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not self.output:
+            raise ValueError("output folder is required (--output DIR)")
+
+
+def _base_type(tp):
+    """``int | None`` -> (int, True); ``list[int] | None`` -> (list[int], True)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _convert(value, tp, name: str):
+    base, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ValueError(f"{name} may not be empty")
+    origin = typing.get_origin(base)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(base)[:1]
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return origin(_convert(v, item, name) for v in value)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    try:
+        return base(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be of type {base.__name__}, got {value!r}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe file {str(path)!r} must hold a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def build_recipe(cls, values: dict, *, method: str | None = None):
+    """Make a recipe of dataclass ``cls`` from ``values``; unknown keys are a ``ValueError`` naming the valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    values = dict(values)
+    given_method = values.pop("method", None)
+    if given_method is not None and given_method != method:
+        raise ValueError(f"recipe is for method {given_method!r} but this command runs {method!r}")
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown recipe key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+    recipe = cls(**{k: _convert(v, hints[k], k) for k, v in values.items()})
+    recipe.validate()
+    return recipe
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--field-name`` flag per dataclass field (value parsed later, so YAML and flags share conversion)."""
+    parser.add_argument("--config", help="YAML recipe (keys are the field names below)")
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        base, _ = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"(default: {default})"
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text)
+
+
+def parse_recipe(cls, argv: list[str] | None, *, prog: str, method: str, description: str = ""):
+    """Parse ``argv`` into a recipe of dataclass ``cls``. Bad flags exit with code 2 (argparse)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_recipe_arguments(parser, cls)
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config", None)
+    values = load_yaml(config_path) if config_path else {}
+    values.update(args)
+    return build_recipe(cls, values, method=method)
+
+
+def recipe_dict(recipe) -> dict:
+    return dataclasses.asdict(recipe)
