@@ -18,8 +18,11 @@ COMMANDS = {
 }
 TEACH_METHODS = ("diffusion",)
 
-USAGE = "usage: gendistill {" + ",".join(COMMANDS) + "} [options]   (gendistill COMMAND --help for options)\n" + "\n".join(
-    f"  {name:8s} {text}" for name, text in COMMANDS.items()
+USAGE = (
+    "usage: gendistill {"
+    + ",".join(COMMANDS)
+    + "} [options]   (gendistill COMMAND --help for options)\n"
+    + "\n".join(f"  {name:8s} {text}" for name, text in COMMANDS.items())
 )
 
 

@@ -20,8 +20,20 @@ from gendistill.cli import main
 from gendistill.pipelines import BootImagePipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--num-intervals", "4", "--batch-size", "4", "--eval-every", "0", "--sample-every", "0", "--log-every", "1",
-        "--num-eval-noises", "2"]
+FAST = [
+    "--num-intervals",
+    "4",
+    "--batch-size",
+    "4",
+    "--eval-every",
+    "0",
+    "--sample-every",
+    "0",
+    "--log-every",
+    "1",
+    "--num-eval-noises",
+    "2",
+]
 
 
 def _env():
@@ -38,9 +50,31 @@ def distilled(tmp_path_factory):
     root = tmp_path_factory.mktemp("boot")
     teacher = save_teacher(root / "teacher", prediction_type="v_prediction", num_class_embeds=4)
     out = root / "student"
-    code = main(["boot", "--teacher", teacher, "--output", str(out), "--max-steps", "300", "--batch-size", "32",
-                 "--num-intervals", "8", "--lr", "1e-3", "--eval-every", "100", "--checkpoint-every", "0",
-                 "--sample-every", "0", "--log-every", "50"])
+    code = main(
+        [
+            "boot",
+            "--teacher",
+            teacher,
+            "--output",
+            str(out),
+            "--max-steps",
+            "300",
+            "--batch-size",
+            "32",
+            "--num-intervals",
+            "8",
+            "--lr",
+            "1e-3",
+            "--eval-every",
+            "100",
+            "--checkpoint-every",
+            "0",
+            "--sample-every",
+            "0",
+            "--log-every",
+            "50",
+        ]
+    )
     assert code == 0
     return teacher, out
 
@@ -81,8 +115,14 @@ def test_saved_folder_loads_with_stock_diffusers_in_fresh_process(distilled):
     assert (out / "pipeline_boot.py").is_file()
     env = _env()
     env["PYTHONPATH"] = ""  # make sure the fresh process cannot see the repository checkout
-    result = subprocess.run([sys.executable, "-c", STOCK_LOAD, str(out)], capture_output=True, text=True,
-                            env=env, cwd=out.parent, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", STOCK_LOAD, str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=out.parent,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "BootImagePipeline (3, 8, 8, 1) True True"
 
@@ -108,8 +148,9 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     subprocess.run(_boot_cmd(teacher, reference, *args), check=True, env=_env(), capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_boot_cmd(teacher, killed, *args), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _boot_cmd(teacher, killed, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     marker = killed / "checkpoints" / "checkpoint_1" / "trainer_state.json"  # the step-20 checkpoint
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -119,8 +160,13 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "model_index.json").exists()
 
-    resumed = subprocess.run(_boot_cmd(teacher, killed, *args, "--resume", "latest"), env=_env(),
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        _boot_cmd(teacher, killed, *args, "--resume", "latest"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     results = json.loads((killed / "results.json").read_text())
     assert results["steps"] == 60 and results["resumed_at"] >= 20
@@ -134,9 +180,32 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
 def test_accelerate_launch_two_processes(tmp_path):
     teacher = save_teacher(tmp_path / "teacher")
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gendistill", "boot", "--teacher", teacher,
-           "--output", str(out), *FAST, "--max-steps", "4", "--checkpoint-every", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "gendistill",
+        "boot",
+        "--teacher",
+        teacher,
+        "--output",
+        str(out),
+        *FAST,
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+    ]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_0", "checkpoint_1"]
@@ -160,8 +229,11 @@ def _fails(capsys, argv, match):
 def test_bad_teacher_paths(tmp_path, capsys):
     _fails(capsys, ["boot", "--teacher", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], "does not exist")
     (tmp_path / "plain").mkdir()
-    _fails(capsys, ["boot", "--teacher", str(tmp_path / "plain"), "--output", str(tmp_path / "o")],
-           "not a diffusers teacher")
+    _fails(
+        capsys,
+        ["boot", "--teacher", str(tmp_path / "plain"), "--output", str(tmp_path / "o")],
+        "not a diffusers teacher",
+    )
     _fails(capsys, ["boot", "--output", str(tmp_path / "o")], "a teacher is required")
 
 
@@ -169,17 +241,24 @@ def test_unsupported_prediction_type(tmp_path, capsys):
     teacher = save_teacher(tmp_path / "t")
     path = Path(teacher) / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "flow_prediction"}))
-    _fails(capsys, ["boot", "--teacher", teacher, "--output", str(tmp_path / "o")],
-           "unsupported prediction type 'flow_prediction'")
+    _fails(
+        capsys,
+        ["boot", "--teacher", teacher, "--output", str(tmp_path / "o")],
+        "unsupported prediction type 'flow_prediction'",
+    )
 
 
 def test_class_ids_checked(tmp_path, capsys):
     uncond = save_teacher(tmp_path / "u", num_class_embeds=None)
-    _fails(capsys, ["boot", "--teacher", uncond, "--output", str(tmp_path / "o"), "--class-ids", "0"],
-           "teacher is unconditional")
+    _fails(
+        capsys,
+        ["boot", "--teacher", uncond, "--output", str(tmp_path / "o"), "--class-ids", "0"],
+        "teacher is unconditional",
+    )
     cond = save_teacher(tmp_path / "c")
-    _fails(capsys, ["boot", "--teacher", cond, "--output", str(tmp_path / "o"), "--class-ids", "0,3"],
-           "[3] out of range")
+    _fails(
+        capsys, ["boot", "--teacher", cond, "--output", str(tmp_path / "o"), "--class-ids", "0,3"], "[3] out of range"
+    )
 
 
 def test_recipe_errors(tmp_path, capsys):
@@ -193,7 +272,9 @@ def test_recipe_errors(tmp_path, capsys):
     _fails(capsys, ["distill"], "unknown command 'distill'")
     _fails(capsys, ["boot", "--config", str(tmp_path / "missing.yaml")], "does not exist")
     for flag, value in [("--num-intervals", "0"), ("--max-steps", "0"), ("--batch-size", "-2")]:
-        _fails(capsys, ["boot", "--teacher", teacher, "--output", str(tmp_path / "o"), flag, value], "must be positive")
+        _fails(
+            capsys, ["boot", "--teacher", teacher, "--output", str(tmp_path / "o"), flag, value], "must be positive"
+        )
     _fails(capsys, ["boot", "--teacher", teacher, "--batch-size", "many"], "batch_size must be of type int")
     with pytest.raises(SystemExit) as err:
         main(["boot", "--no-such-flag", "1"])
@@ -217,5 +298,34 @@ def test_resume_and_output_folder_guards(tmp_path, capsys):
     _fails(capsys, ["boot", "--teacher", teacher, "--output", str(tmp_path / "other")], "holds no gendistill run")
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    _fails(capsys, ["boot", "--teacher", teacher, "--output", str(fresh), "--resume", "latest"],
-           "no complete checkpoint")
+    _fails(
+        capsys, ["boot", "--teacher", teacher, "--output", str(fresh), "--resume", "latest"], "no complete checkpoint"
+    )
+
+
+@pytest.mark.slow
+def test_sample_command(distilled, tmp_path, capsys):
+    _, out = distilled
+    grid = tmp_path / "grid.png"
+    assert (
+        main(["sample", "--model", str(out), "--output", str(grid), "--num-images", "4", "--class-labels", "0,2"]) == 0
+    )
+    from PIL import Image
+
+    assert Image.open(grid).size[0] > 8
+    _fails(
+        capsys,
+        ["sample", "--model", str(out), "--output", str(grid), "--class-labels", "5"],
+        "class id(s) [5] cannot be requested",
+    )
+    _fails(capsys, ["sample", "--model", str(out), "--output", str(grid), "--refine-steps", "1"], "teacher")
+    _fails(capsys, ["sample", "--model", str(tmp_path / "none"), "--output", str(grid)], "none")
+
+
+def test_shipped_recipe_parses():
+    from gendistill.training.boot import BootRecipe
+    from gendistill.training.recipes import build_recipe, load_yaml
+
+    values = load_yaml(ROOT / "training" / "recipes" / "boot_pixel.yaml")
+    recipe = build_recipe(BootRecipe, {**values, "teacher": "t"}, method="boot")
+    assert recipe.num_intervals == 50 and recipe.guidance_scale == 2.0

@@ -109,7 +109,7 @@ def test_boot_loss_golden():
     for i in range(8):
         eps, k, c = batch["eps"][i], int(batch["k"][i]), int(batch["class_labels"][i])
 
-        def g(t):
+        def g(t, eps=eps, c=c):
             with torch.no_grad():
                 u = task.student(eps[None], torch.tensor([t]), class_labels=torch.tensor([c])).sample[0].double()
             return alpha_0 * eps.double() - sigma_0 * u  # "teacher" parameterization, v-prediction at x_T

@@ -51,19 +51,30 @@ def test_pipelines_depend_only_on_torch_and_diffusers():
     for path in (ROOT / "pipelines").rglob("*.py"):
         for name in _imports(path):
             top = name.split(".")[0]
-            if top not in ALLOWED_FOR_PIPELINES and top not in sys.stdlib_module_names and not name.startswith("pipelines"):
+            if (
+                top not in ALLOWED_FOR_PIPELINES
+                and top not in sys.stdlib_module_names
+                and not name.startswith("pipelines")
+            ):
                 offenders.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not offenders, offenders
 
 
 def test_eval_does_not_import_training():
-    offenders = [f"{p.relative_to(ROOT)} imports {n}" for p in (ROOT / "eval").rglob("*.py") for n in _imports(p)
-                 if n.startswith("gendistill.training")]
+    offenders = [
+        f"{p.relative_to(ROOT)} imports {n}"
+        for p in (ROOT / "eval").rglob("*.py")
+        for n in _imports(p)
+        if n.startswith("gendistill.training")
+    ]
     assert not offenders, offenders
 
 
 def test_package_dir_mapping():
-    for name, folder in [("gendistill.pipelines", "pipelines"), ("gendistill.training", "training"),
-                         ("gendistill.eval", "eval")]:
+    for name, folder in [
+        ("gendistill.pipelines", "pipelines"),
+        ("gendistill.training", "training"),
+        ("gendistill.eval", "eval"),
+    ]:
         module = importlib.import_module(name)
         assert Path(module.__file__).resolve().parent == ROOT / folder

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
+
 from gendistill.pipelines import BootImagePipeline
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

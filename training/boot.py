@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from gendistill.diffusion.boot import BootConfig, BootTask
 from gendistill.diffusion.teacher import DiffusionTeacher
 from gendistill.pipelines import BootImagePipeline
 
-from .core import Trainer, check_output_folder
+from .core import Trainer, check_output_folder, export_pipeline
 from .recipes import TrainRecipe, parse_recipe
 
 logger = logging.getLogger(__name__)
@@ -83,23 +81,6 @@ def build_pipeline(task: BootTask, student, *, save_teacher: bool) -> BootImageP
     )
 
 
-def export_pipeline(pipe: BootImagePipeline, output: Path) -> None:
-    """Save into ``output`` so that a folder never looks complete before it is: every component is written to
-    a temporary folder and moved in, ``model_index.json`` last."""
-    tmp = output / ".export-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp)
-    (output / "model_index.json").unlink(missing_ok=True)
-    entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")
-    for entry in entries:
-        target = output / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    tmp.rmdir()
-
-
 def run(recipe: BootRecipe) -> dict:
     """Train and export; returns the run's summary (also written to ``results.json``)."""
     check_output_folder(recipe, "boot")  # fail before loading the teacher
@@ -134,7 +115,10 @@ def _first_metric(output: Path, key: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     recipe = parse_recipe(
-        BootRecipe, argv, prog="gendistill boot", method="boot",
+        BootRecipe,
+        argv,
+        prog="gendistill boot",
+        method="boot",
         description="Distill a diffusers UNet teacher into a one-step BOOT student (spec/BOOT.md).",
     )
     run(recipe)

@@ -93,7 +93,7 @@ def resolve_resume(recipe: TrainRecipe) -> Path | None:
         return found[-1]
     path = Path(recipe.resume)
     if not (path / STATE_FILE).is_file():
-        raise ValueError(f"--resume {recipe.resume!r} is not a complete gendistill checkpoint folder (no {STATE_FILE})")
+        raise ValueError(f"--resume {recipe.resume!r} is not a complete gendistill checkpoint (no {STATE_FILE})")
     return path
 
 
@@ -110,23 +110,53 @@ def check_output_folder(recipe: TrainRecipe, command: str) -> None:
         return
     run_file = out / RUN_FILE
     if not run_file.is_file():
-        raise ValueError(f"output folder {recipe.output!r} is not empty and holds no gendistill run; "
-                         "choose another folder or pass --overwrite")
+        raise ValueError(
+            f"output folder {recipe.output!r} is not empty and holds no gendistill run; "
+            "choose another folder or pass --overwrite"
+        )
     previous = json.loads(run_file.read_text(encoding="utf-8"))
-    current = {"command": command, "recipe": recipe_dict(recipe)}
+    # Compare as JSON sees it (tuples and lists both become lists).
+    current = json.loads(json.dumps({"command": command, "recipe": recipe_dict(recipe)}))
     ignore = set(recipe.RESUMABLE_CHANGES)
-    diffs = [k for k in sorted(set(previous.get("recipe", {})) | set(current["recipe"]))
-             if k not in ignore and previous.get("recipe", {}).get(k) != current["recipe"].get(k)]
+    diffs = [
+        k
+        for k in sorted(set(previous.get("recipe", {})) | set(current["recipe"]))
+        if k not in ignore and previous.get("recipe", {}).get(k) != current["recipe"].get(k)
+    ]
     if previous.get("command") != command:
         diffs.insert(0, "command")
     if diffs:
-        detail = ", ".join(f"{k}: {previous.get('recipe', {}).get(k)!r} -> {current['recipe'].get(k)!r}"
-                           for k in diffs[:4] if k != "command")
-        raise ValueError(f"output folder {recipe.output!r} already holds a different run ({detail or 'other command'}); "
-                         "pass --overwrite to replace it or choose another folder")
+        detail = ", ".join(
+            f"{k}: {previous.get('recipe', {}).get(k)!r} -> {current['recipe'].get(k)!r}"
+            for k in diffs[:4]
+            if k != "command"
+        )
+        raise ValueError(
+            f"output folder {recipe.output!r} already holds a different run "
+            f"({detail or 'other command'}); "
+            "pass --overwrite to replace it or choose another folder"
+        )
     if recipe.resume is None:
-        raise ValueError(f"output folder {recipe.output!r} already holds this run; "
-                         "pass --resume latest to continue it or --overwrite to start again")
+        raise ValueError(
+            f"output folder {recipe.output!r} already holds this run; "
+            "pass --resume latest to continue it or --overwrite to start again"
+        )
+
+
+def export_pipeline(pipe, output: Path) -> None:
+    """``pipe.save_pretrained`` into ``output`` without a half-written folder ever looking complete: everything is
+    written to a temporary folder and moved in, ``model_index.json`` (what loaders look for) last."""
+    tmp = output / ".export-tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp)
+    (output / "model_index.json").unlink(missing_ok=True)
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
+        target = output / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp.rmdir()
 
 
 def _trackers() -> list[str]:
@@ -187,7 +217,7 @@ class Trainer:
             params = [p for p in module.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(
                 params,
-                lr=phase.lr or recipe.lr,
+                lr=recipe.lr if phase.lr is None else phase.lr,
                 betas=(recipe.adam_beta1, recipe.adam_beta2),
                 weight_decay=recipe.weight_decay,
             )
@@ -310,8 +340,12 @@ class Trainer:
         if counters.step == 0:
             self.evaluate(0)
         progress = tqdm(
-            total=recipe.max_steps, initial=counters.step, disable=not accelerator.is_main_process,
-            desc=self.command, unit="step", dynamic_ncols=True,
+            total=recipe.max_steps,
+            initial=counters.step,
+            disable=not accelerator.is_main_process,
+            desc=self.command,
+            unit="step",
+            dynamic_ncols=True,
         )
         images_per_step = recipe.batch_size * recipe.gradient_accumulation_steps * accelerator.num_processes
         tic, window, losses = time.perf_counter(), 0, {}
@@ -329,8 +363,11 @@ class Trainer:
             else:
                 counters.nonfinite_total += 1
                 counters.nonfinite_in_a_row += 1
-                logger.warning("non-finite loss at step %d: step skipped (%d in a row)", counters.step,
-                               counters.nonfinite_in_a_row)
+                logger.warning(
+                    "non-finite loss at step %d: step skipped (%d in a row)",
+                    counters.step,
+                    counters.nonfinite_in_a_row,
+                )
                 if counters.nonfinite_in_a_row >= recipe.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{counters.nonfinite_in_a_row} non-finite losses in a row at step {counters.step}; "
@@ -348,8 +385,13 @@ class Trainer:
                 for name, sched in self.schedulers.items():
                     values[f"lr/{name}"] = sched.get_last_lr()[0]
                 self.log(values, step)
-                progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()
-                                      if k.startswith("loss") or k == "images_per_s"})
+                progress.set_postfix(
+                    {
+                        k.split("/")[-1]: f"{v:.4g}"
+                        for k, v in values.items()
+                        if k.startswith("loss") or k == "images_per_s"
+                    }
+                )
                 tic, window, losses = time.perf_counter(), 0, {}
             if recipe.eval_every and step % recipe.eval_every == 0 and step != recipe.max_steps:
                 metrics = self.evaluate(step) or metrics
@@ -374,4 +416,3 @@ def _last_step(output: Path) -> int:
     if not found:
         return -1
     return int(json.loads((found[-1] / STATE_FILE).read_text(encoding="utf-8"))["step"])
-

@@ -49,8 +49,14 @@ class TrainRecipe:
     RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = ("resume", "overwrite", "max_steps")
 
     def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "max_nonfinite_steps",
-                     "checkpoints_total_limit"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "max_nonfinite_steps",
+            "checkpoints_total_limit",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("checkpoint_every", "eval_every", "sample_every", "lr_warmup_steps"):
@@ -59,7 +65,9 @@ class TrainRecipe:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision {self.mixed_precision!r} is not valid; valid: {', '.join(MIXED_PRECISION)}")
+            raise ValueError(
+                f"mixed_precision {self.mixed_precision!r} is not valid; valid: {', '.join(MIXED_PRECISION)}"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.output:
@@ -136,7 +144,12 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         base, _ = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
         help_text = f"(default: {default})"
         if base is bool:
             parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS, help=help_text)

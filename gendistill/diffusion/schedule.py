@@ -51,7 +51,7 @@ def boot_grid(num_train_timesteps: int, num_intervals: int) -> list[int]:
 
 
 class NoiseSchedule:
-    """``alpha_t``, ``sigma_t`` and ``lambda_t`` looked up by integer timestep, from a scheduler's ``alphas_cumprod``."""
+    """``alpha_t``, ``sigma_t`` and ``lambda_t`` by integer timestep, from a scheduler's ``alphas_cumprod``."""
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         ac = alphas_cumprod.detach().to(torch.float64).clamp(0.0, 1.0)

@@ -92,7 +92,7 @@ class DiffusionTeacher(nn.Module):
         local = Path(path_str).expanduser()
         if local.exists():
             if not local.is_dir():
-                raise ValueError(f"teacher {path_str!r} is a file; expected a diffusers folder with unet/ and scheduler/")
+                raise ValueError(f"teacher {path_str!r} is a file; expected a diffusers folder (unet/, scheduler/)")
             missing = [sub for sub in ("unet", "scheduler") if not (local / sub).is_dir()]
             if missing:
                 raise ValueError(
