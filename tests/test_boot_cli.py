@@ -329,3 +329,16 @@ def test_shipped_recipe_parses():
     values = load_yaml(ROOT / "training" / "recipes" / "boot_pixel.yaml")
     recipe = build_recipe(BootRecipe, {**values, "teacher": "t"}, method="boot")
     assert recipe.num_intervals == 50 and recipe.guidance_scale == 2.0
+
+
+def test_help_shows_field_comments(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["boot", "--help"])
+    assert err.value.code == 0
+    out = capsys.readouterr().out
+    assert "per-process batch size (default: 128)" in out
+    assert "teacher CFG scale baked in" in out
+
+
+def test_unknown_lr_scheduler(tmp_path, capsys):
+    _fails(capsys, ["boot", "--teacher", "t", "--lr-scheduler", "warmup_stable"], "lr_scheduler 'warmup_stable'")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
+from diffusers.optimization import SchedulerType
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
@@ -68,6 +71,9 @@ class TrainRecipe:
             raise ValueError(
                 f"mixed_precision {self.mixed_precision!r} is not valid; valid: {', '.join(MIXED_PRECISION)}"
             )
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise ValueError(f"lr_scheduler {self.lr_scheduler!r} is not valid; valid: {', '.join(schedulers)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.output:
@@ -137,10 +143,24 @@ def build_recipe(cls, values: dict, *, method: str | None = None):
     return recipe
 
 
+def field_comments(cls) -> dict[str, str]:
+    """The ``# comment`` after each field of ``cls`` and its dataclass bases (subclasses win): the flag's help."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            match = re.match(r"^\s{4}(\w+):[^#]*#\s*(.+)$", line)
+            if match:
+                comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
 def add_recipe_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One ``--field-name`` flag per dataclass field (value parsed later, so YAML and flags share conversion)."""
     parser.add_argument("--config", help="YAML recipe (keys are the field names below)")
     hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         base, _ = _base_type(hints[f.name])
@@ -150,7 +170,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, cls) -> None:
             default = f.default_factory()
         else:
             default = None
-        help_text = f"(default: {default})"
+        help_text = f"{comments.get(f.name, '')} (default: {default})".strip()
         if base is bool:
             parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS, help=help_text)
         else:

@@ -1,0 +1,102 @@
+"""The training core on a toy task: non-finite guard, accumulation, checkpoint completeness and rotation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from gendistill.task import Phase
+from gendistill.training.core import NonFiniteLossError, Trainer, complete_checkpoints
+from gendistill.training.recipes import TrainRecipe
+
+
+class ToyTask(nn.Module):
+    """Fit y = 2x; ``poison`` lists the calls whose loss is NaN."""
+
+    def __init__(self, poison=()):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Linear(4, 4)
+        self.poison, self.calls = set(poison), 0
+
+    def phases(self):
+        return [Phase("model")]
+
+    def sample_batch(self, phase, batch_size, device):
+        return torch.randn(batch_size, 4, device=device)
+
+    def forward(self, phase, x):
+        self.calls += 1
+        loss = ((self.model(x) - 2 * x) ** 2).mean()
+        return {"loss": loss * float("nan") if self.calls in self.poison else loss}
+
+
+def _recipe(tmp_path, **kw):
+    base = dict(output=str(tmp_path / "run"), max_steps=6, batch_size=8, lr=1e-2, ema_decay=0.0,
+                checkpoint_every=0, eval_every=0, sample_every=0, log_every=1, lr_scheduler="constant")
+    return TrainRecipe(**{**base, **kw})
+
+
+def _rows(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    task = ToyTask(poison={2, 3})
+    trainer = Trainer(task, _recipe(tmp_path), command="toy")
+    initial = task.model.weight.detach().clone()
+    weights = []  # weights[i]: after training call i + 1
+    original = trainer._phase_step
+
+    def spy(phase, batch_size):
+        out = original(phase, batch_size)
+        weights.append(task.model.weight.detach().clone())
+        return out
+
+    trainer._phase_step = spy
+    trainer.fit()
+    assert not torch.equal(initial, weights[0])
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[1], weights[2])  # calls 2, 3 NaN: no update
+    assert not torch.equal(weights[2], weights[3])
+    assert trainer.counters.nonfinite_total == 2 and trainer.counters.nonfinite_in_a_row == 0
+    assert _rows(tmp_path)[-1]["nonfinite_skipped"] == 2
+    assert all(torch.isfinite(p).all() for p in task.parameters())
+
+
+def test_nonfinite_in_a_row_aborts(tmp_path):
+    task = ToyTask(poison=set(range(1, 100)))
+    trainer = Trainer(task, _recipe(tmp_path, max_nonfinite_steps=3), command="toy")
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        trainer.fit()
+
+
+def test_accumulation_steps_optimizer_once_per_step(tmp_path):
+    task = ToyTask()
+    trainer = Trainer(task, _recipe(tmp_path, gradient_accumulation_steps=3, lr_scheduler="linear"), command="toy")
+    trainer.fit()
+    assert task.calls == 6 * 3
+    scheduler = trainer.schedulers["model"].scheduler
+    assert scheduler.last_epoch == 6  # one LR step per optimizer step
+    assert _rows(tmp_path)[-1]["lr/model"] == pytest.approx(0.0)
+
+
+def test_incomplete_checkpoint_is_ignored_and_rotation_keeps_limit(tmp_path):
+    recipe = _recipe(tmp_path, checkpoint_every=1, checkpoints_total_limit=2)
+    Trainer(ToyTask(), recipe, command="toy").fit()
+    found = complete_checkpoints(tmp_path / "run")
+    assert [p.name for p in found] == ["checkpoint_4", "checkpoint_5"]
+    # A checkpoint cut off mid-write (no trainer_state.json) must never be resumed from.
+    broken = tmp_path / "run" / "checkpoints" / "checkpoint_6"
+    shutil.copytree(found[-1], broken)
+    (broken / "trainer_state.json").unlink()
+    resumed = Trainer(ToyTask(), _recipe(tmp_path, checkpoint_every=1, checkpoints_total_limit=2, max_steps=8,
+                                         resume="latest"), command="toy")
+    assert resumed.counters.step == 6 and resumed.resume_from.name == "checkpoint_5"
+    assert not broken.exists()
+    resumed.fit()
+    assert resumed.counters.step == 8
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint_6", "checkpoint_7"]
