@@ -36,8 +36,18 @@ class ToyTask(nn.Module):
 
 
 def _recipe(tmp_path, **kw):
-    base = dict(output=str(tmp_path / "run"), max_steps=6, batch_size=8, lr=1e-2, ema_decay=0.0,
-                checkpoint_every=0, eval_every=0, sample_every=0, log_every=1, lr_scheduler="constant")
+    base = dict(
+        output=str(tmp_path / "run"),
+        max_steps=6,
+        batch_size=8,
+        lr=1e-2,
+        ema_decay=0.0,
+        checkpoint_every=0,
+        eval_every=0,
+        sample_every=0,
+        log_every=1,
+        lr_scheduler="constant",
+    )
     return TrainRecipe(**{**base, **kw})
 
 
@@ -93,8 +103,11 @@ def test_incomplete_checkpoint_is_ignored_and_rotation_keeps_limit(tmp_path):
     broken = tmp_path / "run" / "checkpoints" / "checkpoint_6"
     shutil.copytree(found[-1], broken)
     (broken / "trainer_state.json").unlink()
-    resumed = Trainer(ToyTask(), _recipe(tmp_path, checkpoint_every=1, checkpoints_total_limit=2, max_steps=8,
-                                         resume="latest"), command="toy")
+    resumed = Trainer(
+        ToyTask(),
+        _recipe(tmp_path, checkpoint_every=1, checkpoints_total_limit=2, max_steps=8, resume="latest"),
+        command="toy",
+    )
     assert resumed.counters.step == 6 and resumed.resume_from.name == "checkpoint_5"
     assert not broken.exists()
     resumed.fit()

@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_unet as conftest_unet
 from diffusers import DDIMScheduler, UNet2DModel
 
 from gendistill.pipelines import BootImagePipeline
@@ -31,18 +32,12 @@ def one_cpu_thread():
 
 
 def tiny_unet(seed: int = 0, *, num_class_embeds: int | None = 4) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        num_class_embeds=num_class_embeds,
-    ).eval()
+    torch.manual_seed(seed)  # conftest's builder seeds 0 itself; reseed for a second, different network
+    unet = conftest_unet(num_class_embeds=num_class_embeds, channels=3)
+    if seed:
+        torch.manual_seed(seed)
+        unet = UNet2DModel.from_config(unet.config)
+    return unet.eval()
 
 
 def make_pipe(prediction_type="epsilon", *, parameterization="teacher", teacher=True, guidance_scale=2.0, grid=GRID):

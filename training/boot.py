@@ -13,7 +13,7 @@ from gendistill.diffusion.boot import BootConfig, BootTask
 from gendistill.diffusion.teacher import DiffusionTeacher
 from gendistill.pipelines import BootImagePipeline
 
-from .core import Trainer, check_output_folder, export_pipeline
+from .core import Trainer, check_output_folder, export_pipeline, logged_values
 from .recipes import TrainRecipe, parse_recipe
 
 logger = logging.getLogger(__name__)
@@ -93,24 +93,13 @@ def run(recipe: BootRecipe) -> dict:
         student = trainer.export_module("student")
         export_pipeline(build_pipeline(task, student, save_teacher=recipe.save_teacher), Path(recipe.output))
         summary = {"steps": trainer.counters.step, "resumed_at": history_start, **final}
-        initial = _first_metric(Path(recipe.output), "trajectory_error")
-        if initial is not None:
-            summary["initial_trajectory_error"] = initial
+        errors = logged_values(recipe.output, "trajectory_error")
+        if errors:
+            summary["initial_trajectory_error"] = errors[0]
         (Path(recipe.output) / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     trainer.accelerator.wait_for_everyone()
     trainer.end()
     return summary
-
-
-def _first_metric(output: Path, key: str) -> float | None:
-    path = output / "logs" / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if key in row:
-            return row[key]
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

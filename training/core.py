@@ -159,6 +159,15 @@ def export_pipeline(pipe, output: Path) -> None:
     tmp.rmdir()
 
 
+def logged_values(output: str | Path, key: str) -> list[float]:
+    """Every value of ``key`` in a run's ``logs/metrics.jsonl``, in logging order."""
+    path = Path(output) / "logs" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
+    return [row[key] for row in rows if key in row]
+
+
 def _trackers() -> list[str]:
     return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
 

@@ -25,7 +25,7 @@ from gendistill.data.mnist import load_mnist5k
 from gendistill.diffusion.schedule import check_prediction_type
 from gendistill.task import Phase
 
-from .core import Trainer, check_output_folder, export_pipeline
+from .core import Trainer, check_output_folder, export_pipeline, logged_values
 from .recipes import TrainRecipe, parse_recipe
 
 logger = logging.getLogger(__name__)
@@ -252,18 +252,6 @@ def build_task(recipe: TeachDiffusionRecipe) -> tuple[DiffusionTrainingTask, lis
     return task, class_names
 
 
-def _last_metric(output: Path, key: str) -> float | None:
-    path = output / "logs" / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    value = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if key in row:
-            value = row[key]
-    return value
-
-
 def run(recipe: TeachDiffusionRecipe) -> Path:
     """Train, export the EMA UNet as a ``DDPMPipeline`` folder at ``recipe.output`` and return that folder."""
     check_output_folder(recipe, COMMAND)  # fail before loading the data
@@ -278,7 +266,7 @@ def run(recipe: TeachDiffusionRecipe) -> Path:
         summary = {
             "steps": trainer.counters.step,
             "resumed_at": resumed_at,
-            "final_loss": _last_metric(output, "loss/unet"),
+            "final_loss": (logged_values(output, "loss/unet") or [None])[-1],
             "class_names": class_names if recipe.class_conditional else None,
             "null_class_id": task.null_class_id,
         }
