@@ -342,3 +342,14 @@ def test_help_shows_field_comments(capsys):
 
 def test_unknown_lr_scheduler(tmp_path, capsys):
     _fails(capsys, ["boot", "--teacher", "t", "--lr-scheduler", "warmup_stable"], "lr_scheduler 'warmup_stable'")
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path):
+    env = {**_env(), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        _boot_cmd("someorg/some-teacher", tmp_path / "o"), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "'someorg/some-teacher' is not a local folder and could not be fetched as a hub id" in last
+    assert not (tmp_path / "o").exists()
