@@ -291,6 +291,7 @@ def test_resume_and_output_folder_guards(tmp_path, capsys):
     _fails(capsys, base, "already holds this run; pass --resume latest")
     _fails(capsys, [*base, "--lr", "0.5"], "already holds a different run (lr: 0.0001 -> 0.5)")
     _fails(capsys, [*base, "--resume", str(tmp_path)], "not a complete gendistill checkpoint")
+    _fails(capsys, [*base, "--resume", "latest", "--overwrite"], "contradict")
     assert main([*base, "--lr", "0.5", "--overwrite"]) == 0
     assert json.loads((out / "gendistill_run.json").read_text())["recipe"]["lr"] == 0.5
     (tmp_path / "other").mkdir()

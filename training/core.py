@@ -100,8 +100,10 @@ def resolve_resume(recipe: TrainRecipe) -> Path | None:
 def check_output_folder(recipe: TrainRecipe, command: str) -> None:
     """Refuse an output folder holding another run (or unrelated files) unless ``overwrite``; read-only."""
     out = Path(recipe.output)
+    if recipe.overwrite and recipe.resume is not None:
+        raise ValueError("--overwrite and --resume contradict each other: choose one")
     if recipe.overwrite or not out.exists():
-        if recipe.resume is not None and not recipe.overwrite:
+        if recipe.resume is not None:
             raise ValueError(f"--resume {recipe.resume}: output folder {recipe.output!r} does not exist")
         return
     if not out.is_dir():
@@ -193,8 +195,6 @@ class Trainer:
         recipe.validate()
         self.recipe, self.command, self.task = recipe, command, task
         self.output = Path(recipe.output)
-        check_output_folder(recipe, command)
-        self.resume_from = resolve_resume(recipe)
         mixed = recipe.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
@@ -210,6 +210,10 @@ class Trainer:
                 total_limit=recipe.checkpoints_total_limit,
             ),
         )
+        # Every process checks the folder before any process writes to it.
+        check_output_folder(recipe, command)
+        self.resume_from = resolve_resume(recipe)
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if recipe.overwrite and self.output.exists():
                 shutil.rmtree(self.output)

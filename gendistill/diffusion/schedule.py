@@ -58,18 +58,26 @@ class NoiseSchedule:
         self.alphas_cumprod = ac
         self.alpha = ac.sqrt()
         self.sigma = (1.0 - ac).sqrt()
+        self._device_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) tables (float64 where supported) on ``device``, cached, so lookups never synchronize with the host."""
+        key = str(device)
+        if key not in self._device_tables:
+            dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+            self._device_tables[key] = (self.alpha.to(device, dtype), self.sigma.to(device, dtype))
+        return self._device_tables[key]
+
     def coefficients(self, timesteps: torch.Tensor, *, ndim: int = 4, dtype=torch.float32):
         """``(alpha, sigma)`` for ``timesteps`` (B,), shaped (B, 1, ..., 1) with ``ndim`` dims."""
-        idx = timesteps.detach().long().cpu()
+        alpha, sigma = self._tables(timesteps.device)
+        idx = timesteps.detach().long()
         shape = (-1,) + (1,) * (ndim - 1)
-        alpha = self.alpha[idx].to(device=timesteps.device, dtype=dtype).view(shape)
-        sigma = self.sigma[idx].to(device=timesteps.device, dtype=dtype).view(shape)
-        return alpha, sigma
+        return alpha[idx].to(dtype).view(shape), sigma[idx].to(dtype).view(shape)
 
     def step_fraction(self, t: torch.Tensor, s: torch.Tensor, *, ndim: int = 4, dtype=torch.float32) -> torch.Tensor:
         """``d = 1 - exp(lambda_t - lambda_s)`` for a DDIM step from ``t`` to the less noisy ``s``.
@@ -77,10 +85,10 @@ class NoiseSchedule:
         Computed as ``1 - (alpha_t sigma_s) / (sigma_t alpha_s)`` in float64, which is exact at the ends:
         ``alpha_t = 0`` (zero terminal SNR) gives ``d = 1`` and ``sigma_s = 0`` gives ``d = 1``.
         """
-        t_idx, s_idx = t.detach().long().cpu(), s.detach().long().cpu()
-        ratio = (self.alpha[t_idx] * self.sigma[s_idx]) / (self.sigma[t_idx] * self.alpha[s_idx])
-        d = 1.0 - ratio
-        return d.to(device=t.device, dtype=dtype).view((-1,) + (1,) * (ndim - 1))
+        alpha, sigma = self._tables(t.device)
+        t_idx, s_idx = t.detach().long(), s.detach().long().to(t.device)
+        d = 1.0 - (alpha[t_idx] * sigma[s_idx]) / (sigma[t_idx] * alpha[s_idx])
+        return d.to(dtype).view((-1,) + (1,) * (ndim - 1))
 
 
 def ddim_signal_step(y_t: torch.Tensor, f: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
