@@ -65,7 +65,7 @@ class NoiseSchedule:
         return len(self.alphas_cumprod)
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha, sigma) tables (float64 where supported) on ``device``, cached, so lookups never synchronize with the host."""
+        """(alpha, sigma) tables (float64 where supported) on ``device``, cached: lookups never sync with the host."""
         key = str(device)
         if key not in self._device_tables:
             dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
