@@ -21,8 +21,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def tiny_unet(*, num_class_embeds: int | None = None, channels: int = 1, size: int = 8) -> UNet2DModel:
-    torch.manual_seed(0)
+def tiny_unet(*, num_class_embeds: int | None = None, channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=size,
         in_channels=channels,

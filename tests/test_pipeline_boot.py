@@ -32,12 +32,7 @@ def one_cpu_thread():
 
 
 def tiny_unet(seed: int = 0, *, num_class_embeds: int | None = 4) -> UNet2DModel:
-    torch.manual_seed(seed)  # conftest's builder seeds 0 itself; reseed for a second, different network
-    unet = conftest_unet(num_class_embeds=num_class_embeds, channels=3)
-    if seed:
-        torch.manual_seed(seed)
-        unet = UNet2DModel.from_config(unet.config)
-    return unet.eval()
+    return conftest_unet(num_class_embeds=num_class_embeds, channels=3, seed=seed).eval()
 
 
 def make_pipe(prediction_type="epsilon", *, parameterization="teacher", teacher=True, guidance_scale=2.0, grid=GRID):

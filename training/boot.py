@@ -81,10 +81,13 @@ def build_pipeline(task: BootTask, student, *, save_teacher: bool) -> BootImageP
     )
 
 
-def run(recipe: BootRecipe) -> dict:
-    """Train and export; returns the run's summary (also written to ``results.json``)."""
+def run(recipe: BootRecipe, task: BootTask | None = None) -> dict:
+    """Train and export; returns the run's summary (also written to ``results.json``).
+
+    ``task`` lets a caller that already built it with ``build_task(recipe)`` keep using it afterwards.
+    """
     check_output_folder(recipe, "boot")  # fail before loading the teacher
-    task = build_task(recipe)
+    task = build_task(recipe) if task is None else task
     trainer = Trainer(task, recipe, command="boot")
     history_start = trainer.counters.step
     final = trainer.fit()

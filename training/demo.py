@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
         save_teacher=True,
     )
-    summary = boot.run(boot_recipe)
+    task = boot.build_task(boot_recipe)
+    summary = boot.run(boot_recipe, task)
 
     print("[3/3] comparing teacher and student from the same noises")
-    task = boot.build_task(boot_recipe)
     results = {
         "trajectory_error_initial": summary.get("initial_trajectory_error"),
         "trajectory_error_final": summary.get("ema/trajectory_error"),

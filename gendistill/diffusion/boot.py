@@ -66,6 +66,11 @@ class BootTask(nn.Module):
         # The student starts as an exact copy of the teacher network (spec/BOOT.md "Student").
         self.student = copy.deepcopy(teacher.unet).requires_grad_(True).train()
         self.grid = boot_grid(teacher.schedule.num_train_timesteps, config.num_intervals)
+        # Device copies of the grid and class ids (moved by .to()), so a training step does no host->device copy.
+        self.register_buffer("grid_timesteps", torch.tensor(self.grid), persistent=False)
+        self.register_buffer("class_id_tensor", torch.tensor(self.class_ids, dtype=torch.long), persistent=False)
+        # Zero terminal SNR (alpha_T = 0): y_T drops out (d_1 = 1); decided once, not by a sync every step.
+        self._zero_terminal_snr = float(teacher.schedule.alpha[self.grid[0]]) == 0.0
         self._eval_set: dict[str, torch.Tensor] | None = None
 
     def phases(self) -> list[Phase]:
@@ -92,15 +97,15 @@ class BootTask(nn.Module):
 
     def start_signal(self, eps: torch.Tensor) -> torch.Tensor:
         """The exact ``y_T = eps (1 - sigma_T) / alpha_T``; zero when ``alpha_T = 0`` (then ``d_1 = 1``)."""
+        if self._zero_terminal_snr:
+            return torch.zeros_like(eps, dtype=torch.float32)
         t0 = torch.full((eps.shape[0],), self.grid[0], device=eps.device, dtype=torch.long)
         alpha, sigma = self.teacher.schedule.coefficients(t0, ndim=eps.ndim)
-        if float(alpha.min()) == 0.0:
-            return torch.zeros_like(eps, dtype=torch.float32)
         return eps.float() * (1.0 - sigma) / alpha
 
     def teacher_step(self, y: torch.Tensor, eps: torch.Tensor, k: torch.Tensor, class_labels=None) -> torch.Tensor:
         """The teacher's DDIM step on interval ``k`` (from ``t_{k-1}`` to ``t_k``), in signal space."""
-        grid = torch.tensor(self.grid, device=eps.device)
+        grid = self.grid_timesteps.to(eps.device)
         t_prev, t_next = grid[k - 1], grid[k]
         alpha, sigma = self.teacher.schedule.coefficients(t_prev, ndim=eps.ndim)
         x = alpha * y + sigma * eps.float()
@@ -126,22 +131,19 @@ class BootTask(nn.Module):
         boundary[:num_boundary] = True
         batch = {"eps": eps, "k": k, "boundary": boundary}
         if self.class_ids:
-            ids = torch.tensor(self.class_ids, device=device)
+            ids = self.class_id_tensor.to(device)
             batch["class_labels"] = ids[torch.randint(len(ids), (batch_size,), device=device)]
         return batch
 
     def forward(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         eps, k, boundary = batch["eps"], batch["k"], batch["boundary"]
         labels = batch.get("class_labels")
-        grid = torch.tensor(self.grid, device=eps.device)
+        grid = self.grid_timesteps.to(eps.device)
         with torch.no_grad():
             # y_prev: exact start y_T for k = 1, else the student's own (stop-grad) estimate at t_{k-1}.
             y_start = self.start_signal(eps)
-            first = k == 1
-            y_prev = y_start
-            if not bool(first.all()):
-                y_boot = self.student_signal(eps, grid[k - 1], labels)
-                y_prev = torch.where(first.view(-1, 1, 1, 1), y_start, y_boot)
+            y_boot = self.student_signal(eps, grid[k - 1], labels)
+            y_prev = torch.where((k == 1).view(-1, 1, 1, 1), y_start, y_boot)
             target = self.teacher_step(y_prev, eps, k, labels)
             d = self.teacher.schedule.step_fraction(grid[k - 1], grid[k], ndim=eps.ndim)
         y = self.student_signal(eps, grid[k], labels)
