@@ -1,12 +1,14 @@
 # Copyright 2025 The gendistill authors. Licensed under the Apache License, Version 2.0.
-"""One-step sampler for a BOOT student of a pixel-space diffusers ``UNet2DModel`` teacher.
+"""Samplers for BOOT students of diffusers teachers: ``BootImagePipeline`` for pixel-space ``UNet2DModel`` teachers
+(unconditional or class-conditional) and ``BootPipeline`` for text-to-image latent teachers (Stable Diffusion).
 
 BOOT: J. Gu et al., "BOOT: Data-free Distillation of Denoising Diffusion Models with Bootstrapping",
 arXiv 2306.05544 (2023); the signal-space DDIM step used for refinement is derived in gendistill's spec/BOOT.md.
 
-This file depends only on torch, numpy, PIL and diffusers: ``save_pretrained`` copies it next to the weights, so a
-saved folder also loads in stock diffusers with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
-``BootImagePipeline.from_pretrained`` (below) loads the same folder without importing the folder's copy of this file.
+This file depends only on torch, numpy, PIL and diffusers (transformers is imported only when a saved folder names
+it): ``save_pretrained`` copies it next to the weights, so a saved folder also loads in stock diffusers with
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``. The pipelines' own ``from_pretrained`` (below)
+loads the same folder without importing the folder's copy of this file.
 """
 
 from __future__ import annotations
@@ -15,11 +17,22 @@ import importlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import diffusers
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -27,22 +40,43 @@ PIPELINE_MODULE = "pipeline_boot"
 PARAMETERIZATIONS = ("teacher", "raw")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 OUTPUT_TYPES = ("pil", "np", "pt")
+LATENT_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
-# Libraries whose classes `BootImagePipeline.from_pretrained` may instantiate, with the base classes (by name, resolved
-# lazily) a component class must derive from. Text pipelines would add
-# "transformers": ("PreTrainedModel", "PreTrainedTokenizerBase").
+# Libraries whose classes the pipelines' `from_pretrained` may instantiate, with the base classes (by name, resolved
+# lazily: transformers is imported only when a component names it) a component class must derive from.
 LOADABLE_LIBRARIES: dict[str, tuple[str, ...]] = {
     "diffusers": ("ModelMixin", "SchedulerMixin"),
+    "transformers": ("PreTrainedModel", "PreTrainedTokenizerBase"),
+}
+# How `torch_dtype` reaches each library's model classes: (base class name, keyword of its `from_pretrained`).
+DTYPE_KEYWORDS: dict[str, tuple[str, str]] = {
+    "diffusers": ("ModelMixin", "torch_dtype"),
+    "transformers": ("PreTrainedModel", "dtype"),
 }
 
-EXAMPLE_DOC_STRING = """
+IMAGE_EXAMPLE_DOC_STRING = """
     Examples:
         ```py
+        >>> import torch
         >>> from gendistill.pipelines import BootImagePipeline
 
         >>> pipe = BootImagePipeline.from_pretrained("path/to/boot-student")  # never runs the folder's .py
         >>> image = pipe(class_labels=207, generator=torch.Generator().manual_seed(0)).images[0]  # one step
         >>> image = pipe(class_labels=207, refine_steps=2).images[0]  # + 2 teacher DDIM steps (saved with the teacher)
+        ```
+"""
+
+TEXT_EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from gendistill.pipelines import BootPipeline
+
+        >>> pipe = BootPipeline.from_pretrained("path/to/boot-sd-student", torch_dtype=torch.bfloat16).to("cuda")
+        >>> generator = torch.Generator("cuda").manual_seed(0)
+        >>> image = pipe("a photo of a red cat", generator=generator).images[0]  # one UNet evaluation
+        >>> image = pipe("a photo of a red cat", guidance_scale=4.0).images[0]  # guidance-range students only
+        >>> image = pipe("a photo of a red cat", refine_steps=2).images[0]  # + 2 teacher DDIM steps (saved teacher)
         ```
 """
 
@@ -60,9 +94,240 @@ def to_x0(
     raise ValueError(f"unsupported prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
 
 
-class BootImagePipeline(DiffusionPipeline):
+def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """A guidance-range student's input for ``timestep_cond`` (diffusers' ``time_cond_proj_dim``): the sinusoidal
+    embedding (B, dim) of ``1000 w`` for the guidance scales ``w`` (B,), as in LCM. Training computes the same."""
+    return get_timestep_embedding(guidance_scale.float() * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
+
+
+_Pipeline = TypeVar("_Pipeline", bound="_BootPipelineBase")
+
+
+class _BootPipelineBase(DiffusionPipeline):
+    """What both BOOT pipelines share: the grid checks, the teacher's schedule, the signal-space teacher refinement,
+    and saving/loading a folder without running its code. Subclasses register ``unet``, ``scheduler``,
+    ``teacher_unet`` and the config values ``boot_timesteps`` and ``parameterization``."""
+
+    @staticmethod
+    def _check_grid(scheduler, boot_timesteps, parameterization) -> list[int]:
+        """Validate the parameterization, the scheduler's prediction type and the BOOT grid; return it as ints."""
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unsupported scheduler prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}"
+            )
+        if boot_timesteps is None:
+            raise ValueError(
+                "boot_timesteps is required: the BOOT grid t_0 > t_1 > ... > t_K the student was trained on"
+            )
+        grid = [int(t) for t in boot_timesteps]
+        num_train_timesteps = len(scheduler.alphas_cumprod)
+        if (
+            len(grid) < 2
+            or any(a <= b for a, b in zip(grid, grid[1:]))
+            or grid[-1] < 0
+            or grid[0] >= num_train_timesteps
+        ):
+            raise ValueError(
+                f"boot_timesteps {grid} must be at least 2 distinct descending ints in 0..{num_train_timesteps - 1}"
+            )
+        if (
+            parameterization == "teacher"
+            and prediction_type == "epsilon"
+            and float(scheduler.alphas_cumprod[grid[0]]) == 0
+        ):
+            raise ValueError(
+                f"parameterization 'teacher' with an epsilon teacher divides by alpha at t_0={grid[0]}, which is 0 "
+                "(zero terminal SNR); use parameterization 'raw'"
+            )
+        return grid
+
+    @staticmethod
+    def _check_teacher(unet, teacher_unet, keys: tuple[str, ...]) -> None:
+        """The teacher must read and write what the student does."""
+        if teacher_unet is None:
+            return
+        for key in keys:
+            if teacher_unet.config[key] != unet.config[key]:
+                raise ValueError(
+                    f"teacher_unet {key}={teacher_unet.config[key]} differs from the student's {unet.config[key]}"
+                )
+
+    # --- schedule ------------------------------------------------------------------------------------------------
+    def _alpha_sigma(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` as float32 scalars on ``device``."""
+        ac = self.scheduler.alphas_cumprod[t].to(torch.float64).clamp(0.0, 1.0)
+        return ac.sqrt().to(device, torch.float32), (1.0 - ac).sqrt().to(device, torch.float32)
+
+    def _step_fraction(self, t: int, s: int, device: torch.device) -> torch.Tensor:
+        """``d = 1 - exp(lambda_t - lambda_s)`` for a step from ``t`` to the less noisy ``s``.
+
+        Written as ``1 - alpha_t sigma_s / (sigma_t alpha_s)`` in float64, so zero terminal SNR gives ``d = 1``.
+        """
+        ac = self.scheduler.alphas_cumprod.to(torch.float64).clamp(0.0, 1.0)
+        alpha_t, sigma_t, alpha_s, sigma_s = ac[t].sqrt(), (1 - ac[t]).sqrt(), ac[s].sqrt(), (1 - ac[s]).sqrt()
+        return (1.0 - alpha_t * sigma_s / (sigma_t * alpha_s)).to(device, torch.float32)
+
+    # --- signals -------------------------------------------------------------------------------------------------
+    def _signal_from_student_output(self, u: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The signal (B, C, H, W) from the student's raw float32 output ``u`` for the noise ``eps``."""
+        if self.config.parameterization == "raw":
+            return u
+        # Read u as the teacher's native prediction at x_{t_0} = eps.
+        alpha, sigma = self._alpha_sigma(self.config.boot_timesteps[0], eps.device)
+        return to_x0(u, eps, alpha, sigma, self.scheduler.config.prediction_type)
+
+    def start_signal(self, eps: torch.Tensor) -> torch.Tensor:
+        """Exact signal at ``t_0`` (B, C, H, W): ``eps (1 - sigma) / alpha``; zero if ``alpha = 0`` (then d = 1)."""
+        alpha, sigma = self._alpha_sigma(self.config.boot_timesteps[0], eps.device)
+        if float(alpha) == 0.0:
+            return torch.zeros_like(eps)
+        return eps * (1.0 - sigma) / alpha
+
+    def refine(
+        self,
+        y: torch.Tensor,
+        eps: torch.Tensor,
+        *,
+        refine_steps: int,
+        teacher_x0: Callable[[torch.Tensor, int], torch.Tensor],
+    ) -> torch.Tensor:
+        """Run the last ``refine_steps`` teacher DDIM steps of the grid in signal space, from the signal ``y`` at
+        ``t_{K-k}`` (B, C, H, W): ``x_t = alpha_t y + sigma_t eps``, ``y_s = y_t + d (f(x_t, t) - y_t)``.
+
+        ``teacher_x0(x, t)`` is the teacher's (guided) clean prediction (B, C, H, W) at ``x`` (B, C, H, W), float32.
+        """
+        grid = self.config.boot_timesteps
+        start = len(grid) - 1 - refine_steps
+        with self.progress_bar(total=refine_steps) as progress_bar:
+            for t, s in zip(grid[start:-1], grid[start + 1 :]):
+                alpha, sigma = self._alpha_sigma(t, eps.device)
+                x = alpha * y + sigma * eps
+                f = teacher_x0(x, t)
+                y = y + self._step_fraction(t, s, eps.device) * (f - y)
+                progress_bar.update()
+        return y
+
+    # --- inputs --------------------------------------------------------------------------------------------------
+    def _check_refine_steps(self, refine_steps) -> None:
+        num_intervals = len(self.config.boot_timesteps) - 1
+        if not isinstance(refine_steps, int) or not 0 <= refine_steps <= num_intervals:
+            raise ValueError(
+                f"refine_steps={refine_steps!r} is out of range; valid: 0..{num_intervals} (K of the BOOT grid)"
+            )
+        if refine_steps > 0 and self.teacher_unet is None:
+            raise ValueError(
+                f"refine_steps={refine_steps} needs the teacher, but this folder has no teacher UNet; save the "
+                "pipeline with its teacher_unet to refine, or use refine_steps=0"
+            )
+
+    @staticmethod
+    def _check_noise(batch_size: int, generator, latents, expected: tuple[int, ...]) -> None:
+        """One generator per image when a list is given; ``latents`` of the ``expected`` shape."""
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"{len(generator)} generators were given for a batch of {batch_size}; give one per image")
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(f"latents have shape {tuple(latents.shape)} but {expected} was expected")
+
+    # --- saving and loading --------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save like diffusers, then name this file as the pipeline class and copy it into ``save_directory``.
+
+        Stock diffusers then loads it with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
+        """
+        if kwargs.get("push_to_hub"):
+            raise ValueError("push_to_hub is not supported here; save locally, then upload the whole folder")
+        super().save_pretrained(save_directory, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(Path(__file__), Path(save_directory) / f"{PIPELINE_MODULE}.py")
+
+    @classmethod
+    def from_pretrained(
+        cls: type[_Pipeline], folder: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
+    ) -> _Pipeline:
+        """Load a saved folder by building each component from ``model_index.json``; never imports the folder's code.
+
+        (diffusers' own ``from_pretrained`` would execute the folder's ``pipeline_boot.py`` and return its class.)
+        Only classes of the libraries in ``LOADABLE_LIBRARIES`` that derive from their listed base classes load.
+        ``torch_dtype`` is passed to the model components (diffusers models and transformers models).
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no such pipeline folder: {folder}")
+        index_path = folder / "model_index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{folder} has no model_index.json; is it a folder saved by save_pretrained?")
+        index = json.loads(index_path.read_text())
+        class_name = index.get("_class_name")
+        saved_name = class_name[-1] if isinstance(class_name, list) and class_name else class_name
+        if saved_name != cls.__name__:
+            raise ValueError(f"{index_path} describes pipeline {class_name!r}, not {cls.__name__}")
+
+        # 1. Sort the entries into components and config values, resolving every component class before loading any
+        component_names, config_names = cls._get_signature_keys(cls)
+        component_classes, kwargs = {}, {}
+        for name, value in index.items():
+            if name.startswith("_"):
+                continue
+            if name in component_names:
+                if value is None or value == [None, None]:
+                    continue  # an optional component saved as absent
+                component_classes[name] = (value[0], cls._component_class(name, value))
+            elif name in config_names:
+                kwargs[name] = value
+            else:
+                raise ValueError(f"{index_path} has an unexpected entry {name!r}; {cls.__name__} does not take it")
+        missing = [n for n in component_names if n not in component_classes and n not in cls._optional_components]
+        if missing:
+            raise ValueError(f"{index_path} does not provide the required component(s) {missing}")
+
+        # 2. Load each component from its subfolder, in torch_dtype where it is a model
+        for name, (library_name, component_cls) in component_classes.items():
+            subfolder = folder / name
+            if not subfolder.is_dir():
+                raise FileNotFoundError(f"component folder {subfolder} is missing")
+            load_kwargs = {}
+            if torch_dtype is not None and library_name in DTYPE_KEYWORDS:
+                base_name, keyword = DTYPE_KEYWORDS[library_name]
+                if issubclass(component_cls, getattr(_library(library_name), base_name)):
+                    load_kwargs[keyword] = torch_dtype
+            kwargs[name] = component_cls.from_pretrained(subfolder, **load_kwargs)
+        return cls(**kwargs)
+
+    @staticmethod
+    def _component_class(name: str, value) -> type:
+        """The class named by a component's ``[library, class_name]`` entry, if ``LOADABLE_LIBRARIES`` allows it."""
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"model_index.json entry {name!r} must be [library, class_name], got {value!r}")
+        library_name, class_name = value
+        if library_name not in LOADABLE_LIBRARIES:
+            raise ValueError(
+                f"component {name!r} comes from library {library_name!r}; loadable: {', '.join(LOADABLE_LIBRARIES)}"
+            )
+        library = _library(library_name)
+        bases = tuple(getattr(library, base) for base in LOADABLE_LIBRARIES[library_name])
+        component_cls = getattr(library, class_name, None) if class_name.isidentifier() else None
+        if not (isinstance(component_cls, type) and issubclass(component_cls, bases)):
+            raise ValueError(
+                f"component {name!r} names class {class_name!r}, which is not a {library_name} subclass of "
+                f"{' or '.join(LOADABLE_LIBRARIES[library_name])}"
+            )
+        return component_cls
+
+
+def _library(library_name: str):
+    """The module of a library in ``LOADABLE_LIBRARIES``, imported on first use (transformers only when named)."""
+    return diffusers if library_name == "diffusers" else importlib.import_module(library_name)
+
+
+class BootImagePipeline(_BootPipelineBase):
     r"""
-    One-step (optionally teacher-refined) image generation from a BOOT student.
+    One-step (optionally teacher-refined) image generation from a BOOT student of a pixel-space teacher.
 
     The student ``g(eps, t, c)`` reads pure noise ``eps`` and returns the signal
     ``y_t = (x_t - sigma_t eps) / alpha_t`` of the teacher's DDIM trajectory from that noise; its output at the last
@@ -110,40 +375,12 @@ class BootImagePipeline(DiffusionPipeline):
             guidance_scale=float(guidance_scale),
         )
 
-    @staticmethod
-    def _check_config(unet, scheduler, teacher_unet, boot_timesteps, parameterization, null_class_id, guidance_scale):
+    @classmethod
+    def _check_config(
+        cls, unet, scheduler, teacher_unet, boot_timesteps, parameterization, null_class_id, guidance_scale
+    ):
         """Validate the constructor arguments; return ``boot_timesteps`` as a list of Python ints."""
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"unsupported scheduler prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}"
-            )
-        if boot_timesteps is None:
-            raise ValueError(
-                "boot_timesteps is required: the BOOT grid t_0 > t_1 > ... > t_K the student was trained on"
-            )
-        grid = [int(t) for t in boot_timesteps]
-        num_train_timesteps = len(scheduler.alphas_cumprod)
-        if (
-            len(grid) < 2
-            or any(a <= b for a, b in zip(grid, grid[1:]))
-            or grid[-1] < 0
-            or grid[0] >= num_train_timesteps
-        ):
-            raise ValueError(
-                f"boot_timesteps {grid} must be at least 2 distinct descending ints in 0..{num_train_timesteps - 1}"
-            )
-        if (
-            parameterization == "teacher"
-            and prediction_type == "epsilon"
-            and float(scheduler.alphas_cumprod[grid[0]]) == 0
-        ):
-            raise ValueError(
-                f"parameterization 'teacher' with an epsilon teacher divides by alpha at t_0={grid[0]}, which is 0 "
-                "(zero terminal SNR); use parameterization 'raw'"
-            )
+        grid = cls._check_grid(scheduler, boot_timesteps, parameterization)
         num_classes = unet.config.num_class_embeds
         if num_classes is None:
             if null_class_id is not None:
@@ -155,28 +392,8 @@ class BootImagePipeline(DiffusionPipeline):
                 raise ValueError(f"null_class_id={null_class_id} is out of range; valid: 0..{num_classes - 1}")
             if guidance_scale != 1.0 and null_class_id is None:
                 raise ValueError(f"guidance_scale={guidance_scale} needs the teacher's null_class_id")
-        if teacher_unet is not None:
-            for key in ("in_channels", "out_channels", "sample_size", "num_class_embeds"):
-                if teacher_unet.config[key] != unet.config[key]:
-                    raise ValueError(
-                        f"teacher_unet {key}={teacher_unet.config[key]} differs from the student's {unet.config[key]}"
-                    )
+        cls._check_teacher(unet, teacher_unet, ("in_channels", "out_channels", "sample_size", "num_class_embeds"))
         return grid
-
-    # --- schedule ------------------------------------------------------------------------------------------------
-    def _alpha_sigma(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha_t, sigma_t)`` as float32 scalars on ``device``."""
-        ac = self.scheduler.alphas_cumprod[t].to(torch.float64).clamp(0.0, 1.0)
-        return ac.sqrt().to(device, torch.float32), (1.0 - ac).sqrt().to(device, torch.float32)
-
-    def _step_fraction(self, t: int, s: int, device: torch.device) -> torch.Tensor:
-        """``d = 1 - exp(lambda_t - lambda_s)`` for a step from ``t`` to the less noisy ``s``.
-
-        Written as ``1 - alpha_t sigma_s / (sigma_t alpha_s)`` in float64, so zero terminal SNR gives ``d = 1``.
-        """
-        ac = self.scheduler.alphas_cumprod.to(torch.float64).clamp(0.0, 1.0)
-        alpha_t, sigma_t, alpha_s, sigma_s = ac[t].sqrt(), (1 - ac[t]).sqrt(), ac[s].sqrt(), (1 - ac[s]).sqrt()
-        return (1.0 - alpha_t * sigma_s / (sigma_t * alpha_s)).to(device, torch.float32)
 
     # --- inputs --------------------------------------------------------------------------------------------------
     def valid_class_ids(self) -> list[int]:
@@ -203,16 +420,7 @@ class BootImagePipeline(DiffusionPipeline):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unsupported output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
-        num_intervals = len(self.config.boot_timesteps) - 1
-        if not isinstance(refine_steps, int) or not 0 <= refine_steps <= num_intervals:
-            raise ValueError(
-                f"refine_steps={refine_steps!r} is out of range; valid: 0..{num_intervals} (K of the BOOT grid)"
-            )
-        if refine_steps > 0 and self.teacher_unet is None:
-            raise ValueError(
-                f"refine_steps={refine_steps} needs the teacher, but this folder has no teacher UNet; save the "
-                "pipeline with its teacher_unet to refine, or use refine_steps=0"
-            )
+        self._check_refine_steps(refine_steps)
 
         if class_labels is not None:
             if self.unet.config.num_class_embeds is None:
@@ -230,11 +438,7 @@ class BootImagePipeline(DiffusionPipeline):
             if bad:
                 raise ValueError(f"class id(s) {bad} cannot be requested; {self._valid_ids_message()}")
 
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"{len(generator)} generators were given for a batch of {batch_size}; give one per image")
-        expected = (batch_size, *self.sample_shape())
-        if latents is not None and tuple(latents.shape) != expected:
-            raise ValueError(f"latents have shape {tuple(latents.shape)} but {expected} was expected")
+        self._check_noise(batch_size, generator, latents, (batch_size, *self.sample_shape()))
         return batch_size
 
     def prepare_class_labels(
@@ -263,18 +467,7 @@ class BootImagePipeline(DiffusionPipeline):
         """``g(eps, t, c)``: the student's estimate of the signal ``y_t`` (B, C, H, W), float32."""
         timesteps = torch.full((eps.shape[0],), t, dtype=torch.long, device=eps.device)
         u = self.unet(eps.to(self.unet.dtype), timesteps, class_labels=class_labels).sample.float()
-        if self.config.parameterization == "raw":
-            return u
-        # Read u as the teacher's native prediction at x_{t_0} = eps.
-        alpha, sigma = self._alpha_sigma(self.config.boot_timesteps[0], eps.device)
-        return to_x0(u, eps, alpha, sigma, self.scheduler.config.prediction_type)
-
-    def start_signal(self, eps: torch.Tensor) -> torch.Tensor:
-        """Exact signal at ``t_0`` (B, C, H, W): ``eps (1 - sigma) / alpha``; zero if ``alpha = 0`` (then d = 1)."""
-        alpha, sigma = self._alpha_sigma(self.config.boot_timesteps[0], eps.device)
-        if float(alpha) == 0.0:
-            return torch.zeros_like(eps)
-        return eps * (1.0 - sigma) / alpha
+        return self._signal_from_student_output(u, eps)
 
     def teacher_x0(self, x: torch.Tensor, t: int, class_labels: torch.Tensor | None) -> torch.Tensor:
         """The teacher's clean prediction ``f(x_t, t, c)`` (B, C, H, W), with guidance applied to its native output."""
@@ -297,7 +490,7 @@ class BootImagePipeline(DiffusionPipeline):
 
     # --- sampling ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @replace_example_docstring(IMAGE_EXAMPLE_DOC_STRING)
     def __call__(
         self,
         batch_size: int = 1,
@@ -334,7 +527,6 @@ class BootImagePipeline(DiffusionPipeline):
         batch_size = self.check_inputs(batch_size, class_labels, generator, latents, refine_steps, output_type)
         device = self._execution_device
         grid = self.config.boot_timesteps
-        num_intervals = len(grid) - 1
 
         # 2. Prepare the noise eps (B, C, H, W), float32
         if latents is None:
@@ -347,18 +539,12 @@ class BootImagePipeline(DiffusionPipeline):
         labels = self.prepare_class_labels(batch_size, class_labels, generator, device)
 
         # 4. Jump with the student to grid time t_{K-k}; at t_0 the signal is known exactly
-        start = num_intervals - refine_steps
+        start = len(grid) - 1 - refine_steps
         y = self.start_signal(eps) if start == 0 else self.student_signal(eps, grid[start], labels)
 
         # 5. Refine with k teacher DDIM steps along the grid, in signal space: y_s = y_t + d (f(x_t) - y_t)
         if refine_steps > 0:
-            with self.progress_bar(total=refine_steps) as progress_bar:
-                for t, s in zip(grid[start:-1], grid[start + 1 :]):
-                    alpha, sigma = self._alpha_sigma(t, device)
-                    x = alpha * y + sigma * eps
-                    f = self.teacher_x0(x, t, labels)
-                    y = y + self._step_fraction(t, s, device) * (f - y)
-                    progress_bar.update()
+            y = self.refine(y, eps, refine_steps=refine_steps, teacher_x0=lambda x, t: self.teacher_x0(x, t, labels))
 
         # 6. Post-process to images in [0, 1]
         image = (y / 2 + 0.5).clamp(0, 1)
@@ -373,87 +559,338 @@ class BootImagePipeline(DiffusionPipeline):
             return (image,)
         return ImagePipelineOutput(images=image)
 
-    # --- saving and loading --------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Save like diffusers, then name this file as the pipeline class and copy it into ``save_directory``.
 
-        Stock diffusers then loads it with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
-        """
-        if kwargs.get("push_to_hub"):
-            raise ValueError("push_to_hub is not supported here; save locally, then upload the whole folder")
-        super().save_pretrained(save_directory, **kwargs)
-        index_path = Path(save_directory) / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        shutil.copyfile(Path(__file__), Path(save_directory) / f"{PIPELINE_MODULE}.py")
+class BootPipeline(_BootPipelineBase):
+    r"""
+    One-step (optionally teacher-refined) text-to-image generation from a BOOT student of a latent diffusion teacher
+    (Stable Diffusion).
+
+    The student ``g(eps, t, c)`` reads pure latent noise ``eps`` (B, C, h, w) and the prompt embedding ``c``, and
+    returns the signal ``y_t = (x_t - sigma_t eps) / alpha_t`` of the teacher's guided DDIM trajectory from that noise;
+    its output at the last grid time ``t_K`` is the latent, decoded by the VAE.
+
+    Args:
+        vae ([`AutoencoderKL`]): The teacher's VAE; decodes latents (B, C, h, w) to images (B, 3, h f, w f).
+        text_encoder (`CLIPTextModel`): The teacher's frozen text encoder (transformers).
+        tokenizer (`CLIPTokenizer`): The teacher's tokenizer (transformers).
+        unet ([`UNet2DConditionModel`]): The BOOT student: the teacher's class and config, plus
+            ``time_cond_proj_dim`` for a guidance-range student.
+        scheduler ([`DDIMScheduler`]): Built from the teacher's scheduler config; provides ``alphas_cumprod`` and
+            ``config.prediction_type``. Its ``clip_sample``/``thresholding`` are not applied.
+        teacher_unet ([`UNet2DConditionModel`], *optional*): The teacher, needed only for ``refine_steps > 0``.
+        boot_timesteps (`list[int]`): The BOOT grid ``t_0 > t_1 > ... > t_K`` (K + 1 distinct teacher timesteps);
+            the trajectory starts at ``x_{t_0} = eps``.
+        parameterization (`str`): ``"teacher"`` reads the student output as the teacher's native prediction at
+            ``x_{t_0} = eps``; ``"raw"`` reads it as the signal itself.
+        guidance_scale (`float`): The classifier-free guidance scale ``w`` of the teacher trajectory the student was
+            distilled on (fixed-guidance student), or the default scale inside ``guidance_range``.
+        guidance_range (`list[float]`, *optional*): ``[w_min, w_max]`` for a student that takes ``w`` through
+            ``timestep_cond`` (``unet.config.time_cond_proj_dim``, see ``guidance_embedding``); ``None`` for a student
+            distilled at the fixed ``guidance_scale``.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->teacher_unet->vae"
+    _optional_components = ["teacher_unet"]
+
+    # Note: every non-module argument needs a default. diffusers treats an `__init__` argument without a default as a
+    # pipeline component, both in `save_pretrained` and in `from_pretrained`.
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: torch.nn.Module,
+        tokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: DDIMScheduler,
+        teacher_unet: UNet2DConditionModel | None = None,
+        *,
+        boot_timesteps: list[int] | None = None,
+        parameterization: str = "teacher",
+        guidance_scale: float = 7.5,
+        guidance_range: list[float] | None = None,
+    ):
+        super().__init__()
+        boot_timesteps, guidance_range = self._check_config(
+            vae, unet, scheduler, teacher_unet, boot_timesteps, parameterization, guidance_scale, guidance_range
+        )
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            teacher_unet=teacher_unet,
+        )
+        self.register_to_config(
+            boot_timesteps=boot_timesteps,
+            parameterization=parameterization,
+            guidance_scale=float(guidance_scale),
+            guidance_range=guidance_range,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
-    def from_pretrained(
-        cls, folder: str | os.PathLike, *, torch_dtype: torch.dtype | None = None
-    ) -> BootImagePipeline:
-        """Load a saved folder by building each component from ``model_index.json``; never imports the folder's code.
+    def _check_config(
+        cls, vae, unet, scheduler, teacher_unet, boot_timesteps, parameterization, guidance_scale, guidance_range
+    ) -> tuple[list[int], list[float] | None]:
+        """Validate the constructor arguments; return the grid as ints and the guidance range as floats (or None)."""
+        grid = cls._check_grid(scheduler, boot_timesteps, parameterization)
+        if vae.config.latent_channels != unet.config.in_channels:
+            raise ValueError(
+                f"the VAE has {vae.config.latent_channels} latent channels but the student reads "
+                f"{unet.config.in_channels}"
+            )
+        guidance_dim = unet.config.get("time_cond_proj_dim")
+        if guidance_range is None:
+            if guidance_dim is not None:
+                raise ValueError(
+                    f"the student takes a guidance embedding (time_cond_proj_dim={guidance_dim}), so guidance_range "
+                    "[w_min, w_max] is required"
+                )
+        else:
+            if guidance_dim is None:
+                raise ValueError(
+                    f"guidance_range={guidance_range} needs a student with a guidance embedding "
+                    "(unet.config.time_cond_proj_dim), and this one has none; use a fixed guidance_scale"
+                )
+            if not (
+                isinstance(guidance_range, (list, tuple))
+                and len(guidance_range) == 2
+                and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in guidance_range)
+                and 0 <= guidance_range[0] < guidance_range[1]
+            ):
+                raise ValueError(
+                    f"guidance_range must be [w_min, w_max] with 0 <= w_min < w_max, got {guidance_range}"
+                )
+            guidance_range = [float(w) for w in guidance_range]
+            if not guidance_range[0] <= guidance_scale <= guidance_range[1]:
+                raise ValueError(
+                    f"guidance_scale {float(guidance_scale)} (the default scale) is outside the guidance_range "
+                    f"{guidance_range}"
+                )
+        if teacher_unet is not None and teacher_unet.config.get("time_cond_proj_dim") is not None:
+            raise ValueError("teacher_unet takes timestep_cond (time_cond_proj_dim), which refinement does not supply")
+        cls._check_teacher(unet, teacher_unet, ("in_channels", "out_channels", "sample_size", "cross_attention_dim"))
+        return grid, guidance_range
 
-        (diffusers' own ``from_pretrained`` would execute the folder's ``pipeline_boot.py`` and return its class.)
-        Only classes of the libraries in ``LOADABLE_LIBRARIES`` that derive from their listed base classes load.
+    # --- inputs --------------------------------------------------------------------------------------------------
+    def default_size(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels of the latents the student was trained on."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return height * self.vae_scale_factor, width * self.vae_scale_factor
+
+    def check_inputs(
+        self,
+        prompt,
+        num_images_per_prompt,
+        height,
+        width,
+        guidance_scale,
+        generator,
+        latents,
+        refine_steps,
+        output_type,
+    ) -> None:
+        """Validate the call arguments (``height``, ``width`` and ``guidance_scale`` already defaulted)."""
+        if isinstance(prompt, str):
+            num_prompts = 1
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            num_prompts = len(prompt)
+        else:
+            raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
+                raise ValueError(f"{name}={value!r} must be a positive multiple of the VAE scale factor {factor}")
+        guidance_range = self.config.guidance_range
+        if guidance_range is None:
+            if guidance_scale != self.config.guidance_scale:
+                raise ValueError(
+                    f"guidance_scale={guidance_scale} cannot be used: this student was distilled at the fixed "
+                    f"guidance scale {self.config.guidance_scale}; changing it needs a student distilled with a "
+                    "guidance_range"
+                )
+        elif not guidance_range[0] <= guidance_scale <= guidance_range[1]:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} is outside this student's guidance_range "
+                f"[{float(guidance_range[0])}, {float(guidance_range[1])}]"
+            )
+        self._check_refine_steps(refine_steps)
+        if output_type not in LATENT_OUTPUT_TYPES:
+            raise ValueError(f"unsupported output_type {output_type!r}; valid: {', '.join(LATENT_OUTPUT_TYPES)}")
+        batch_size = num_prompts * num_images_per_prompt
+        shape = (batch_size, self.unet.config.in_channels, height // factor, width // factor)
+        self._check_noise(batch_size, generator, latents, shape)
+
+    # --- networks ------------------------------------------------------------------------------------------------
+    def encode_prompt(
+        self, prompt: str | list[str], device: torch.device, num_images_per_prompt: int = 1
+    ) -> torch.Tensor:
+        """Text embeddings (B, L, D) for ``B = len(prompt) * num_images_per_prompt``, each prompt's images adjacent;
+        ``L`` is the tokenizer's ``model_max_length`` (as in ``StableDiffusionPipeline``, without ``clip_skip``)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        text_inputs = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        prompt_embeds = self.text_encoder(text_inputs.input_ids.to(device))[0]
+        return prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+    def student_signal(
+        self, eps: torch.Tensor, t: int, prompt_embeds: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
+        """``g(eps, t, c)``: the student's estimate of the signal ``y_t`` (B, C, h, w), float32, for noise ``eps``
+        (B, C, h, w) and prompt embeddings (B, L, D); ``guidance_scale`` feeds a guidance-range student only."""
+        dtype = self.unet.dtype
+        timesteps = torch.full((eps.shape[0],), t, dtype=torch.long, device=eps.device)
+        kwargs = {}
+        guidance_dim = self.unet.config.time_cond_proj_dim
+        if guidance_dim is not None:
+            w = torch.full((eps.shape[0],), guidance_scale, dtype=torch.float32, device=eps.device)
+            kwargs["timestep_cond"] = guidance_embedding(w, guidance_dim).to(dtype)
+        u = self.unet(eps.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype), **kwargs).sample
+        return self._signal_from_student_output(u.float(), eps)
+
+    def teacher_x0(
+        self,
+        x: torch.Tensor,
+        t: int,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The teacher's clean prediction ``f(x_t, t, c)`` (B, C, h, w) at ``x`` (B, C, h, w), with classifier-free
+        guidance ``u = u_null + w (u_cond - u_null)`` on its native output (one batched call of size 2B) unless
+        ``w = 1``. ``negative_prompt_embeds`` (B, L, D) embeds the null prompt ""."""
+        dtype = self.teacher_unet.dtype
+        timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        if guidance_scale == 1.0:
+            u = self.teacher_unet(x.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
+        else:
+            u_both = self.teacher_unet(
+                torch.cat([x, x]).to(dtype),
+                torch.cat([timesteps, timesteps]),
+                encoder_hidden_states=torch.cat([prompt_embeds, negative_prompt_embeds]).to(dtype),
+            ).sample.float()
+            u_cond, u_null = u_both.chunk(2)
+            u = u_null + guidance_scale * (u_cond - u_null)
+        alpha, sigma = self._alpha_sigma(t, x.device)
+        return to_x0(u, x, alpha, sigma, self.scheduler.config.prediction_type)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, h f, w f) in [-1, 1] (float32) from the student's latents (B, C, h, w)."""
+        latents = latents / self.vae.config.scaling_factor
+        shift_factor = self.vae.config.get("shift_factor")
+        if shift_factor is not None:
+            latents = latents + shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+
+    # --- sampling ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    @replace_example_docstring(TEXT_EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        refine_steps: int = 0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate images with one student evaluation, optionally followed by ``refine_steps`` teacher DDIM steps.
+
+        Args:
+            prompt (`str` or `list[str]`): The prompt(s); ``B = len(prompt) * num_images_per_prompt`` images.
+            num_images_per_prompt (`int`, defaults to 1): Images per prompt, from different noises.
+            height (`int`, *optional*): Image height in pixels, a multiple of ``vae_scale_factor``; defaults to
+                ``unet.config.sample_size * vae_scale_factor``.
+            width (`int`, *optional*): Image width in pixels, likewise.
+            guidance_scale (`float`, *optional*): The guidance scale ``w``; defaults to ``config.guidance_scale``.
+                A fixed-guidance student accepts only that scale; a guidance-range student any ``w`` in
+                ``config.guidance_range``. Also guides the teacher during refinement.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): Makes sampling deterministic.
+            latents (`torch.Tensor` (B, C, height / f, width / f), *optional*): The noise ``eps``; drawn with
+                ``generator`` if omitted.
+            refine_steps (`int`, defaults to 0): ``k`` in ``0..K``: jump with the student to grid time ``t_{K-k}``,
+                then run ``k`` guided teacher DDIM steps along the grid to ``t_K``. ``k = K`` is the teacher's own
+                K-step DDIM sample (it starts from the exact signal at ``t_0``). Needs ``teacher_unet``.
+            output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"`` (B, H, W, 3) or ``"pt"`` (B, 3, H, W) with
+                values in [0, 1], or ``"latent"``: the undecoded latents (B, C, height / f, width / f).
+            return_dict (`bool`, defaults to `True`): Return an [`ImagePipelineOutput`] instead of a tuple.
+
+        Examples:
+
+        Returns:
+            [`ImagePipelineOutput`] or `tuple`: the images (in a one-element tuple when ``return_dict`` is False).
         """
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no such pipeline folder: {folder}")
-        index_path = folder / "model_index.json"
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{folder} has no model_index.json; is it a folder saved by save_pretrained?")
-        index = json.loads(index_path.read_text())
-        class_name = index.get("_class_name")
-        saved_name = class_name[-1] if isinstance(class_name, list) and class_name else class_name
-        if saved_name != cls.__name__:
-            raise ValueError(f"{index_path} describes pipeline {class_name!r}, not {cls.__name__}")
+        # 0. Default size and guidance scale
+        default_height, default_width = self.default_size()
+        height = default_height if height is None else height
+        width = default_width if width is None else width
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
 
-        # 1. Sort the entries into components and config values, resolving every component class before loading any
-        component_names, config_names = cls._get_signature_keys(cls)
-        component_classes, kwargs = {}, {}
-        for name, value in index.items():
-            if name.startswith("_"):
-                continue
-            if name in component_names:
-                if value is None or value == [None, None]:
-                    continue  # an optional component saved as absent
-                component_classes[name] = cls._component_class(name, value)
-            elif name in config_names:
-                kwargs[name] = value
-            else:
-                raise ValueError(f"{index_path} has an unexpected entry {name!r}; {cls.__name__} does not take it")
-        missing = [n for n in component_names if n not in component_classes and n not in cls._optional_components]
-        if missing:
-            raise ValueError(f"{index_path} does not provide the required component(s) {missing}")
+        # 1. Check inputs
+        self.check_inputs(
+            prompt, num_images_per_prompt, height, width, guidance_scale, generator, latents, refine_steps, output_type
+        )
+        device = self._execution_device
+        grid = self.config.boot_timesteps
+        num_prompts = 1 if isinstance(prompt, str) else len(prompt)
+        batch_size = num_prompts * num_images_per_prompt
 
-        # 2. Load each component from its subfolder
-        for name, component_cls in component_classes.items():
-            subfolder = folder / name
-            if not subfolder.is_dir():
-                raise FileNotFoundError(f"component folder {subfolder} is missing")
-            if torch_dtype is not None and issubclass(component_cls, diffusers.ModelMixin):
-                kwargs[name] = component_cls.from_pretrained(subfolder, torch_dtype=torch_dtype)
-            else:
-                kwargs[name] = component_cls.from_pretrained(subfolder)
-        return cls(**kwargs)
+        # 2. Encode the prompts (B, L, D); refinement with guidance also needs the null prompt ""
+        prompt_embeds = self.encode_prompt(prompt, device, num_images_per_prompt)
+        negative_prompt_embeds = None
+        if refine_steps > 0 and guidance_scale != 1.0:
+            negative_prompt_embeds = self.encode_prompt("", device).expand(batch_size, -1, -1)
 
-    @staticmethod
-    def _component_class(name: str, value) -> type:
-        """The class named by a component's ``[library, class_name]`` entry, if ``LOADABLE_LIBRARIES`` allows it."""
-        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
-            raise ValueError(f"model_index.json entry {name!r} must be [library, class_name], got {value!r}")
-        library_name, class_name = value
-        if library_name not in LOADABLE_LIBRARIES:
-            raise ValueError(
-                f"component {name!r} comes from library {library_name!r}; loadable: {', '.join(LOADABLE_LIBRARIES)}"
+        # 3. Prepare the latent noise eps (B, C, height / f, width / f), float32
+        if latents is None:
+            shape = (
+                batch_size,
+                self.unet.config.in_channels,
+                height // self.vae_scale_factor,
+                width // self.vae_scale_factor,
             )
-        library = diffusers if library_name == "diffusers" else importlib.import_module(library_name)
-        bases = tuple(getattr(library, base) for base in LOADABLE_LIBRARIES[library_name])
-        component_cls = getattr(library, class_name, None) if class_name.isidentifier() else None
-        if not (isinstance(component_cls, type) and issubclass(component_cls, bases)):
-            raise ValueError(
-                f"component {name!r} names class {class_name!r}, which is not a {library_name} subclass of "
-                f"{' or '.join(LOADABLE_LIBRARIES[library_name])}"
-            )
-        return component_cls
+            eps = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            eps = latents.to(device=device, dtype=torch.float32)
+
+        # 4. Jump with the student to grid time t_{K-k} (at t_0 the signal is known exactly), then refine with k
+        # guided teacher DDIM steps along the grid, in signal space: y_s = y_t + d (f(x_t) - y_t)
+        start = len(grid) - 1 - refine_steps
+        if start == 0:
+            y = self.start_signal(eps)
+        else:
+            y = self.student_signal(eps, grid[start], prompt_embeds, guidance_scale)
+        if refine_steps > 0:
+
+            def teacher_x0(x: torch.Tensor, t: int) -> torch.Tensor:
+                return self.teacher_x0(x, t, prompt_embeds, negative_prompt_embeds, guidance_scale)
+
+            y = self.refine(y, eps, refine_steps=refine_steps, teacher_x0=teacher_x0)
+
+        # 5. Decode with the VAE and post-process to images in [0, 1]
+        if output_type == "latent":
+            image = y
+        else:
+            image = self.image_processor.postprocess(self.decode_latents(y), output_type=output_type)
+
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)

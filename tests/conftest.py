@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -52,3 +54,100 @@ def class_teacher_dir(tmp_path):
 @pytest.fixture
 def ddim_scheduler():
     return DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+
+
+# --- a tiny Stable Diffusion, built from config (no hub files) -------------------------------------------------------
+TOKENS = list("abcdefghijklmnopqrstuvwxyz0123456789!,.'-")
+MERGES = ["c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>", "b l", "bl u", "blu e</w>"]
+TEXT_LENGTH = 16  # the tiny tokenizer's model_max_length (77 in real CLIP)
+
+
+def tiny_tokenizer(folder):
+    """A CLIPTokenizer made from a small vocab.json/merges.txt written into ``folder``."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in TOKENS:
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    for merge in MERGES:
+        vocab[merge.replace(" ", "")] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
+    return CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=TEXT_LENGTH
+    )
+
+
+def tiny_sd_components(folder, *, prediction_type: str = "epsilon", seed: int = 0) -> dict:
+    """UNet2DConditionModel (4x8x8 latents), AutoencoderKL (factor 2: 16x16 images), CLIPTextModel, CLIPTokenizer and
+    a DDIMScheduler with SD's scaled-linear schedule. ``folder`` receives the tokenizer's vocab/merges files."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer(folder / "vocab")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TEXT_LENGTH,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def save_sd_teacher(folder, **kwargs) -> str:
+    """A StableDiffusionPipeline folder of the tiny components (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    components = tiny_sd_components(folder.parent / (folder.name + "-files"), **kwargs)
+    StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def sd_teacher_dir(tmp_path_factory):
+    return save_sd_teacher(tmp_path_factory.mktemp("sd") / "teacher")

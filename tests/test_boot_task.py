@@ -67,7 +67,7 @@ def test_guidance_is_one_batched_call_and_matches_formula():
     calls = []
     teacher.unet.register_forward_hook(lambda m, args, kwargs_out: calls.append(args[0].shape[0]))
     x, t, c = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 2])
-    got = teacher.guided_native(x, t, c, guidance_scale=3.0)
+    got = teacher.guided_native(x, t, {"class_labels": c}, guidance_scale=3.0)
     assert calls == [6]
     with torch.no_grad():
         u_c = teacher.unet(x, t, class_labels=c).sample
@@ -154,7 +154,7 @@ def test_teacher_trajectory_matches_x_space_ddim_loop():
 
 def test_boot_config_errors():
     teacher = DiffusionTeacher(tiny_unet(), DDPMScheduler())
-    with pytest.raises(ValueError, match="needs a class-conditional teacher"):
+    with pytest.raises(ValueError, match="needs a class- or text-conditional teacher"):
         BootTask(teacher, BootConfig(guidance_scale=2.0))
     with pytest.raises(ValueError, match="unknown parameterization 'x0'"):
         BootTask(teacher, BootConfig(parameterization="x0"))

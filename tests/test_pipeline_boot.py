@@ -339,7 +339,7 @@ def test_gendistill_loader_errors(saved, tmp_path):
     index = json.loads((root / "with_teacher" / "model_index.json").read_text())
     for change, message in [
         ({"_class_name": "DDPMPipeline"}, "describes pipeline 'DDPMPipeline', not BootImagePipeline"),
-        ({"unet": ["transformers", "CLIPTextModel"]}, "library 'transformers'; loadable: diffusers"),
+        ({"unet": ["peft", "LoraModel"]}, "library 'peft'; loadable: diffusers, transformers"),
         ({"unet": ["diffusers", "DDPMPipeline"]}, "'DDPMPipeline', which is not a diffusers subclass of ModelMixin"),
         ({"unet": ["diffusers", "os.system"]}, "'os.system', which is not"),
         ({"unet": [None, None]}, r"required component\(s\) \['unet'\]"),

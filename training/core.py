@@ -182,6 +182,23 @@ def _flat_config(recipe: TrainRecipe) -> dict:
     return out
 
 
+def resolve_mixed_precision(recipe: TrainRecipe) -> str:
+    """``recipe.mixed_precision`` with "auto" resolved: bf16 on CUDA, no (fp32) elsewhere."""
+    if recipe.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return recipe.mixed_precision
+
+
+def make_optimizer(recipe: TrainRecipe, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (``optimizer: adamw8bit``) to save optimizer-state memory."""
+    kwargs = {"lr": lr, "betas": (recipe.adam_beta1, recipe.adam_beta2), "weight_decay": recipe.weight_decay}
+    if recipe.optimizer == "adamw8bit":
+        import bitsandbytes  # checked by TrainRecipe.validate
+
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
 class Trainer:
     """Runs a task's phases for ``recipe.max_steps`` iterations with checkpoints, EMA, logging and samples.
 
@@ -195,9 +212,7 @@ class Trainer:
         recipe.validate()
         self.recipe, self.command, self.task = recipe, command, task
         self.output = Path(recipe.output)
-        mixed = recipe.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if torch.cuda.is_available() else "no"
+        mixed = resolve_mixed_precision(recipe)
         self.accelerator = accelerator = Accelerator(
             mixed_precision=mixed,
             gradient_accumulation_steps=recipe.gradient_accumulation_steps,
@@ -228,12 +243,7 @@ class Trainer:
         for phase in self.phases:
             module = getattr(task, phase.name)
             params = [p for p in module.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(
-                params,
-                lr=recipe.lr if phase.lr is None else phase.lr,
-                betas=(recipe.adam_beta1, recipe.adam_beta2),
-                weight_decay=recipe.weight_decay,
-            )
+            optimizer = make_optimizer(recipe, params, recipe.lr if phase.lr is None else phase.lr)
             scheduler = get_scheduler(
                 recipe.lr_scheduler,
                 optimizer=optimizer,
@@ -244,7 +254,8 @@ class Trainer:
             setattr(task, phase.name, module)
             self.optimizers[phase.name], self.schedulers[phase.name] = optimizer, scheduler
             if recipe.ema_decay > 0:
-                ema = EMAModel(accelerator.unwrap_model(module).parameters(), decay=recipe.ema_decay)
+                # Over the trainable parameters only (a LoRA student's frozen base needs no average).
+                ema = EMAModel(_trainable(accelerator.unwrap_model(module)), decay=recipe.ema_decay)
                 ema.to(accelerator.device)
                 accelerator.register_for_checkpointing(ema)
                 self.emas[phase.name] = ema
@@ -286,7 +297,7 @@ class Trainer:
         """A copy of the trainable module of ``phase`` with its EMA weights (or live weights without EMA)."""
         module = copy.deepcopy(self.accelerator.unwrap_model(getattr(self.task, phase)))
         if phase in self.emas:
-            self.emas[phase].copy_to(module.parameters())
+            self.emas[phase].copy_to(_trainable(module))
         return module.eval()
 
     # --- logging -------------------------------------------------------------------------------------------
@@ -342,7 +353,7 @@ class Trainer:
                     optimizer.step()
                     self.schedulers[phase.name].step()
                     if phase.name in self.emas:
-                        self.emas[phase.name].step(accelerator.unwrap_model(module).parameters())
+                        self.emas[phase.name].step(_trainable(accelerator.unwrap_model(module)))
                 optimizer.zero_grad(set_to_none=True)
         return total, not skipped
 
@@ -422,6 +433,10 @@ class Trainer:
 
     def end(self) -> None:
         self.accelerator.end_training()
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def _last_step(output: Path) -> int:

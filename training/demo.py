@@ -45,14 +45,14 @@ def compare(student_dir: Path, task: boot.BootTask, *, num_images: int = 10, see
     eps = torch.randn(num_images, *task.teacher.sample_shape, generator=gen)
     ids = task.class_ids or [None]
     labels = torch.tensor([ids[i % len(ids)] for i in range(num_images)]) if task.class_ids else None
-    teacher_out = task.teacher_trajectory(eps, labels)
+    teacher_out = task.teacher_trajectory(eps, {"class_labels": labels})
     student_out = pipe(batch_size=num_images, class_labels=labels, latents=eps, output_type="pt").images
     target01 = (teacher_out / 2 + 0.5).clamp(0, 1)
     grid = torch.cat([target01, student_out])
     path = student_dir / "teacher_vs_student.png"
     save_image(grid, path, nrow=num_images)
     one = labels[:1] if labels is not None else None
-    t_teacher = _time_per_image(lambda: task.teacher_trajectory(eps[:1], one))
+    t_teacher = _time_per_image(lambda: task.teacher_trajectory(eps[:1], {"class_labels": one}))
     # The quality dial (spec/BOOT.md "Sampling"): jump with the student, finish with k teacher DDIM steps.
     refine = {}
     for k in (0, 1, 2, 4):

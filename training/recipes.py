@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import re
 import types
@@ -19,6 +20,7 @@ import yaml
 from diffusers.optimization import SchedulerType
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass
@@ -29,6 +31,7 @@ class TrainRecipe:
     max_steps: int = 1000  # training iterations (each runs every phase's optimizer steps)
     batch_size: int = 128  # per-process batch size
     lr: float = 1e-4  # AdamW learning rate
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit AdamW: less optimizer memory, CUDA)
     weight_decay: float = 0.0  # AdamW weight decay
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.999  # AdamW beta2
@@ -70,6 +73,12 @@ class TrainRecipe:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"mixed_precision {self.mixed_precision!r} is not valid; valid: {', '.join(MIXED_PRECISION)}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not valid; valid: {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(
+                "optimizer adamw8bit needs bitsandbytes, which is not installed: pip install bitsandbytes"
             )
         schedulers = [s.value for s in SchedulerType]
         if self.lr_scheduler not in schedulers:

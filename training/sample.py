@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
 
-from gendistill.pipelines import BootImagePipeline
+from gendistill.pipelines import BootImagePipeline, BootPipeline
+
+PIPELINES = {cls.__name__: cls for cls in (BootImagePipeline, BootPipeline)}
+
+
+def load_student(folder: str | os.PathLike) -> BootImagePipeline | BootPipeline:
+    """The BOOT pipeline class that ``folder``'s ``model_index.json`` names, loaded without running folder code."""
+    index_path = Path(folder) / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json; expected a folder written by gendistill boot")
+    name = json.loads(index_path.read_text(encoding="utf-8")).get("_class_name")
+    name = name[-1] if isinstance(name, list) and name else name
+    if name not in PIPELINES:
+        raise ValueError(f"{index_path} describes pipeline {name!r}; valid: {', '.join(PIPELINES)}")
+    pipe = PIPELINES[name].from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _int_list(text: str) -> list[int]:
@@ -30,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="comma-separated class ids, cycled over the grid (default: random classes)",
     )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="prompt of a text-to-image student; repeat for several, cycled over the grid",
+    )
+    parser.add_argument(
+        "--guidance-scale", type=float, default=None, help="guidance scale of a guidance-range text student"
+    )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--refine-steps", type=int, default=0, help="teacher DDIM steps after the jump (default: 0)")
     parser.add_argument("--nrow", type=int, default=8, help="images per grid row (default: 8)")
@@ -38,19 +64,36 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--num-images must be positive, got {args.num_images}")
     if not args.output.lower().endswith(".png"):
         raise ValueError(f"--output must be a .png file, got {args.output!r}")
-    pipe = BootImagePipeline.from_pretrained(args.model)
-    labels = None
-    if args.class_labels is not None:
-        if not args.class_labels:
-            raise ValueError("--class-labels is empty")
-        labels = [args.class_labels[i % len(args.class_labels)] for i in range(args.num_images)]
-    images = pipe(
-        batch_size=args.num_images,
-        class_labels=labels,
-        generator=torch.Generator().manual_seed(args.seed),
-        refine_steps=args.refine_steps,
-        output_type="pt",
-    ).images
+    pipe = load_student(args.model)
+    generator = torch.Generator().manual_seed(args.seed)
+    if isinstance(pipe, BootPipeline):
+        if args.class_labels is not None:
+            raise ValueError("--class-labels applies to class-conditional students; this one takes --prompt")
+        if not args.prompt:
+            raise ValueError("this student is text-to-image: give --prompt TEXT (repeat for several prompts)")
+        prompts = [args.prompt[i % len(args.prompt)] for i in range(args.num_images)]
+        images = pipe(
+            prompts,
+            guidance_scale=args.guidance_scale,
+            generator=generator,
+            refine_steps=args.refine_steps,
+            output_type="pt",
+        ).images
+    else:
+        if args.prompt or args.guidance_scale is not None:
+            raise ValueError("--prompt and --guidance-scale apply to text-to-image students; this one is not")
+        labels = None
+        if args.class_labels is not None:
+            if not args.class_labels:
+                raise ValueError("--class-labels is empty")
+            labels = [args.class_labels[i % len(args.class_labels)] for i in range(args.num_images)]
+        images = pipe(
+            batch_size=args.num_images,
+            class_labels=labels,
+            generator=generator,
+            refine_steps=args.refine_steps,
+            output_type="pt",
+        ).images
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.png")

@@ -7,29 +7,60 @@ of the teacher's DDIM trajectory from ``eps``. Derivation and objective: spec/BO
 from __future__ import annotations
 
 import copy
+import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
+from ..data.prompts import PromptEmbeddings
 from ..task import Phase
 from .schedule import boot_grid, ddim_signal_step, predicted_x0
 from .teacher import DiffusionTeacher
 
 PARAMETERIZATIONS = ("teacher", "raw")
+# Layers of a diffusers UNet that a LoRA student adapts (attention, feed-forward, resnet convs, time projections).
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "time_emb_proj",
+)
+CONDITION_KEYS = ("class_labels", "encoder_hidden_states")  # batch entries that are UNet condition kwargs
+
+
+def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """The student's guidance-scale input (B, dim) for ``timestep_cond`` (diffusers' ``time_cond_proj_dim``): the
+    sinusoidal embedding of ``1000 w``, as latent consistency models use. ``pipelines/pipeline_boot.py`` computes
+    the same."""
+    return get_timestep_embedding(guidance_scale.float() * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
 
 
 @dataclass
 class BootConfig:
     num_intervals: int = 50  # K: DDIM intervals of the teacher trajectory the student learns
-    guidance_scale: float = 1.0  # teacher classifier-free guidance baked into the student (1 = none)
+    guidance_scale: float = 1.0  # teacher CFG scale baked into the student (1 = none); the default within a range
+    guidance_range: tuple[float, float] | None = None  # [w_min, w_max]: one student for every scale (text teachers)
+    guidance_embedding_dim: int = 256  # size of the student's guidance embedding (time_cond_proj_dim)
     parameterization: str = "teacher"  # "teacher": output read as the teacher's prediction type at x_T; "raw": y
     boundary_fraction: float = 0.25  # share of each batch spent on the boundary interval k = 1
     boundary_weight: float = 1.0  # lambda_bound: weight of the boundary loss L_1
     class_ids: tuple[int, ...] | None = None  # classes drawn for a class-conditional teacher (None: all)
-    num_eval_noises: int = 16  # fixed noises (and classes) on which the trajectory error is measured
+    num_eval_noises: int = 16  # fixed noises (and classes/prompts) on which the trajectory error is measured
     eval_seed: int = 1234  # seed of that fixed set (independent of the training RNG)
+    gradient_checkpointing: bool = False  # recompute student activations in backward (less memory, ~30% slower)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen copy of the teacher (needs peft)
+    lora_alpha: float | None = None  # LoRA scaling numerator (default: the rank, i.e. scale 1)
 
     def validate(self) -> None:
         if self.num_intervals < 1:
@@ -42,29 +73,123 @@ class BootConfig:
             raise ValueError(f"boundary_fraction must be in [0, 1), got {self.boundary_fraction}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.guidance_range is not None:
+            if len(self.guidance_range) != 2 or not 0 <= self.guidance_range[0] < self.guidance_range[1]:
+                raise ValueError(
+                    f"guidance_range must be [w_min, w_max] with 0 <= w_min < w_max, got {list(self.guidance_range)}"
+                )
+            w_min, w_max = self.guidance_range
+            if not w_min <= self.guidance_scale <= w_max:
+                raise ValueError(
+                    f"guidance_scale {self.guidance_scale} (the default scale) is outside the "
+                    f"guidance_range [{w_min}, {w_max}]"
+                )
+            if self.guidance_embedding_dim < 2:
+                raise ValueError(f"guidance_embedding_dim must be >= 2, got {self.guidance_embedding_dim}")
         if self.num_eval_noises < 1:
             raise ValueError(f"num_eval_noises must be positive, got {self.num_eval_noises}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: full student), got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_rank == 0:
+            raise ValueError("lora_alpha was given but lora_rank is 0 (no LoRA student)")
+        if self.lora_rank > 0 and importlib.util.find_spec("peft") is None:
+            raise ValueError(
+                f"lora_rank={self.lora_rank} needs peft, which is not installed: pip install 'gendistill[lora]' "
+                "(or use lora_rank 0 for a full student)"
+            )
+
+
+def build_student(teacher: DiffusionTeacher, config: BootConfig) -> nn.Module:
+    """The student: a float32 copy of the teacher UNet (spec/BOOT.md "Student"), with a zero-initialized guidance
+    embedding for a guidance range, LoRA adapters on a frozen copy for ``lora_rank > 0``, and gradient
+    checkpointing when asked. At initialization its output equals the teacher's in every case."""
+    unet = teacher.unet
+    if config.guidance_range is not None:
+        if "time_cond_proj_dim" not in unet.config:
+            raise ValueError(
+                f"a guidance range needs a UNet that takes timestep_cond (UNet2DConditionModel); this teacher's "
+                f"{type(unet).__name__} does not: use a fixed guidance_scale"
+            )
+        # Without the private keys: "_use_default_values" would reset time_cond_proj_dim to its default.
+        settings = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        student = type(unet).from_config({**settings, "time_cond_proj_dim": config.guidance_embedding_dim})
+        missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
+        if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+            raise RuntimeError(f"copying the teacher into the student left {missing} missing, {unexpected} unexpected")
+        nn.init.zeros_(student.time_embedding.cond_proj.weight)  # so the student starts as the teacher
+    else:
+        student = copy.deepcopy(unet)
+    student = student.float().train()
+    if config.lora_rank > 0:
+        from peft import LoraConfig  # optional extra: BootConfig.validate says how to install it
+
+        names = [name for name, _ in student.named_modules()]
+        targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+        if not targets:
+            raise ValueError(f"the teacher {type(unet).__name__} has none of the LoRA target layers {LORA_TARGETS}")
+        student.requires_grad_(False)
+        student.add_adapter(
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha or config.lora_rank,
+                init_lora_weights="gaussian",  # B = 0: the adapted student starts as the teacher
+                target_modules=targets,
+            )
+        )
+        if config.guidance_range is not None:
+            student.time_embedding.cond_proj.requires_grad_(True)
+    else:
+        student.requires_grad_(True)
+    if config.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student
 
 
 class BootTask(nn.Module):
-    """Frozen teacher + trainable student; ``forward("student", batch)`` returns the BOOT losses."""
+    """Frozen teacher + trainable student; ``forward("student", batch)`` returns the BOOT losses.
 
-    def __init__(self, teacher: DiffusionTeacher, config: BootConfig | None = None):
+    Args:
+        teacher: a ``DiffusionTeacher`` (pixel) or ``TextDiffusionTeacher`` (Stable Diffusion).
+        config: the objective's settings.
+        prompts: the prompts a text teacher is distilled on (required for text teachers, refused otherwise).
+        prompt_embeddings: their encoder hidden states, computed once (``PromptEmbeddings``); without them each batch
+            runs the text encoder.
+    """
+
+    def __init__(
+        self,
+        teacher: DiffusionTeacher,
+        config: BootConfig | None = None,
+        *,
+        prompts: Sequence[str] | None = None,
+        prompt_embeddings: PromptEmbeddings | None = None,
+    ):
         super().__init__()
         self.config = config = config or BootConfig()
         config.validate()
         self.teacher = teacher
-        if config.guidance_scale != 1.0 and not teacher.is_class_conditional:
+        if config.guidance_scale != 1.0 and not (teacher.is_class_conditional or teacher.is_text_conditional):
             raise ValueError(
-                f"guidance_scale {config.guidance_scale} needs a class-conditional teacher; this one is unconditional"
+                f"guidance_scale {config.guidance_scale} needs a class- or text-conditional teacher; this one is "
+                "unconditional"
             )
+        if teacher.is_text_conditional:
+            if not prompts:
+                raise ValueError("a text-to-image teacher needs prompts to distill on (a prompts file or list)")
+            if config.class_ids is not None:
+                raise ValueError("class_ids were given but the teacher is text-conditional")
+            if prompt_embeddings is not None and len(prompt_embeddings) != len(prompts):
+                raise ValueError(f"{len(prompt_embeddings)} prompt embeddings were given for {len(prompts)} prompts")
+        elif prompts is not None or prompt_embeddings is not None:
+            raise ValueError("prompts were given but the teacher is not text-conditional")
+        self.prompts = list(prompts) if prompts is not None else None
+        self.prompt_embeddings = prompt_embeddings
         if config.class_ids is not None:
             if not config.class_ids:
                 raise ValueError("class_ids is empty; give at least one class or leave it unset for all classes")
             teacher.check_class_labels(list(config.class_ids))
         self.class_ids = list(config.class_ids) if config.class_ids is not None else teacher.class_ids
-        # The student starts as an exact copy of the teacher network (spec/BOOT.md "Student").
-        self.student = copy.deepcopy(teacher.unet).requires_grad_(True).train()
+        self.student = build_student(teacher, config)
         self.grid = boot_grid(teacher.schedule.num_train_timesteps, config.num_intervals)
         # Device copies of the grid and class ids (moved by .to()), so a training step does no host->device copy.
         self.register_buffer("grid_timesteps", torch.tensor(self.grid), persistent=False)
@@ -81,13 +206,30 @@ class BootTask(nn.Module):
         self.teacher.train(False)
         return self
 
+    @property
+    def guidance_embedding_dim(self) -> int | None:
+        return self.config.guidance_embedding_dim if self.config.guidance_range is not None else None
+
     # --- the student ---------------------------------------------------------------------------------------
     def student_signal(
-        self, eps: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None, student=None
+        self,
+        eps: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor] | None = None,
+        guidance_scale: torch.Tensor | None = None,
+        student=None,
     ) -> torch.Tensor:
-        """``g(eps, t, c)``: the student's estimate of the trajectory signal ``y_t`` (B, C, H, W)."""
+        """``g(eps, t, c, w)``: the student's estimate of the trajectory signal ``y_t`` (B, C, H, W), float32.
+
+        ``guidance_scale`` (B,) feeds a guidance-range student; a fixed-guidance student ignores it."""
         student = self.student if student is None else student
-        u = student(eps, timesteps, class_labels=class_labels).sample.float()
+        dtype = next(student.parameters()).dtype
+        kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (cond or {}).items()}
+        if self.guidance_embedding_dim is not None:
+            if guidance_scale is None:
+                guidance_scale = torch.full((eps.shape[0],), self.config.guidance_scale, device=eps.device)
+            kwargs["timestep_cond"] = guidance_embedding(guidance_scale, self.guidance_embedding_dim).to(dtype)
+        u = student(eps.to(dtype), timesteps, **kwargs).sample.float()
         if self.config.parameterization == "raw":
             return u
         # Read u as the teacher's native prediction at x_{t_0} = eps, so y ~ f(eps, t_0) at initialization.
@@ -103,24 +245,42 @@ class BootTask(nn.Module):
         alpha, sigma = self.teacher.schedule.coefficients(t0, ndim=eps.ndim)
         return eps.float() * (1.0 - sigma) / alpha
 
-    def teacher_step(self, y: torch.Tensor, eps: torch.Tensor, k: torch.Tensor, class_labels=None) -> torch.Tensor:
+    def teacher_step(
+        self,
+        y: torch.Tensor,
+        eps: torch.Tensor,
+        k: torch.Tensor,
+        cond: dict[str, torch.Tensor] | None = None,
+        guidance_scale: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The teacher's DDIM step on interval ``k`` (from ``t_{k-1}`` to ``t_k``), in signal space."""
         grid = self.grid_timesteps.to(eps.device)
         t_prev, t_next = grid[k - 1], grid[k]
         alpha, sigma = self.teacher.schedule.coefficients(t_prev, ndim=eps.ndim)
         x = alpha * y + sigma * eps.float()
-        f = self.teacher.predict_x0(
-            x.to(eps.dtype), t_prev, class_labels=class_labels, guidance_scale=self.config.guidance_scale
-        )
+        w = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        f = self.teacher.predict_x0(x, t_prev, cond, guidance_scale=w)
         d = self.teacher.schedule.step_fraction(t_prev, t_next, ndim=eps.ndim)
         return ddim_signal_step(y, f, d)
 
+    # --- conditions ----------------------------------------------------------------------------------------
+    def prompt_states(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Encoder hidden states (B, L, D) of prompts ``index`` (B,): from the cache, else by the text encoder."""
+        if self.prompt_embeddings is not None:
+            return self.prompt_embeddings[index].to(device, non_blocking=True)
+        return self.teacher.encode_prompts([self.prompts[i] for i in index.tolist()]).to(device)
+
+    @staticmethod
+    def condition(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The UNet condition kwargs held in a batch."""
+        return {key: batch[key] for key in CONDITION_KEYS if key in batch}
+
     # --- training ------------------------------------------------------------------------------------------
     def sample_batch(self, phase: str, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Noise, intervals and classes for one batch, drawn from the global RNG (so resume restores them).
+        """Noise, intervals and conditions for one batch, drawn from the global RNG (so resume restores them).
 
         The first ``round(B * boundary_fraction)`` rows use the boundary interval ``k = 1``; the rest draw ``k``
-        uniformly in ``1..K``.
+        uniformly in ``1..K``. Classes and prompts are drawn uniformly; with a guidance range, ``w`` uniformly in it.
         """
         c, h, w = self.teacher.sample_shape
         eps = torch.randn(batch_size, c, h, w, device=device)
@@ -133,20 +293,26 @@ class BootTask(nn.Module):
         if self.class_ids:
             ids = self.class_id_tensor.to(device)
             batch["class_labels"] = ids[torch.randint(len(ids), (batch_size,), device=device)]
+        if self.prompts is not None:
+            index = torch.randint(len(self.prompts), (batch_size,))  # CPU: indexes a host-side list/cache
+            batch["encoder_hidden_states"] = self.prompt_states(index, device)
+        if self.config.guidance_range is not None:
+            w_min, w_max = self.config.guidance_range
+            batch["guidance_scale"] = w_min + (w_max - w_min) * torch.rand(batch_size, device=device)
         return batch
 
     def forward(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         eps, k, boundary = batch["eps"], batch["k"], batch["boundary"]
-        labels = batch.get("class_labels")
+        cond, w = self.condition(batch), batch.get("guidance_scale")
         grid = self.grid_timesteps.to(eps.device)
         with torch.no_grad():
             # y_prev: exact start y_T for k = 1, else the student's own (stop-grad) estimate at t_{k-1}.
             y_start = self.start_signal(eps)
-            y_boot = self.student_signal(eps, grid[k - 1], labels)
+            y_boot = self.student_signal(eps, grid[k - 1], cond, w)
             y_prev = torch.where((k == 1).view(-1, 1, 1, 1), y_start, y_boot)
-            target = self.teacher_step(y_prev, eps, k, labels)
+            target = self.teacher_step(y_prev, eps, k, cond, w)
             d = self.teacher.schedule.step_fraction(grid[k - 1], grid[k], ndim=eps.ndim)
-        y = self.student_signal(eps, grid[k], labels)
+        y = self.student_signal(eps, grid[k], cond, w)
         # L_k = ||g(eps, t_k) - target||^2 / d_k^2, mean over elements (per sample first).
         per_sample = ((y - target) ** 2 / d**2).flatten(1).mean(1)
         regular, bound = per_sample[~boundary], per_sample[boundary]
@@ -157,45 +323,63 @@ class BootTask(nn.Module):
 
     # --- quality signals -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def teacher_trajectory(self, eps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def teacher_trajectory(
+        self,
+        eps: torch.Tensor,
+        cond: dict[str, torch.Tensor] | None = None,
+        guidance_scale: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The teacher's K-step DDIM output ``y_{t_K}`` (B, C, H, W) from noise ``eps``."""
         y = self.start_signal(eps)
         for k in range(1, self.config.num_intervals + 1):
             ks = torch.full((eps.shape[0],), k, device=eps.device, dtype=torch.long)
-            y = self.teacher_step(y, eps, ks, class_labels)
+            y = self.teacher_step(y, eps, ks, cond, guidance_scale)
         return y
 
-    def eval_set(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Fixed noises/classes and the teacher's K-step outputs on them (computed once, then cached)."""
+    def eval_set(self, device: torch.device) -> dict:
+        """Fixed noises and conditions (classes or prompts) and the teacher's K-step outputs on them, at the default
+        guidance scale (computed once, then cached)."""
         if self._eval_set is None or self._eval_set["eps"].device != torch.device(device):
             gen = torch.Generator().manual_seed(self.config.eval_seed)
             n = self.config.num_eval_noises
             eps = torch.randn(n, *self.teacher.sample_shape, generator=gen).to(device)
-            labels = None
+            cond = {}
             if self.class_ids:
                 ids = torch.tensor(self.class_ids)
-                labels = ids[torch.randint(len(ids), (n,), generator=gen)].to(device)
-            self._eval_set = {"eps": eps, "class_labels": labels, "target": self.teacher_trajectory(eps, labels)}
+                cond["class_labels"] = ids[torch.randint(len(ids), (n,), generator=gen)].to(device)
+            if self.prompts is not None:
+                index = torch.randint(len(self.prompts), (n,), generator=gen)
+                cond["encoder_hidden_states"] = self.prompt_states(index, device)
+            target = self.teacher_trajectory(eps, cond)
+            self._eval_set = {"eps": eps, "cond": cond, "target": target}
         return self._eval_set
 
     @torch.no_grad()
-    def one_step(self, eps: torch.Tensor, class_labels=None, student=None) -> torch.Tensor:
+    def one_step(
+        self,
+        eps: torch.Tensor,
+        cond: dict[str, torch.Tensor] | None = None,
+        guidance_scale: torch.Tensor | None = None,
+        student=None,
+    ) -> torch.Tensor:
         """The student's one-step sample ``g(eps, t_K, c)`` (B, C, H, W)."""
         t = torch.full((eps.shape[0],), self.grid[-1], device=eps.device, dtype=torch.long)
-        return self.student_signal(eps, t, class_labels, student=student)
+        return self.student_signal(eps, t, cond, guidance_scale, student=student)
 
     @torch.no_grad()
     def evaluate(self, student=None) -> dict[str, float]:
         """Trajectory error: MSE between the one-step sample and the teacher's K-step DDIM output."""
-        device = next(self.teacher.parameters()).device
+        device = self.grid_timesteps.device
         data = self.eval_set(device)
-        pred = self.one_step(data["eps"], data["class_labels"], student=student)
+        pred = self.one_step(data["eps"], data["cond"], student=student)
         return {"trajectory_error": F.mse_loss(pred, data["target"]).item()}
 
     @torch.no_grad()
     def sample_images(self, student=None) -> torch.Tensor:
-        """Teacher K-step (top row) and student one-step (bottom row) samples from the fixed noises, in [0, 1]."""
-        device = next(self.teacher.parameters()).device
+        """Teacher K-step (top row) and student one-step (bottom row) samples from the fixed noises, in [0, 1]
+        (latents decoded by the teacher's VAE)."""
+        device = self.grid_timesteps.device
         data = self.eval_set(device)
-        pred = self.one_step(data["eps"], data["class_labels"], student=student)
-        return (torch.cat([data["target"], pred]) / 2 + 0.5).clamp(0, 1)
+        pred = self.one_step(data["eps"], data["cond"], student=student)
+        images = self.teacher.decode(torch.cat([data["target"], pred]))
+        return (images / 2 + 0.5).clamp(0, 1)

@@ -1,4 +1,11 @@
-"""Frozen diffusers teachers: loading, classifier-free guidance and the clean-sample prediction ``f(x_t, t, c)``."""
+"""Frozen diffusers teachers: loading, classifier-free guidance and the clean-sample prediction ``f(x_t, t, c)``.
+
+Two kinds share one interface: ``DiffusionTeacher`` (pixel-space ``UNet2DModel``, unconditional or class-conditional)
+and ``TextDiffusionTeacher`` (Stable Diffusion 1.x/2.x: latent ``UNet2DConditionModel`` + VAE + CLIP text encoder).
+A *condition* is a dict of the UNet's keyword arguments (``{"class_labels": (B,)}``,
+``{"encoder_hidden_states": (B, L, D)}``; SDXL would add ``added_cond_kwargs``), so guidance, BOOT and sampling never
+branch on the kind of teacher. ``load_teacher`` picks the kind from the folder's UNet class.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +17,28 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import UNet2DModel
+from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from .schedule import NoiseSchedule, check_prediction_type, predicted_x0
 
 logger = logging.getLogger(__name__)
 
-# UNet classes a pixel-space teacher may have (the text-conditioned UNet2DConditionModel is the SD issue's).
+# UNet classes of each kind of teacher.
 SUPPORTED_UNETS = {"UNet2DModel": UNet2DModel}
+TEXT_UNETS = {"UNet2DConditionModel": UNet2DConditionModel}
+# transformers classes a text teacher's folder may name (SDXL's second encoder would add CLIPTextModelWithProjection).
+TEXT_ENCODERS = ("CLIPTextModel",)
+TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 
 
 def _read_json(path: Path) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def _hub_id(path: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not path.startswith(".")
 
 
 def _scheduler_from_config(config: dict):
@@ -49,13 +64,16 @@ class DiffusionTeacher(nn.Module):
             embedding of a class-conditional UNet. Never a valid requested class.
     """
 
+    unet_classes = SUPPORTED_UNETS
+
     def __init__(
         self, unet: nn.Module, scheduler, *, prediction_type: str | None = None, null_class_id: int | None = None
     ):
         super().__init__()
-        if type(unet).__name__ not in SUPPORTED_UNETS:
+        if type(unet).__name__ not in self.unet_classes:
             raise ValueError(
-                f"unsupported teacher UNet class {type(unet).__name__}; valid: {', '.join(SUPPORTED_UNETS)}"
+                f"unsupported teacher UNet class {type(unet).__name__} for {type(self).__name__}; "
+                f"valid: {', '.join(self.unet_classes)}"
             )
         if not hasattr(scheduler, "alphas_cumprod"):
             raise ValueError(f"scheduler {type(scheduler).__name__} has no alphas_cumprod")
@@ -88,36 +106,16 @@ class DiffusionTeacher(nn.Module):
     ) -> DiffusionTeacher:
         """Load from a DDPMPipeline/DDIMPipeline-style folder or hub id, or any folder with ``unet/`` and
         ``scheduler/`` subfolders."""
-        path_str = str(path)
-        local = Path(path_str).expanduser()
-        if local.exists():
-            if not local.is_dir():
-                raise ValueError(f"teacher {path_str!r} is a file; expected a diffusers folder (unet/, scheduler/)")
-            missing = [sub for sub in ("unet", "scheduler") if not (local / sub).is_dir()]
-            if missing:
-                raise ValueError(
-                    f"teacher folder {path_str!r} is not a diffusers teacher: missing subfolder(s) "
-                    f"{', '.join(missing)} (expected unet/ and scheduler/, as DDPMPipeline.save_pretrained writes)"
-                )
-            unet_config = _read_json(local / "unet" / "config.json")
-            scheduler_config = _read_json(local / "scheduler" / "scheduler_config.json")
-            source = str(local)
-        elif re.fullmatch(r"[\w.-]+/[\w.-]+", path_str) and not path_str.startswith("."):
-            # A hub id ("org/name"): diffusers resolves it; offline or unknown ids become one clear error.
-            try:
-                unet_config = UNet2DModel.load_config(path_str, subfolder="unet")
-                scheduler_config = diffusers.DDPMScheduler.load_config(path_str, subfolder="scheduler")
-            except OSError as err:
-                raise FileNotFoundError(
-                    f"teacher {path_str!r} is not a local folder and could not be fetched as a hub id ({err})"
-                ) from None
-            source = path_str
-        else:
-            raise FileNotFoundError(f"teacher path {path_str!r} does not exist")
+        source, unet_config, scheduler_config = _read_unet_and_scheduler(path)
         unet_class = unet_config.get("_class_name")
         if unet_class not in SUPPORTED_UNETS:
+            hint = (
+                " (a text-to-image teacher: use TextDiffusionTeacher or load_teacher)"
+                if unet_class in TEXT_UNETS
+                else ""
+            )
             raise ValueError(
-                f"teacher UNet class {unet_class!r} is not supported here; valid: {', '.join(SUPPORTED_UNETS)}"
+                f"teacher UNet class {unet_class!r} is not supported here{hint}; valid: {', '.join(SUPPORTED_UNETS)}"
             )
         if prediction_type is None:
             check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
@@ -134,6 +132,15 @@ class DiffusionTeacher(nn.Module):
         return self.null_class_id is not None
 
     @property
+    def is_text_conditional(self) -> bool:
+        return False
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether samples live in a VAE's latent space (decoded to images only at sampling time)."""
+        return False
+
+    @property
     def class_ids(self) -> list[int]:
         """Valid class ids (all embeddings but the null class); empty for an unconditional teacher."""
         if not self.is_class_conditional:
@@ -142,6 +149,7 @@ class DiffusionTeacher(nn.Module):
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one sample (of one latent for latent teachers)."""
         size = self.unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, h, w)
@@ -161,31 +169,257 @@ class DiffusionTeacher(nn.Module):
                 f"except the null class {self.null_class_id}"
             )
 
+    # --- conditions ----------------------------------------------------------------------------------------
+    def null_condition(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The "no condition" counterpart of ``cond`` for classifier-free guidance (the null class)."""
+        return {"class_labels": torch.full_like(cond["class_labels"], self.null_class_id)}
+
     # --- prediction ----------------------------------------------------------------------------------------
-    def native(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet's native output ``u`` (B, C, H, W) for ``x`` (B, C, H, W) at timesteps ``t`` (B,)."""
-        return self.unet(x, t, class_labels=class_labels).sample
+    def native(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The UNet's native output ``u`` (B, C, H, W) for ``x`` (B, C, H, W) at timesteps ``t`` (B,) under
+        condition ``cond`` (the UNet's keyword arguments, each with batch dimension B)."""
+        dtype = self.unet.dtype
+        kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (cond or {}).items()}
+        return self.unet(x.to(dtype), t, **kwargs).sample
 
     def guided_native(
-        self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: dict[str, torch.Tensor] | None = None,
+        guidance_scale: float | torch.Tensor = 1.0,
     ) -> torch.Tensor:
-        """``u_uncond + w (u_cond - u_uncond)`` from one batched call of size 2B; plain ``u`` when w == 1."""
-        if guidance_scale == 1.0 or class_labels is None:
-            return self.native(x, t, class_labels)
-        null = torch.full_like(class_labels, self.null_class_id)
-        u = self.native(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null]))
-        u_cond, u_uncond = u.chunk(2)
-        return u_uncond + guidance_scale * (u_cond - u_uncond)
+        """``u_uncond + w (u_cond - u_uncond)`` in float32 from one batched call of size 2B; plain ``u`` when there
+        is no condition or ``w`` is the Python number 1. ``guidance_scale``: a number or a (B,) tensor."""
+        if not cond or (not torch.is_tensor(guidance_scale) and guidance_scale == 1.0):
+            return self.native(x, t, cond).float()
+        null = self.null_condition(cond)
+        both = {key: torch.cat([value, null[key]]) for key, value in cond.items()}
+        u_cond, u_uncond = self.native(torch.cat([x, x]), torch.cat([t, t]), both).float().chunk(2)
+        w = (
+            guidance_scale.float().view(-1, *([1] * (x.ndim - 1)))
+            if torch.is_tensor(guidance_scale)
+            else guidance_scale
+        )
+        return u_uncond + w * (u_cond - u_uncond)
 
     def predict_x0(
         self,
         x: torch.Tensor,
         t: torch.Tensor,
+        cond: dict[str, torch.Tensor] | None = None,
         *,
-        class_labels: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | torch.Tensor = 1.0,
     ) -> torch.Tensor:
-        """The teacher's clean-sample prediction ``f(x_t, t, c)`` (B, C, H, W), guidance applied to ``u`` first."""
-        u = self.guided_native(x, t, class_labels, guidance_scale).float()
+        """The teacher's clean-sample prediction ``f(x_t, t, c)`` (B, C, H, W) in float32, guidance applied to the
+        native output first (spec/BOOT.md)."""
+        u = self.guided_native(x, t, cond, guidance_scale)
         alpha, sigma = self.schedule.coefficients(t, ndim=x.ndim)
         return predicted_x0(u, x.float(), alpha, sigma, self.prediction_type)
+
+    def decode(self, sample: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] from samples; pixel teachers' samples already are images."""
+        return sample
+
+
+def _read_unet_and_scheduler(path: str | os.PathLike) -> tuple[str, dict, dict]:
+    """``(source, unet config, scheduler config)`` of a local diffusers folder or a hub id (one clear error each)."""
+    path_str = str(path)
+    local = Path(path_str).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ValueError(f"teacher {path_str!r} is a file; expected a diffusers folder (unet/, scheduler/)")
+        missing = [sub for sub in ("unet", "scheduler") if not (local / sub).is_dir()]
+        if missing:
+            raise ValueError(
+                f"teacher folder {path_str!r} is not a diffusers teacher: missing subfolder(s) "
+                f"{', '.join(missing)} (expected unet/ and scheduler/, as DDPMPipeline.save_pretrained writes)"
+            )
+        return (
+            str(local),
+            _read_json(local / "unet" / "config.json"),
+            _read_json(local / "scheduler" / "scheduler_config.json"),
+        )
+    if _hub_id(path_str):
+        # A hub id ("org/name"): diffusers resolves it; offline or unknown ids become one clear error.
+        try:
+            unet_config = UNet2DModel.load_config(path_str, subfolder="unet")
+            scheduler_config = diffusers.DDPMScheduler.load_config(path_str, subfolder="scheduler")
+        except OSError as err:
+            raise FileNotFoundError(
+                f"teacher {path_str!r} is not a local folder and could not be fetched as a hub id ({err})"
+            ) from None
+        return path_str, unet_config, scheduler_config
+    raise FileNotFoundError(f"teacher path {path_str!r} does not exist")
+
+
+class TextDiffusionTeacher(DiffusionTeacher):
+    """A frozen Stable Diffusion teacher (SD 1.x epsilon, SD 2.x v_prediction): latent ``UNet2DConditionModel``, its
+    ``AutoencoderKL`` and CLIP text encoder + tokenizer. The null prompt ``""`` is the guidance condition.
+
+    Args:
+        unet: the ``UNet2DConditionModel``.
+        scheduler: any diffusers scheduler with ``alphas_cumprod``.
+        vae: the ``AutoencoderKL`` that decodes latents (needed for images and for exporting a pipeline).
+        text_encoder: a transformers ``CLIPTextModel``; its last hidden state conditions the UNet.
+        tokenizer: its ``CLIPTokenizer``; over-long prompts are truncated to ``model_max_length``.
+        prediction_type: overrides ``scheduler.config.prediction_type``.
+
+    Not supported (yet): SDXL (a second text encoder and ``added_cond_kwargs`` would extend ``encode_prompts`` and
+    ``null_condition``; nothing else changes), UNets that already take ``timestep_cond``, and ``clip_skip``.
+    """
+
+    unet_classes = TEXT_UNETS
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler,
+        *,
+        vae: nn.Module | None,
+        text_encoder: nn.Module | None,
+        tokenizer,
+        prediction_type: str | None = None,
+    ):
+        if text_encoder is None or tokenizer is None:
+            raise ValueError(
+                "a text-to-image teacher needs its text encoder and tokenizer (this one has "
+                f"text_encoder={type(text_encoder).__name__}, tokenizer={type(tokenizer).__name__})"
+            )
+        if unet.config.get("time_cond_proj_dim") is not None:
+            raise ValueError("teacher UNets that take timestep_cond (time_cond_proj_dim) are not supported")
+        if unet.config.get("addition_embed_type") is not None:
+            raise ValueError(
+                f"teacher UNet uses addition_embed_type={unet.config.addition_embed_type!r} (SDXL-style added "
+                "conditions), which is not supported yet; SD 1.x/2.x teachers are"
+            )
+        super().__init__(unet, scheduler, prediction_type=prediction_type)
+        self.vae = None if vae is None else vae.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        # The null prompt's embedding (1, L, D): computed once, moved and cast with the module.
+        self.register_buffer("null_prompt_embeds", self.encode_prompts([""]), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, prediction_type: str | None = None) -> TextDiffusionTeacher:
+        """Load a ``StableDiffusionPipeline`` folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or hub id."""
+        import transformers
+
+        source, unet_config, scheduler_config = _read_unet_and_scheduler(path)
+        if unet_config.get("_class_name") not in TEXT_UNETS:
+            raise ValueError(
+                f"teacher UNet class {unet_config.get('_class_name')!r} is not a text-to-image UNet; "
+                f"valid: {', '.join(TEXT_UNETS)}"
+            )
+        local = Path(source)
+        if local.is_dir():
+            missing = [name for name in ("text_encoder", "tokenizer", "vae") if not (local / name).is_dir()]
+            if missing:
+                raise ValueError(
+                    f"teacher {source!r} has no {', '.join(missing)} subfolder: a text-to-image teacher needs its "
+                    "text encoder, tokenizer and VAE (a StableDiffusionPipeline folder)"
+                )
+            index_path = local / "model_index.json"
+            index = _read_json(index_path) if index_path.is_file() else {}
+        else:  # a hub id
+            try:
+                index = diffusers.DiffusionPipeline.load_config(source)
+            except OSError as err:
+                raise FileNotFoundError(f"teacher {source!r}: model_index.json could not be fetched ({err})") from None
+        # Component classes as model_index.json names them (SD 1.x/2.x defaults when a folder has none).
+        names = {"text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer"}
+        for name in names:
+            value = index.get(name, [None, names[name]])
+            names[name] = value[1] if isinstance(value, list) and len(value) == 2 else None
+        encoder_name, tokenizer_name = names["text_encoder"], names["tokenizer"]
+        if encoder_name is None or tokenizer_name is None:
+            raise ValueError(
+                f"teacher {source!r} has no text encoder or tokenizer (model_index.json: text_encoder="
+                f"{index.get('text_encoder')}, tokenizer={index.get('tokenizer')}); a text-to-image teacher needs both"
+            )
+        if encoder_name not in TEXT_ENCODERS:
+            raise ValueError(
+                f"text encoder class {encoder_name!r} is not supported; valid: {', '.join(TEXT_ENCODERS)}"
+            )
+        if tokenizer_name not in TOKENIZERS:
+            raise ValueError(f"tokenizer class {tokenizer_name!r} is not supported; valid: {', '.join(TOKENIZERS)}")
+        if prediction_type is None:
+            check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
+        try:
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+            text_encoder = getattr(transformers, encoder_name).from_pretrained(source, subfolder="text_encoder")
+            tokenizer = getattr(transformers, tokenizer_name).from_pretrained(source, subfolder="tokenizer")
+        except OSError as err:
+            raise FileNotFoundError(f"teacher {source!r} could not be loaded ({err})") from None
+        scheduler = _scheduler_from_config(scheduler_config)
+        return cls(
+            unet, scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, prediction_type=prediction_type
+        )
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return True
+
+    @property
+    def is_latent(self) -> bool:
+        return True
+
+    @property
+    def max_prompt_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def count_truncated(self, prompts: list[str]) -> int:
+        """How many of ``prompts`` are longer than the tokenizer's ``model_max_length`` (and will be truncated)."""
+        ids = self.tokenizer(list(prompts), truncation=False).input_ids
+        return sum(len(x) > self.max_prompt_length for x in ids)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states (B, L, D) for ``prompts`` (padded/truncated to ``model_max_length``)."""
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_prompt_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(tokens.input_ids.to(device))[0]
+
+    def condition(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The UNet condition for prompt embeddings (B, L, D)."""
+        return {"encoder_hidden_states": prompt_embeds.to(self.unet.dtype)}
+
+    def null_condition(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        states = cond["encoder_hidden_states"]
+        null = self.null_prompt_embeds.to(states.dtype).expand(states.shape[0], -1, -1)
+        return {"encoder_hidden_states": null}
+
+    def decode(self, sample: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] from latents (B, C, h, w) through the VAE."""
+        if self.vae is None:
+            raise ValueError("this teacher has no VAE: latents cannot be decoded to images")
+        config = self.vae.config
+        latents = sample / config.scaling_factor
+        if config.get("shift_factor") is not None:
+            latents = latents + config.shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+
+
+def load_teacher(
+    path: str | os.PathLike,
+    *,
+    prediction_type: str | None = None,
+    null_class_id: int | None = None,
+) -> DiffusionTeacher:
+    """A ``TextDiffusionTeacher`` for a folder/hub id whose UNet is a ``UNet2DConditionModel``, else a
+    ``DiffusionTeacher``."""
+    _, unet_config, _ = _read_unet_and_scheduler(path)
+    if unet_config.get("_class_name") in TEXT_UNETS:
+        if null_class_id is not None:
+            raise ValueError(
+                "null_class_id applies to class-conditional teachers; a text teacher's null is the '' prompt"
+            )
+        return TextDiffusionTeacher.from_pretrained(path, prediction_type=prediction_type)
+    return DiffusionTeacher.from_pretrained(path, prediction_type=prediction_type, null_class_id=null_class_id)
