@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -290,3 +291,85 @@ def test_sample_command_with_prompts(distilled, tmp_path, capsys):
     _fails(capsys, argv, "this student is text-to-image: give --prompt TEXT")
     _fails(capsys, [*argv, "--prompt", "cat", "--class-labels", "1"], "--class-labels applies to class-conditional")
     _fails(capsys, [*argv, "--prompt", "cat", "--guidance-scale", "5"], "fixed")
+
+
+def test_broken_xformers_is_refused_up_front(sd_root, tmp_path, capsys, monkeypatch):
+    """An xformers whose CUDA extension does not load (xformers 0.0.35 with torch 2.11) stops the run before any
+    loading, with the reason, instead of crashing mid-run."""
+    fake = tmp_path / "site" / "xformers"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "ops.py").write_text("raise ImportError('_C.so: undefined symbol: _ZN3c10fake')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    argv = ["boot", "--teacher", str(sd_root / "teacher"), "--prompts", str(sd_root / "prompts.txt")]
+    err = _fails(capsys, [*argv, "--output", str(tmp_path / "o"), "--attention", "xformers", *FAST], "xformers is")
+    assert "its CUDA kernels do not run with torch" in err and "undefined symbol" in err and "--attention sdpa" in err
+
+
+def test_resume_with_cached_embeddings_is_exact(sd_root, tmp_path):
+    from safetensors.torch import load_file
+
+    def boot(out, *extra):
+        argv = ["boot", "--teacher", str(sd_root / "teacher"), "--prompts", str(sd_root / "prompts.txt")]
+        assert main([*argv, "--output", str(out), *FAST, "--cache-text-embeddings", "--ema-decay", "0", *extra]) == 0
+
+    boot(tmp_path / "straight", "--max-steps", "6")
+    boot(tmp_path / "resumed", "--max-steps", "3")
+    cache = tmp_path / "resumed" / "text_embeddings.safetensors"
+    stamp = cache.stat().st_mtime_ns
+    boot(tmp_path / "resumed", "--max-steps", "6", "--resume", "latest")
+    assert cache.stat().st_mtime_ns == stamp  # reused, not re-encoded
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "resumed" / weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_with_cached_embeddings(sd_root, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    env.pop("GENDISTILL_DEBUG", None)
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines"]
+    launch += ["1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gendistill", "boot"]
+    args = ["--teacher", str(sd_root / "teacher"), "--prompts", str(sd_root / "prompts.txt"), "--output", str(out)]
+    args += [*FAST, "--max-steps", "3", "--cache-text-embeddings", "--guidance-range", "2,8"]
+    result = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "text_embeddings.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and any(r.get("images_per_s", 0) > 0 for r in rows)
+    pipe = BootPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(["a cat", "a dog"], guidance_scale=5.0, output_type="np").images.shape == (2, 16, 16, 3)
+
+
+@pytest.mark.gpu
+def test_cuda_run_keeps_teacher_in_bf16_and_student_in_fp32(sd_root, tmp_path):
+    recipe = build_recipe(
+        BootRecipe,
+        {
+            "teacher": str(sd_root / "teacher"),
+            "prompts": str(sd_root / "prompts.txt"),
+            "output": str(tmp_path / "cuda"),
+            "max_steps": 3,
+            "batch_size": 4,
+            "num_intervals": 4,
+            "eval_every": 0,
+            "sample_every": 0,
+            "cache_text_embeddings": True,
+        },
+        method="boot",
+    )
+    task = build_task(recipe)
+    summary = run(recipe, task)
+    assert summary["steps"] == 3 and math.isfinite(summary["trajectory_error"])
+    assert task.teacher.unet.dtype == task.teacher.vae.dtype == torch.bfloat16
+    assert next(task.teacher.unet.parameters()).is_cuda
+    assert all(p.dtype == torch.float32 for p in task.student.parameters())
+    assert not next(task.teacher.text_encoder.parameters()).is_cuda  # off the GPU once the prompts are cached

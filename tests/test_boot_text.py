@@ -244,3 +244,20 @@ def test_guidance_range_needs_a_conditional_unet():
     config = BootConfig(guidance_scale=2.0, guidance_range=(1.0, 3.0))
     with pytest.raises(ValueError, match="a guidance range needs a UNet that takes timestep_cond"):
         BootTask(teacher, config)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(components):
+    teacher = make_teacher(components)
+    plain = BootTask(teacher, BootConfig(num_intervals=4, guidance_scale=3.0), prompts=PROMPTS)
+    ckpt = BootTask(
+        teacher, BootConfig(num_intervals=4, guidance_scale=3.0, gradient_checkpointing=True), prompts=PROMPTS
+    )
+    assert ckpt.student.is_gradient_checkpointing and not plain.student.is_gradient_checkpointing
+    torch.manual_seed(0)
+    batch = plain.sample_batch("student", 4, torch.device("cpu"))
+    losses = [task("student", batch)["loss"] for task in (plain, ckpt)]
+    torch.testing.assert_close(losses[0], losses[1])
+    for loss in losses:
+        loss.backward()
+    for a, b in zip(plain.student.parameters(), ckpt.student.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
