@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def run_fresh_python(script: str, *args, cwd) -> subprocess.CompletedProcess:
+    """``python -c script args`` in a fresh interpreter, as a stock-diffusers user would run it: hub offline, an
+    empty HF cache, the repository checkout not on the path, one thread. Fails the test with its stderr."""
+    env = {**os.environ, "HF_HOME": str(Path(cwd) / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = ""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def tiny_unet(*, num_class_embeds: int | None = None, channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import save_teacher
+from conftest import run_fresh_python, save_teacher
 from safetensors.torch import load_file
 
 from gendistill.cli import main
@@ -113,17 +113,7 @@ def test_saved_folder_loads_with_stock_diffusers_in_fresh_process(distilled):
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_boot", "BootImagePipeline"]
     assert (out / "pipeline_boot.py").is_file()
-    env = _env()
-    env["PYTHONPATH"] = ""  # make sure the fresh process cannot see the repository checkout
-    result = subprocess.run(
-        [sys.executable, "-c", STOCK_LOAD, str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=out.parent,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_fresh_python(STOCK_LOAD, out, cwd=out.parent)
     assert result.stdout.strip().splitlines()[-1] == "BootImagePipeline (3, 8, 8, 1) True True"
 
 

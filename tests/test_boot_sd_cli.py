@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_sd_teacher
+from conftest import run_fresh_python, save_sd_teacher
 from diffusers import UNet2DConditionModel
 
 from gendistill.cli import main
@@ -123,16 +123,7 @@ STOCK_LOAD = textwrap.dedent(
 
 @pytest.mark.slow
 def test_sd_student_loads_in_stock_diffusers_fresh_process(distilled, tmp_path):
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", STOCK_LOAD, str(distilled), str(tmp_path / "image.npy")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_fresh_python(STOCK_LOAD, distilled, tmp_path / "image.npy", cwd=tmp_path)
     pipe = BootPipeline.from_pretrained(distilled)
     pipe.set_progress_bar_config(disable=True)
     expected = pipe("a red cat", generator=torch.Generator().manual_seed(0), output_type="np").images

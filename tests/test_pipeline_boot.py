@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_fresh_python
 from conftest import tiny_unet as conftest_unet
 from diffusers import DDIMScheduler, UNet2DModel
 
@@ -381,16 +380,7 @@ STOCK_LOAD = textwrap.dedent(
 @pytest.mark.slow  # ~10 s: a fresh interpreter imports torch and diffusers
 def test_stock_diffusers_loads_the_folder_in_a_fresh_process(saved, tmp_path):
     root, reference = saved
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", STOCK_LOAD, str(root), str(tmp_path / "out.npz")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_fresh_python(STOCK_LOAD, root, tmp_path / "out.npz", cwd=tmp_path)
     out = np.load(tmp_path / "out.npz")
     for name in ("with_teacher", "without_teacher"):
         np.testing.assert_allclose(out[name], reference[name].transpose(0, 2, 3, 1), atol=1e-6)

@@ -4,15 +4,12 @@ Diffusion, its guided teacher refinement, guidance-range students, and its two l
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT_LENGTH, tiny_sd_components
+from conftest import TEXT_LENGTH, run_fresh_python, tiny_sd_components
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
 
@@ -389,14 +386,5 @@ STOCK_LOAD = textwrap.dedent(
 @pytest.mark.slow  # ~10 s: a fresh interpreter imports torch, diffusers and transformers
 def test_stock_diffusers_loads_the_folder_in_a_fresh_process(saved, tmp_path):
     root, reference = saved
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", STOCK_LOAD, str(root / "fixed"), str(tmp_path / "image.npy")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_fresh_python(STOCK_LOAD, root / "fixed", tmp_path / "image.npy", cwd=tmp_path)
     np.testing.assert_allclose(np.load(tmp_path / "image.npy"), reference["fixed"], atol=1e-5)
