@@ -102,8 +102,12 @@ def test_text_teacher_trajectory_equals_diffusers_ddim_with_guidance(components,
 
 def test_text_teacher_errors(components, tmp_path):
     c = components
-    with pytest.raises(ValueError, match="needs its text encoder and tokenizer"):
+    with pytest.raises(ValueError, match="needs its text encoder, tokenizer and VAE"):
         TextDiffusionTeacher(c["unet"], c["scheduler"], vae=c["vae"], text_encoder=None, tokenizer=c["tokenizer"])
+    with pytest.raises(ValueError, match="vae=NoneType"):
+        TextDiffusionTeacher(
+            c["unet"], c["scheduler"], vae=None, text_encoder=c["text_encoder"], tokenizer=c["tokenizer"]
+        )
     with pytest.raises(ValueError, match="unsupported teacher UNet class UNet2DConditionModel for DiffusionTeacher"):
         DiffusionTeacher(c["unet"], c["scheduler"])
     folder = save_sd_teacher(tmp_path / "sd")

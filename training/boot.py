@@ -133,8 +133,6 @@ def build_task(recipe: BootRecipe) -> BootTask:
     else:
         if prompts is not None:
             raise ValueError(f"--prompts was given but teacher {recipe.teacher!r} is not text-to-image")
-        if recipe.cache_text_embeddings:
-            raise ValueError("--cache-text-embeddings applies to text-to-image teachers only")
         if recipe.class_ids is not None and not teacher.is_class_conditional:
             raise ValueError(f"class ids {list(recipe.class_ids)} were given but the teacher is unconditional")
         if guidance is None:
@@ -161,7 +159,7 @@ def attach_prompt_embeddings(trainer: Trainer, task: BootTask) -> None:
         embeddings = PromptEmbeddings.encode(teacher.encode_prompts, task.prompts, progress=True)
         embeddings.save(path, fingerprint=fingerprint)
     accelerator.wait_for_everyone()
-    task.prompt_embeddings = PromptEmbeddings.from_file(path, fingerprint=fingerprint)
+    task.use_prompt_embeddings(PromptEmbeddings.from_file(path, fingerprint=fingerprint))
     encoder.to("cpu")  # off the accelerator: the null prompt's embedding is already a buffer of the teacher
 
 
@@ -180,8 +178,6 @@ def build_pipeline(task: BootTask, student, *, save_teacher: bool) -> BootImageP
     scheduler = DDIMScheduler.from_config(teacher.scheduler.config, prediction_type=teacher.prediction_type)
     student = merged_student(task, student)
     if teacher.is_text_conditional:
-        if teacher.vae is None:
-            raise ValueError("the teacher has no VAE: a text-to-image student folder needs one to decode latents")
         return BootPipeline(
             vae=teacher.vae,
             text_encoder=teacher.text_encoder,
@@ -221,6 +217,8 @@ def run(recipe: BootRecipe, task: BootTask | None = None) -> dict:
     """
     check_output_folder(recipe, "boot")  # fail before loading the teacher
     task = build_task(recipe) if task is None else task
+    if recipe.cache_text_embeddings and not task.teacher.is_text_conditional:
+        raise ValueError("--cache-text-embeddings applies to text-to-image teachers only")
     if resolve_mixed_precision(recipe) == "bf16" and torch.cuda.is_available():
         task.teacher.to(torch.bfloat16)  # the frozen teacher in bf16; the student keeps float32 master weights
     trainer = Trainer(task, recipe, command="boot")

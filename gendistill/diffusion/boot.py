@@ -178,12 +178,12 @@ class BootTask(nn.Module):
                 raise ValueError("a text-to-image teacher needs prompts to distill on (a prompts file or list)")
             if config.class_ids is not None:
                 raise ValueError("class_ids were given but the teacher is text-conditional")
-            if prompt_embeddings is not None and len(prompt_embeddings) != len(prompts):
-                raise ValueError(f"{len(prompt_embeddings)} prompt embeddings were given for {len(prompts)} prompts")
         elif prompts is not None or prompt_embeddings is not None:
             raise ValueError("prompts were given but the teacher is not text-conditional")
         self.prompts = list(prompts) if prompts is not None else None
-        self.prompt_embeddings = prompt_embeddings
+        self.prompt_embeddings = None
+        if prompt_embeddings is not None:
+            self.use_prompt_embeddings(prompt_embeddings)
         if config.class_ids is not None:
             if not config.class_ids:
                 raise ValueError("class_ids is empty; give at least one class or leave it unset for all classes")
@@ -264,6 +264,12 @@ class BootTask(nn.Module):
         return ddim_signal_step(y, f, d)
 
     # --- conditions ----------------------------------------------------------------------------------------
+    def use_prompt_embeddings(self, embeddings: PromptEmbeddings) -> None:
+        """Draw prompt conditions from ``embeddings`` (one row per prompt, in order) instead of the text encoder."""
+        if len(embeddings) != len(self.prompts or []):
+            raise ValueError(f"{len(embeddings)} prompt embeddings were given for {len(self.prompts or [])} prompts")
+        self.prompt_embeddings = embeddings
+
     def prompt_states(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Encoder hidden states (B, L, D) of prompts ``index`` (B,): from the cache, else by the text encoder."""
         if self.prompt_embeddings is not None:

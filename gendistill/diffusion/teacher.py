@@ -260,7 +260,7 @@ class TextDiffusionTeacher(DiffusionTeacher):
     Args:
         unet: the ``UNet2DConditionModel``.
         scheduler: any diffusers scheduler with ``alphas_cumprod``.
-        vae: the ``AutoencoderKL`` that decodes latents (needed for images and for exporting a pipeline).
+        vae: the ``AutoencoderKL`` that decodes latents (for sample grids and the exported pipeline).
         text_encoder: a transformers ``CLIPTextModel``; its last hidden state conditions the UNet.
         tokenizer: its ``CLIPTokenizer``; over-long prompts are truncated to ``model_max_length``.
         prediction_type: overrides ``scheduler.config.prediction_type``.
@@ -276,15 +276,16 @@ class TextDiffusionTeacher(DiffusionTeacher):
         unet: nn.Module,
         scheduler,
         *,
-        vae: nn.Module | None,
-        text_encoder: nn.Module | None,
+        vae: nn.Module,
+        text_encoder: nn.Module,
         tokenizer,
         prediction_type: str | None = None,
     ):
-        if text_encoder is None or tokenizer is None:
+        if text_encoder is None or tokenizer is None or vae is None:
             raise ValueError(
-                "a text-to-image teacher needs its text encoder and tokenizer (this one has "
-                f"text_encoder={type(text_encoder).__name__}, tokenizer={type(tokenizer).__name__})"
+                "a text-to-image teacher needs its text encoder, tokenizer and VAE (this one has "
+                f"text_encoder={type(text_encoder).__name__}, tokenizer={type(tokenizer).__name__}, "
+                f"vae={type(vae).__name__})"
             )
         if unet.config.get("time_cond_proj_dim") is not None:
             raise ValueError("teacher UNets that take timestep_cond (time_cond_proj_dim) are not supported")
@@ -294,7 +295,7 @@ class TextDiffusionTeacher(DiffusionTeacher):
                 "conditions), which is not supported yet; SD 1.x/2.x teachers are"
             )
         super().__init__(unet, scheduler, prediction_type=prediction_type)
-        self.vae = None if vae is None else vae.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         # The null prompt's embedding (1, L, D): computed once, moved and cast with the module.
@@ -398,8 +399,6 @@ class TextDiffusionTeacher(DiffusionTeacher):
 
     def decode(self, sample: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] from latents (B, C, h, w) through the VAE."""
-        if self.vae is None:
-            raise ValueError("this teacher has no VAE: latents cannot be decoded to images")
         config = self.vae.config
         latents = sample / config.scaling_factor
         if config.get("shift_factor") is not None:
