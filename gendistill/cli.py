@@ -12,11 +12,12 @@ import sys
 
 COMMANDS = {
     "boot": "distill a diffusers teacher into a one-step BOOT student pipeline",
-    "teach": "train a teacher (methods: diffusion)",
+    "teach": "train a teacher (methods: diffusion, classifier)",
+    "dfkd": "distill a classifier into a student on synthesized images only (DAFL, Fast, CMI, ...)",
     "demo": "run the embedded default end to end (MNIST teacher -> BOOT student)",
     "sample": "sample a grid of images from a saved BOOT student folder",
 }
-TEACH_METHODS = ("diffusion",)
+TEACH_METHODS = ("diffusion", "classifier")
 
 USAGE = (
     "usage: gendistill {"
@@ -33,9 +34,13 @@ def _dispatch(command: str, argv: list[str]) -> int:
         if not argv or argv[0] not in TEACH_METHODS:
             got = argv[0] if argv else "nothing"
             raise ValueError(f"unknown teach method {got!r}; valid: {', '.join(TEACH_METHODS)}")
-        from gendistill.training.teach_diffusion import main
-
+        if argv[0] == "diffusion":
+            from gendistill.training.teach_diffusion import main
+        else:
+            from gendistill.training.teach_classifier import main
         argv = argv[1:]
+    elif command == "dfkd":
+        from gendistill.training.dfkd import main
     elif command == "demo":
         from gendistill.training.demo import main
     elif command == "sample":

@@ -113,3 +113,50 @@ def test_incomplete_checkpoint_is_ignored_and_rotation_keeps_limit(tmp_path):
     resumed.fit()
     assert resumed.counters.step == 8
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint_6", "checkpoint_7"]
+
+
+class SlowToyTask(ToyTask):
+    def forward(self, phase, x):
+        import time
+
+        time.sleep(0.05)
+        return super().forward(phase, x)
+
+
+def test_time_budget_stops_at_an_iteration_boundary(tmp_path):
+    trainer = Trainer(SlowToyTask(), _recipe(tmp_path, max_steps=1000, max_seconds=0.3), command="toy")
+    trainer.fit()
+    assert 3 <= trainer.counters.step < 20
+    assert complete_checkpoints(tmp_path / "run")  # the end of a budgeted run is checkpointed like any other
+    rows = _rows(tmp_path)
+    assert all(r["elapsed_s"] >= 0 for r in rows) and rows[-1]["elapsed_s"] >= 0.3
+
+
+class TwoPhaseTask(nn.Module):
+    """A "generator" phase whose loss also runs through the "student" (as DFKD's adversarial terms do)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.generator, self.student = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.student_grads_at_step = []
+
+    def phases(self):
+        return [Phase("generator"), Phase("student")]
+
+    def sample_batch(self, phase, batch_size, device):
+        return torch.randn(batch_size, 4, device=device)
+
+    def forward(self, phase, z):
+        if phase == "generator":
+            return {"loss": -self.student(self.generator(z)).pow(2).mean()}
+        loss = (self.student(z.detach()) - z).pow(2).mean()
+        # The student's gradient must come from this loss alone, not also from the generator phase's backward.
+        self.student_grads_at_step.append([p.grad for p in self.student.parameters()])
+        return {"loss": loss}
+
+
+def test_each_phase_starts_from_zero_gradients(tmp_path):
+    task = TwoPhaseTask()
+    Trainer(task, _recipe(tmp_path, max_steps=2), command="toy").fit()
+    assert task.student_grads_at_step and all(g is None for grads in task.student_grads_at_step for g in grads)

@@ -265,6 +265,7 @@ class Trainer:
             self._load(self.resume_from)
         accelerator.init_trackers(command.replace(" ", "_"), config=_flat_config(recipe))
         self.metrics_file = self.output / "logs" / "metrics.jsonl"
+        self._started = time.perf_counter()  # wall-clock origin of the logged "elapsed_s" (this process)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def _load(self, folder: Path) -> None:
@@ -302,6 +303,7 @@ class Trainer:
 
     # --- logging -------------------------------------------------------------------------------------------
     def log(self, values: dict[str, float], step: int) -> None:
+        values = {**values, "elapsed_s": time.perf_counter() - self._started}
         self.accelerator.log(values, step=step)
         if self.accelerator.is_main_process:
             self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +335,9 @@ class Trainer:
         """One optimizer step of ``phase`` (with accumulation). Returns (mean loss, stepped)."""
         accelerator, task = self.accelerator, self.task
         module, optimizer = getattr(task, phase.name), self.optimizers[phase.name]
+        # Another phase's backward may have left gradients on this module (a generator's loss runs through the
+        # student): every phase step starts from zero.
+        optimizer.zero_grad(set_to_none=True)
         total, skipped = 0.0, False
         for _ in range(self.recipe.gradient_accumulation_steps):
             batch = task.sample_batch(phase.name, batch_size, accelerator.device)
@@ -374,7 +379,11 @@ class Trainer:
         images_per_step = recipe.batch_size * recipe.gradient_accumulation_steps * accelerator.num_processes
         tic, window, losses = time.perf_counter(), 0, {}
         metrics: dict[str, float] = {}
+        fit_start = time.perf_counter()
         while counters.step < recipe.max_steps:
+            if recipe.max_seconds and self._over_budget(fit_start):
+                logger.info("time budget of %.0f s reached at step %d", recipe.max_seconds, counters.step)
+                break
             stepped_all = True
             for phase in self.phases:
                 for _ in range(phase.steps):
@@ -430,6 +439,12 @@ class Trainer:
             self.save_checkpoint()
         accelerator.wait_for_everyone()
         return metrics
+
+    def _over_budget(self, fit_start: float) -> bool:
+        """Whether any process has trained longer than ``max_seconds`` (all processes stop at the same step)."""
+        over = float(time.perf_counter() - fit_start > self.recipe.max_seconds)
+        flag = torch.tensor([over], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="max").item())
 
     def end(self) -> None:
         self.accelerator.end_training()

@@ -29,6 +29,7 @@ class TrainRecipe:
 
     output: str = "gendistill-run"  # run folder: checkpoints/, logs/, samples/ and the exported artefact
     max_steps: int = 1000  # training iterations (each runs every phase's optimizer steps)
+    max_seconds: float = 0.0  # also stop at the first iteration after this many seconds of training (0: no limit)
     batch_size: int = 128  # per-process batch size
     lr: float = 1e-4  # AdamW learning rate
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit AdamW: less optimizer memory, CUDA)
@@ -52,7 +53,7 @@ class TrainRecipe:
     overwrite: bool = False  # replace an output folder that holds another run
 
     # Fields that may differ between a run and its resumption.
-    RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = ("resume", "overwrite", "max_steps")
+    RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = ("resume", "overwrite", "max_steps", "max_seconds")
 
     def validate(self) -> None:
         for name in (
@@ -65,7 +66,7 @@ class TrainRecipe:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "eval_every", "sample_every", "lr_warmup_steps"):
+        for name in ("checkpoint_every", "eval_every", "sample_every", "lr_warmup_steps", "max_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -141,9 +142,10 @@ def build_recipe(cls, values: dict, *, method: str | None = None):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     values = dict(values)
-    given_method = values.pop("method", None)
-    if given_method is not None and given_method != method:
-        raise ValueError(f"recipe is for method {given_method!r} but this command runs {method!r}")
+    if "method" not in names:  # a recipe whose own field is "method" (dfkd) reads it as that field
+        given_method = values.pop("method", None)
+        if given_method is not None and given_method != method:
+            raise ValueError(f"recipe is for method {given_method!r} but this command runs {method!r}")
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown recipe key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")

@@ -1,0 +1,192 @@
+"""Image generators of data-free distillation, batch augmentation and the synthetic image pool (spec/DFKD.md,
+"Generators"). Generators end with a sigmoid: images are in [0, 1], the classifiers' input range."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Generator(nn.Module):
+    """The DAFL / Fast generator: ``Linear(nz -> 2 ngf (S/4)^2) -> BN -> [Upsample x2, Conv3x3, BN, LeakyReLU(0.2)]
+    x2 -> Conv3x3 -> sigmoid`` for images of size S = ``img_size``.
+
+    Submodule names and layout (``l1``, ``conv_blocks``) follow Fast-Datafree's ``Generator`` so its generator
+    weights load unchanged. With ``num_classes`` the generator is class-conditional: a learned label embedding
+    (num_classes, nz) is multiplied into the noise.
+
+    forward(z (B, nz), labels (B,) or None) -> images (B, channels, img_size, img_size) in [0, 1].
+    """
+
+    def __init__(
+        self, nz: int = 256, ngf: int = 64, img_size: int = 32, channels: int = 3, num_classes: int | None = None
+    ):
+        super().__init__()
+        if img_size % 4 != 0 or img_size <= 0:
+            raise ValueError(f"img_size must be a positive multiple of 4 (two x2 upsamplings), got {img_size}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be positive or None (unconditional), got {num_classes}")
+        self.nz, self.ngf, self.img_size, self.channels, self.num_classes = nz, ngf, img_size, channels, num_classes
+        self.init_size = img_size // 4
+        self.label_embedding = nn.Embedding(num_classes, nz) if num_classes is not None else None
+        self.l1 = nn.Sequential(nn.Linear(nz, ngf * 2 * self.init_size**2))
+        self.conv_blocks = nn.Sequential(
+            nn.BatchNorm2d(ngf * 2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(ngf * 2, ngf * 2, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(ngf * 2),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(ngf, channels, 3, stride=1, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if z.dim() != 2 or z.shape[1] != self.nz:
+            raise ValueError(f"z must be (B, nz={self.nz}), got shape {tuple(z.shape)}")
+        if self.label_embedding is None:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional Generator (built with num_classes=None)")
+        else:
+            if labels is None:
+                raise ValueError(f"this Generator is class-conditional (num_classes={self.num_classes}): pass labels")
+            z = z * self.label_embedding(labels)
+        out = self.l1(z).view(z.shape[0], self.ngf * 2, self.init_size, self.init_size)
+        return self.conv_blocks(out)
+
+
+class EmbeddingGenerator(nn.Module):
+    """Embedding-input generator (NAYER, CAE-DFKD): the input is a class embedding (embed_dim,) concatenated with
+    noise (nz,), through the :class:`Generator` body (``self.body``, with input size ``embed_dim + nz``).
+
+    The class embeddings (num_classes, embed_dim) start as a random orthogonal matrix
+    (``torch.nn.init.orthogonal_``, global RNG): orthonormal rows when num_classes <= embed_dim, else orthonormal
+    columns. With ``learn_embedding`` they are a parameter trained with the generator, else a fixed buffer (saved in
+    the state dict either way).
+
+    forward(z (B, nz), labels (B,)) -> images (B, channels, img_size, img_size) in [0, 1].
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int = 64,
+        nz: int = 256,
+        ngf: int = 64,
+        img_size: int = 32,
+        channels: int = 3,
+        learn_embedding: bool = True,
+    ):
+        super().__init__()
+        if num_classes < 1 or embed_dim < 1:
+            raise ValueError(f"num_classes and embed_dim must be positive, got {num_classes} and {embed_dim}")
+        self.num_classes, self.embed_dim, self.nz = num_classes, embed_dim, nz
+        weight = nn.init.orthogonal_(torch.empty(num_classes, embed_dim))
+        if learn_embedding:
+            self.class_embeddings = nn.Parameter(weight)
+        else:
+            self.register_buffer("class_embeddings", weight)
+        self.body = Generator(nz=embed_dim + nz, ngf=ngf, img_size=img_size, channels=channels)
+
+    def embedding(self, labels: torch.Tensor) -> torch.Tensor:
+        """The class embeddings (B, embed_dim) of ``labels`` (B,)."""
+        return self.class_embeddings[labels]
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 2 or z.shape[1] != self.nz:
+            raise ValueError(f"z must be (B, nz={self.nz}), got shape {tuple(z.shape)}")
+        if labels is None or labels.shape != (z.shape[0],):
+            got = None if labels is None else tuple(labels.shape)
+            raise ValueError(f"labels must be (B,) = ({z.shape[0]},) class indices, got {got}")
+        return self.body(torch.cat([self.embedding(labels), z], dim=1))
+
+
+def augment(x: torch.Tensor, *, padding: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random translation and horizontal flip, independently per sample, in one gather (no loop over the batch).
+
+    Each image of ``x`` (B, C, H, W) is zero-padded by ``padding`` pixels on every side and cropped back to H x W at
+    an offset drawn uniformly from ``{0, ..., 2 padding}`` in each direction (the usual CIFAR random crop), then
+    mirrored left-right with probability 1/2 when ``flip``. Offsets and flips come from the global RNG of ``x``'s
+    device. Differentiable with respect to ``x``. Returns (B, C, H, W).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"augment expects images (B, C, H, W), got shape {tuple(x.shape)}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    batch, _, height, width = x.shape
+    device = x.device
+    padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    offset_y = torch.randint(0, 2 * padding + 1, (batch, 1), device=device)
+    offset_x = torch.randint(0, 2 * padding + 1, (batch, 1), device=device)
+    cols = torch.arange(width, device=device).expand(batch, width)
+    if flip:
+        flipped = torch.rand(batch, 1, device=device) < 0.5
+        cols = torch.where(flipped, width - 1 - cols, cols)  # read the crop's columns right to left
+    rows = offset_y + torch.arange(height, device=device)  # (B, H) rows of the padded image
+    cols = offset_x + cols  # (B, W)
+    index = torch.arange(batch, device=device)[:, None, None]
+    # Advanced indices on dims 0, 2, 3 with a slice on dim 1: the result is (B, H, W, C).
+    return padded[index, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+class ImagePool:
+    """A ring buffer of synthesized images (and optional labels) that a student samples from (Fast).
+
+    Stored detached on the device (and with the dtype) of the first :meth:`add`; later batches are moved there.
+    When full, the oldest entries are overwritten. Either every :meth:`add` has labels or none does.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be a positive number of images, got {capacity}")
+        self.capacity = capacity
+        self.images: torch.Tensor | None = None  # (capacity, C, H, W) once the first batch arrives
+        self.labels: torch.Tensor | None = None  # (capacity,) when the pool stores labels
+        self._size = 0
+        self._next = 0  # index the next image is written to
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Store ``images`` (B, C, H, W) and ``labels`` (B,) if given."""
+        if labels is not None and labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"labels must be ({images.shape[0]},) for {images.shape[0]} images, got {tuple(labels.shape)}"
+            )
+        if self.images is None:
+            self.images = images.new_empty((self.capacity, *images.shape[1:]))
+            if labels is not None:
+                self.labels = torch.empty(self.capacity, dtype=labels.dtype, device=images.device)
+        else:
+            if images.shape[1:] != self.images.shape[1:]:
+                raise ValueError(
+                    f"images of shape {tuple(images.shape[1:])} added to a pool of {tuple(self.images.shape[1:])}"
+                )
+            if (labels is None) != (self.labels is None):
+                has = "has" if self.labels is not None else "has no"
+                raise ValueError(f"this pool {has} labels: pass labels to every add() or to none")
+        count = images.shape[0]
+        if count > self.capacity:  # only the newest `capacity` survive, as if written one by one
+            self._next = (self._next + count - self.capacity) % self.capacity
+            images = images[-self.capacity :]
+            labels = labels[-self.capacity :] if labels is not None else None
+            count = self.capacity
+        slots = (self._next + torch.arange(count, device=self.images.device)) % self.capacity
+        self.images[slots] = images.detach().to(self.images.device, self.images.dtype)
+        if labels is not None:
+            self.labels[slots] = labels.detach().to(self.labels.device, self.labels.dtype)
+        self._next = (self._next + count) % self.capacity
+        self._size = min(self._size + count, self.capacity)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``batch_size`` entries drawn uniformly with replacement (``torch.randint``, global RNG of the pool's
+        device): (images (batch_size, C, H, W), labels (batch_size,) or None)."""
+        if self._size == 0:
+            raise ValueError("cannot sample from an empty ImagePool: add() images first")
+        index = torch.randint(0, self._size, (batch_size,), device=self.images.device)
+        return self.images[index], self.labels[index] if self.labels is not None else None

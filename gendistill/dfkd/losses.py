@@ -1,0 +1,246 @@
+"""Loss terms of data-free knowledge distillation (spec/DFKD.md, "Loss terms").
+
+Pure functions of logits, features and images, plus :class:`BNStatsLoss`, which reads a teacher's BatchNorm
+layers through forward hooks. Logits are (B, K); images (B, C, H, W). Every function returns a scalar tensor and
+leaves detaching to the caller: the same term is used with gradients to the generator (through both networks)
+and to the student.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ADVERSARIAL_KINDS = ("kl", "l1", "js")
+
+
+def _check_tau(tau: float) -> None:
+    if not tau > 0:
+        raise ValueError(f"the temperature tau must be positive, got {tau}")
+
+
+def _kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """``tau^2 * KL(softmax(T / tau) || softmax(S / tau))`` per sample, (B,)."""
+    log_p_teacher = F.log_softmax(teacher_logits / tau, dim=1)
+    log_p_student = F.log_softmax(student_logits / tau, dim=1)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1) * tau**2
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float) -> torch.Tensor:
+    """Hinton's distillation loss ``tau^2 * KL(softmax(T / tau) || softmax(S / tau))``, summed over the K classes and
+    averaged over the batch. ``student_logits``/``teacher_logits``: (B, K). The ``tau^2`` keeps gradient
+    magnitudes comparable across temperatures (Hinton et al. 2015; Fast's ``kldiv``)."""
+    _check_tau(tau)
+    return _kl_per_sample(student_logits, teacher_logits, tau).mean()
+
+
+def one_hot_loss(teacher_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``oh``: cross-entropy of the teacher's logits (B, K) against ``labels`` (B,) (the classes a conditional
+    generator was asked for) or, when ``labels`` is None, against the teacher's own argmax (DAFL)."""
+    if labels is None:
+        labels = teacher_logits.argmax(dim=1)
+    return F.cross_entropy(teacher_logits, labels)
+
+
+def _js_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """DeepInversion's Jensen-Shannon score per sample, (B,), as its code computes it (``loss_verifier_cig`` in
+    ``DeepInversionClass.get_images``): P, Q = softmax(S / tau), softmax(T / tau); M = (P + Q) / 2; all three clamped
+    to [0.01, 0.99]; ``0.5 * KL(M || P) + 0.5 * KL(M || Q)`` (``nn.KLDivLoss()(log P, M)`` is ``KL(M || P)``)."""
+    p = F.softmax(student_logits / tau, dim=1)
+    q = F.softmax(teacher_logits / tau, dim=1)
+    m = (0.5 * (p + q)).clamp(0.01, 0.99)
+    p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
+    return 0.5 * (m * (m.log() - p.log())).sum(dim=1) + 0.5 * (m * (m.log() - q.log())).sum(dim=1)
+
+
+def adversarial_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "kl",
+    tau: float = 1.0,
+    mask_agreement: bool = False,
+) -> torch.Tensor:
+    """``adv``: minus the student-teacher disagreement on a synthesized batch; the generator minimizes it and so
+    seeks samples the student gets wrong. ``student_logits``/``teacher_logits``: (B, K). Per-sample disagreement d_i:
+
+    - ``"kl"``: ``tau^2 * KL(softmax(T / tau) || softmax(S / tau))`` (ZSKT, CMI, Fast); returns ``-mean_i d_i``.
+    - ``"l1"``: mean over the K logits of ``|S - T|`` (DFAD's ``-F.l1_loss(s, t)``); ``tau`` is not used.
+    - ``"js"``: DeepInversion's ADI competition term, ``1 - clamp(mean_i JS_i, 0, 1)`` with JS_i as in
+      :func:`_js_per_sample` at temperature ``tau`` (DeepInversion uses 3). This is minus the disagreement plus
+      one, DeepInversion's exact value: 1 when student and teacher agree, falling as they diverge.
+
+    ``mask_agreement`` (Fast): d_i is multiplied by ``1[argmax S_i == argmax T_i]`` and the mean is still over the
+    whole batch, so samples the student already gets wrong stop pushing the generator.
+    """
+    if kind not in ADVERSARIAL_KINDS:
+        raise ValueError(f"unknown adversarial loss kind {kind!r}; valid: {', '.join(ADVERSARIAL_KINDS)}")
+    _check_tau(tau)
+    if kind == "kl":
+        per_sample = _kl_per_sample(student_logits, teacher_logits, tau)
+    elif kind == "l1":
+        per_sample = (student_logits - teacher_logits).abs().mean(dim=1)
+    else:
+        per_sample = _js_per_sample(student_logits, teacher_logits, tau)
+    if mask_agreement:
+        agree = student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)
+        per_sample = per_sample * agree.to(per_sample.dtype)
+    if kind == "js":
+        return 1.0 - per_sample.mean().clamp(0.0, 1.0)
+    return -per_sample.mean()
+
+
+def activation_loss(features: torch.Tensor) -> torch.Tensor:
+    """``act`` (DAFL): ``-mean |features|`` of the teacher's penultimate features (B, D) (or any shape), so the
+    generator seeks inputs that excite the teacher's feature extractor strongly."""
+    return -features.abs().mean()
+
+
+def information_entropy_loss(teacher_logits: torch.Tensor, *, base: float = 10.0) -> torch.Tensor:
+    """``ie`` / ``balance`` (DAFL): ``sum_k p_k log_base p_k`` of the batch-mean teacher prediction
+    ``p = mean_i softmax(T_i)`` (K,). This is minus the entropy of ``p``; minimizing it pushes every class to
+    appear equally often. DAFL's code uses ``log10`` (``base=10``); ``-log_base(K)`` is the minimum (uniform p)."""
+    if not (base > 0 and base != 1):
+        raise ValueError(f"the logarithm base must be positive and not 1, got {base}")
+    p = F.softmax(teacher_logits, dim=1).mean(dim=0)
+    log_p = p.clamp_min(torch.finfo(p.dtype).tiny).log()  # a class with p = 0 contributes 0, not nan
+    return (p * log_p).sum() / math.log(base)
+
+
+def image_prior_loss(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepInversion's image priors of a batch ``x`` (B, C, H, W): ``(tv, l2)``.
+
+    ``tv`` is the l1 total variation of DeepInversion's ``get_image_prior_losses`` (its ``loss_var_l1``): the sum
+    over four neighbour directions (horizontal, vertical and both diagonals) of the mean absolute difference
+    between neighbouring pixels, each mean over all (B, C, pixel-pair) entries of that direction.
+    ``l2`` is the per-image Euclidean norm over (C, H, W), averaged over the batch (DeepInversion's ``loss_l2``).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"image_prior_loss expects images (B, C, H, W), got shape {tuple(x.shape)}")
+    diffs = (
+        x[:, :, :, :-1] - x[:, :, :, 1:],  # horizontal
+        x[:, :, :-1, :] - x[:, :, 1:, :],  # vertical
+        x[:, :, 1:, :-1] - x[:, :, :-1, 1:],  # anti-diagonal
+        x[:, :, :-1, :-1] - x[:, :, 1:, 1:],  # diagonal
+    )
+    tv = sum(d.abs().mean() for d in diffs)
+    l2 = x.flatten(1).norm(dim=1).mean()
+    return tv, l2
+
+
+def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, *, tau: float) -> torch.Tensor:
+    """``cr`` (CMI): InfoNCE over cosine similarities. ``anchor``/``positive``: (N, D); ``negatives``: (M, D) shared
+    by all anchors (a memory bank) or (N, M, D) per anchor. All vectors are L2-normalized; the logits of anchor i are
+    ``[a_i . p_i, a_i . n_1, ..., a_i . n_M] / tau`` and the loss is their cross-entropy with target 0, averaged
+    over the N anchors."""
+    _check_tau(tau)
+    if anchor.dim() != 2 or positive.shape != anchor.shape:
+        raise ValueError(
+            f"anchor and positive must both be (N, D), got {tuple(anchor.shape)} and {tuple(positive.shape)}"
+        )
+    if negatives.dim() not in (2, 3) or negatives.shape[-1] != anchor.shape[1]:
+        raise ValueError(
+            f"negatives must be (M, D) or (N, M, D) with D={anchor.shape[1]}, got {tuple(negatives.shape)}"
+        )
+    anchor, positive, negatives = (F.normalize(t, dim=-1) for t in (anchor, positive, negatives))
+    positive_logit = (anchor * positive).sum(dim=1, keepdim=True)
+    if negatives.dim() == 2:
+        negative_logits = anchor @ negatives.T
+    else:
+        negative_logits = torch.einsum("nd,nmd->nm", anchor, negatives)
+    logits = torch.cat([positive_logit, negative_logits], dim=1) / tau
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+def _batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """BatchNorm layers (1d/2d/3d, SyncBatchNorm) that keep running statistics, in module order."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+    ]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer with running statistics, i.e. whether :class:`BNStatsLoss` applies."""
+    return bool(_batchnorm_layers(model))
+
+
+class BNStatsLoss:
+    """``bn`` (DeepInversion, DFQ, CMI, Fast): match the batch statistics of every BatchNorm layer's input to the
+    layer's running statistics, the teacher's memory of its training data.
+
+    Forward hooks on every ``_BatchNorm`` of ``model`` (with running statistics) record, per layer l, the mean and
+    biased variance of the layer's input over all dimensions but the channel one ((N, H, W) for (N, C, H, W), N for
+    (N, C), (N, L) for (N, C, L)), computed in float32, and the term
+    ``||mean_l - running_mean_l||_2 + ||var_l - running_var_l||_2``. After a forward, :meth:`loss` returns the sum
+    of these terms over the layers run by the latest forward, the first layer (in module order) multiplied by
+    ``first_layer_weight``.
+
+    ``momentum`` (Fast's ``bn_mmt``): each layer keeps the previous forward's blended statistics ``prev`` (detached)
+    and the term uses ``m = momentum * prev + (1 - momentum) * cur`` instead of ``cur``; on the first forward
+    ``m = cur``. Because ``prev`` is itself the previous blend, the memory is an exponential moving average of the
+    batch statistics. Every forward of ``model`` while the hooks are installed updates it, so install the hooks
+    (``with BNStatsLoss(teacher) as bn:``) only around the forwards of synthesized batches.
+
+    The hooks stay until :meth:`remove` (or the end of the ``with`` block).
+    """
+
+    def __init__(self, model: nn.Module, *, first_layer_weight: float = 1.0, momentum: float | None = None):
+        if momentum is not None and not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1) or None, got {momentum}")
+        layers = _batchnorm_layers(model)
+        if not layers:
+            raise ValueError(
+                f"{type(model).__name__} has no BatchNorm layer with running statistics; the bn loss needs one "
+                "(check has_batchnorm(model) first)"
+            )
+        self.first_layer_weight = first_layer_weight
+        self.momentum = momentum
+        self.layer_names = [name for name, _ in layers]
+        self._terms: dict[str, torch.Tensor] = {}  # layer name -> its term from the latest forward
+        self._previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer name -> detached (mean, var)
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in layers]
+        # A new forward of the whole model starts a new set of terms (a layer it skips does not keep a stale one).
+        self._handles.append(model.register_forward_pre_hook(lambda module, inputs: self._terms.clear()))
+
+    def _hook(self, name: str):
+        def hook(module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor, ...], output) -> None:
+            x = inputs[0].float()
+            dims = [0, *range(2, x.dim())]
+            mean = x.mean(dim=dims)
+            var = x.var(dim=dims, correction=0)
+            if self.momentum is not None:
+                if name in self._previous:
+                    prev_mean, prev_var = self._previous[name]
+                    mean = self.momentum * prev_mean + (1 - self.momentum) * mean
+                    var = self.momentum * prev_var + (1 - self.momentum) * var
+                self._previous[name] = (mean.detach(), var.detach())
+            running_mean, running_var = module.running_mean.float(), module.running_var.float()
+            term = torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
+            self._terms[name] = term * self.first_layer_weight if name == self.layer_names[0] else term
+
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        """The summed statistic-matching loss (scalar, float32) of the latest forward of the model."""
+        if not self._terms:
+            raise RuntimeError("BNStatsLoss.loss() called before any forward of the model through its hooks")
+        return sum(self._terms.values())
+
+    def remove(self) -> None:
+        """Remove the hooks and forget the recorded terms and the momentum memory."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._terms.clear()
+        self._previous.clear()
+
+    def __enter__(self) -> BNStatsLoss:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -1,0 +1,21 @@
+"""DFKD synthesizers, one file per method. ``METHODS`` maps each method's name to its class."""
+
+from __future__ import annotations
+
+from .base import Synthesizer, SynthesizerConfig
+from .dafl import DAFL
+from .dfad import DFAD
+from .dfq import DFQ
+from .zskt import ZSKT
+
+METHODS: dict[str, type[Synthesizer]] = {cls.name: cls for cls in (DAFL, DFAD, ZSKT, DFQ)}
+
+
+def get_method(name: str) -> type[Synthesizer]:
+    """The synthesizer class of method ``name``; ``ValueError`` listing the valid names otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown DFKD method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Synthesizer", "SynthesizerConfig", "get_method"]

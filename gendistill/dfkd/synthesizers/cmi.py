@@ -1,0 +1,318 @@
+"""CMI: Contrastive Model Inversion for Data-Free Knowledge Transfer (G. Fang et al., IJCAI 2021, arXiv 2105.08584).
+
+DeepInversion-style synthesis through a generator of the synthesizer's own: every round re-initializes the generator
+and draws fresh noise z (B, nz) and random labels, then runs ``synthesis_steps`` Adam steps on z, the generator and
+a small projection head to minimize
+
+    bn * BN-statistics(T) + oh * CE(T(global), labels) + adv * -KL(T || S)[argmaxes agree] + cr * InfoNCE
+
+on a global view of the images (random crop + flip). The contrastive term makes each round's samples differ from
+each other and from earlier rounds': the teacher's penultimate features of a local view (a random resized crop,
+scale 0.25-1, upsampled back) and of the global view go through the MLP head; local i's positive is global i, its
+negatives the other globals of the batch and up to ``n_neg`` global features of earlier rounds kept in a memory
+bank (the round's final global features are added to it when it ends). The finished batch goes to an
+:class:`ImagePool` the student samples from; a new round runs every ``synthesis_every`` student batches.
+
+Defaults: Fast-Datafree's ``cmi_cifar.sh`` (adv 0.5, bn 1, oh 1, cr 0.8, cr_tau 0.2, 200 steps, lr 1e-3 with betas
+(0.5, 0.999), a round every 400 student steps, student tau 20), bank 40960 features with 4096 negatives per step and
+a 256-d head (its ``datafree_kd.py``). Changes from the reference, and why:
+
+- Student KD temperature 20, the reference scripts' ``--T 20`` (both Fast-Datafree's and CMI's own), not the spec's
+  4 for inversion methods: CMI's images come from a (per-round) generator and its published numbers use 20.
+- Features: the teacher's penultimate features (the input of its final linear layer, by hook) instead of the
+  reference's concatenated per-channel means of every BN layer's input: one well-defined vector for any teacher.
+- Contrast: the reference also replays the bank's local features as extra anchors (which only trains the head); the
+  bank here holds global features only, the negatives. As in the reference, positives and negatives are detached
+  (the generator is pushed through the local view, the head through the anchors).
+- The head is trained by the round's Adam (its moments restart each round; the reference kept a separate Adam).
+- The final iterate is kept, not the lowest-loss one (the loss is noisy under random views; no host sync per step).
+- ``adv``: the reference's masked KL at temperature 1 (``adversarial_loss(kind="kl", mask_agreement=True)``).
+- Without ``reset_generator`` the generator keeps its weights across rounds (the reference's ``feature_reuse``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..generators import Generator, ImagePool, augment
+from ..losses import BNStatsLoss, adversarial_loss, one_hot_loss
+from ..models import FeatureHooks
+from .base import Synthesizer, SynthesizerConfig
+
+GENERATOR_BETAS = (0.5, 0.999)  # the reference's optimizer of the generator and z
+LOCAL_SCALE = (0.25, 1.0)  # area fraction of the local view's crop (the reference's RandomResizedCrop scale)
+
+
+@dataclass
+class CMIConfig(SynthesizerConfig):
+    tau: float = 20.0  # temperature of the student's KD loss (the reference scripts' --T 20)
+    adv: float = 0.5  # weight of the adversarial term: minus KL(T || S) on samples whose argmaxes agree
+    bn: float = 1.0  # weight of the teacher's BatchNorm statistics matching (sum over its BN layers)
+    oh: float = 1.0  # weight of the teacher's cross-entropy against the round's random target labels
+    cr: float = 0.8  # weight of the contrastive (InfoNCE) term
+    cr_tau: float = 0.2  # temperature of the InfoNCE logits (cosine similarities / cr_tau)
+    synthesis_steps: int = 200  # Adam steps per synthesis round
+    generator_lr: float = 1e-3  # Adam learning rate of the generator, z and the head in a round (lr_g)
+    reset_generator: bool = True  # re-initialize the generator every round (False: keep its weights)
+    head_dim: int = 256  # output size of the contrastive MLP head
+    bank_size: int = 40960  # capacity of the memory bank of global teacher features (oldest dropped first)
+    n_neg: int = 4096  # bank features drawn (without replacement) as negatives per step
+    synthesis_every: int = 400  # student batches between synthesis rounds (the first batch always synthesizes)
+    synthesis_batch_size: int = 0  # images per synthesis round (0: the student's batch size)
+    pool_size: int = 50_000  # capacity of the image pool (oldest images dropped first)
+
+    def __post_init__(self):
+        for name in ("synthesis_steps", "synthesis_batch_size", "n_neg"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("synthesis_every", "pool_size", "bank_size", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cr_tau <= 0:
+            raise ValueError(f"cr_tau must be positive, got {self.cr_tau}")
+
+
+def local_view(x: torch.Tensor, *, scale: tuple[float, float] = LOCAL_SCALE, flip: bool = True) -> torch.Tensor:
+    """Random resized crop of each image of ``x`` (B, C, H, W), resampled back to H x W (bilinear), in one batched
+    ``grid_sample``. Per sample (global RNG of ``x``'s device): the crop's area fraction is uniform in ``scale``, its
+    aspect ratio log-uniform in [3/4, 4/3] (torchvision's defaults; a side over the full size is cut to it), its
+    position uniform inside the image, and it is mirrored left-right with probability 1/2 when ``flip``.
+    Differentiable with respect to ``x``. Returns (B, C, H, W)."""
+    batch, device = x.shape[0], x.device
+    area = scale[0] + (scale[1] - scale[0]) * torch.rand(batch, device=device)
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(batch, device=device)
+    width = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # fractions of the image's width and height
+    height = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    center_x = (2 * torch.rand(batch, device=device) - 1) * (1 - width)  # in [-1, 1] coordinates, crop inside
+    center_y = (2 * torch.rand(batch, device=device) - 1) * (1 - height)
+    sign = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0) if flip else torch.ones(batch, device=device)
+    theta = torch.zeros(batch, 2, 3, device=device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = width * sign, center_x  # output x in [-1, 1] reads input cx + w * x
+    theta[:, 1, 1], theta[:, 1, 2] = height, center_y
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def contrastive_loss(anchors, positives, bank, *, tau: float) -> torch.Tensor:
+    """InfoNCE with in-batch and bank negatives: anchor i (N, D) against its positive i, the other N - 1 positives
+    and the M ``bank`` vectors (M, D) (M may be 0). Equals ``info_nce(anchors, positives, negatives_i, tau=tau)``
+    with per-anchor negatives ``[positives without i, bank]``, without materializing the (N, N - 1 + M, D) tensor:
+    the cross-entropy over the N + M cosine logits of each anchor with target i (the reference's formulation)."""
+    anchors, keys = F.normalize(anchors, dim=1), F.normalize(torch.cat([positives, bank]), dim=1)
+    logits = anchors @ keys.T / tau  # (N, N + M)
+    return F.cross_entropy(logits, torch.arange(len(anchors), device=anchors.device))
+
+
+def reset_weights(generator: nn.Module) -> None:
+    """The reference's ``reset_model``: conv/linear weights N(0, 0.02), biases 0, BatchNorm weights N(1, 0.02)."""
+    for m in generator.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class FeatureBank:
+    """Ring buffer of feature vectors (capacity, D), on the device of the first :meth:`add` (moved by :meth:`to`)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.data: torch.Tensor | None = None
+        self._size = 0
+        self._next = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, features: torch.Tensor) -> None:
+        """Store ``features`` (B, D), detached; the newest ``capacity`` survive."""
+        features = features.detach()[-self.capacity :]
+        if self.data is None:
+            self.data = features.new_empty((self.capacity, features.shape[1]))
+        slots = (self._next + torch.arange(len(features), device=self.data.device)) % self.capacity
+        self.data[slots] = features.to(self.data.device, self.data.dtype)
+        self._next = (self._next + len(features)) % self.capacity
+        self._size = min(self._size + len(features), self.capacity)
+
+    def sample(self, k: int) -> torch.Tensor | None:
+        """Up to ``k`` stored features (k', D) drawn without replacement (``torch.randperm``, global RNG of the
+        bank's device); None while the bank is empty."""
+        if self._size == 0:
+            return None
+        index = torch.randperm(self._size, device=self.data.device)[:k]
+        return self.data[index]
+
+    def to(self, device: torch.device) -> None:
+        if self.data is not None and self.data.device != device:
+            self.data = self.data.to(device)
+
+
+class MLPHead(nn.Module):
+    """The contrastive projection head: Linear(D, D) -> ReLU -> Linear(D, head_dim). (N, D) -> (N, head_dim)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim_in, dim_in), nn.ReLU(), nn.Linear(dim_in, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CMI(Synthesizer):
+    """Generator-per-round inversion with a contrastive memory bank; the student samples from the image pool.
+
+    State: ``pool`` (the synthesized images), ``bank`` (global teacher features of earlier rounds), ``head`` (the
+    projection head, built at the first round), ``synthesis_generator`` (the round generator), ``calls`` (student
+    batches served, which schedules the rounds), ``last_losses`` (the detached loss terms of the latest step) and
+    the teacher/student of the latest call (so ``preview`` can synthesize when the pool is empty).
+    """
+
+    name = "cmi"
+    Config = CMIConfig
+    needs_batchnorm = True
+
+    def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], config=None, **overrides):
+        super().__init__(num_classes=num_classes, image_shape=image_shape, config=config, **overrides)
+        self.pool = ImagePool(self.config.pool_size)
+        self.bank = FeatureBank(self.config.bank_size)
+        self.head: MLPHead | None = None
+        self.synthesis_generator: Generator | None = None
+        self.calls = 0
+        self.last_losses: dict[str, torch.Tensor] = {}
+        self._models = None  # (teacher, student) of the latest student_images call
+
+    def _build(self, teacher, device: torch.device) -> None:
+        """Make (first round) or move the generator and the head; the head's input size is the teacher's feature
+        size (the input size of its final linear layer)."""
+        if self.synthesis_generator is None:
+            c, h, _ = self.image_shape
+            self.synthesis_generator = Generator(nz=self.config.nz, ngf=self.config.ngf, img_size=h, channels=c)
+        if self.head is None:
+            layer = dict(teacher.named_modules())[teacher.feature_layer]
+            self.head = MLPHead(layer.in_features, self.config.head_dim)
+        self.synthesis_generator.to(device).train()
+        self.head.to(device).train()
+        self.bank.to(device)
+
+    def synthesis_loss(self, images, labels, *, teacher, student) -> dict[str, torch.Tensor]:
+        """Losses of a batch ``images`` (B, C, H, W) in [0, 1] with target ``labels`` (B,); ``"loss"`` is minimized.
+        ``"global_features"`` (B, D) are the teacher's detached features of the global view. Global and local views
+        are drawn from the global RNG."""
+        cfg = self.config
+        self._build(teacher, images.device)
+        global_view, local = augment(images, padding=4), local_view(images)
+        layer = teacher.feature_layer
+        with BNStatsLoss(teacher) as bn_stats, FeatureHooks(teacher, [layer], inputs=True) as features:
+            teacher_logits = teacher(global_view)
+            loss_bn = bn_stats.loss()
+            global_features = features[layer]
+        with FeatureHooks(teacher, [layer], inputs=True) as features:
+            teacher(local)
+            local_features = features[layer]
+        loss_oh = one_hot_loss(teacher_logits, labels)
+        loss_adv = adversarial_loss(student(global_view), teacher_logits, kind="kl", mask_agreement=True)
+        negatives = self.bank.sample(cfg.n_neg)
+        with torch.no_grad():  # keys are detached, as in the reference
+            keys = self.head(global_features if negatives is None else torch.cat([global_features, negatives]))
+        positives, bank_keys = keys[: len(images)], keys[len(images) :]
+        loss_cr = contrastive_loss(self.head(local_features), positives, bank_keys, tau=cfg.cr_tau)
+        loss = cfg.bn * loss_bn + cfg.oh * loss_oh + cfg.adv * loss_adv + cfg.cr * loss_cr
+        return {
+            "loss": loss,
+            "loss_bn": loss_bn.detach(),
+            "loss_oh": loss_oh.detach(),
+            "loss_adv": loss_adv.detach(),
+            "loss_cr": loss_cr.detach(),
+            "global_features": global_features.detach(),
+        }
+
+    def synthesize(self, batch_size: int, device: torch.device, *, teacher, student) -> torch.Tensor:
+        """One round: ``synthesis_steps`` Adam steps on (z, generator, head), then the final images' global
+        features join the bank. Returns (B, C, H, W) in [0, 1], detached. Gradients are taken w.r.t. z, the
+        generator and the head only; the student is in eval mode meanwhile."""
+        cfg = self.config
+        self._build(teacher, device)
+        generator, head = self.synthesis_generator, self.head
+        if cfg.reset_generator:
+            reset_weights(generator)
+        z = torch.randn(batch_size, cfg.nz, device=device, requires_grad=True)
+        labels = torch.randint(0, self.num_classes, (batch_size,), device=device)
+        params = [z, *generator.parameters(), *head.parameters()]
+        optimizer = torch.optim.Adam(
+            [
+                {"params": [z, *generator.parameters()], "betas": GENERATOR_BETAS},
+                {"params": list(head.parameters())},  # default betas, as the reference's head optimizer
+            ],
+            lr=cfg.generator_lr,
+        )
+        was_training = student.training
+        student.eval()  # the student judges the images; its BN statistics must not move
+        try:
+            with torch.enable_grad():  # previews run under no_grad
+                for _ in range(cfg.synthesis_steps):
+                    losses = self.synthesis_loss(generator(z), labels, teacher=teacher, student=student)
+                    for p, g in zip(params, torch.autograd.grad(losses["loss"], params)):
+                        p.grad = g
+                    optimizer.step()
+                    self.last_losses = {k: v.detach() for k, v in losses.items() if k != "global_features"}
+            with torch.no_grad():
+                images = generator(z)
+                with FeatureHooks(teacher, [teacher.feature_layer], inputs=True) as features:
+                    teacher(augment(images, padding=4))
+                self.bank.add(features[teacher.feature_layer])
+        finally:
+            student.train(was_training)
+            for p in params:
+                p.grad = None
+        return images
+
+    def student_images(self, batch_size, device, *, teacher, student, generator=None):
+        """(B, C, H, W) in [0, 1] sampled from the pool, after a synthesis round every ``synthesis_every`` calls."""
+        device = torch.device(device)
+        self._models = (teacher, student)
+        _pool_to(self.pool, device)
+        if self.calls % self.config.synthesis_every == 0 or len(self.pool) == 0:
+            size = self.config.synthesis_batch_size or batch_size
+            self.pool.add(self.synthesize(size, device, teacher=teacher, student=student))
+        self.calls += 1
+        images, _ = self.pool.sample(batch_size)
+        return images
+
+    def preview(self, num_images, device, *, generator=None, teacher=None, student=None):
+        """``num_images`` pool images (the training RNG is left untouched), or a fresh round when the pool is empty
+        (with ``teacher``/``student``, else those of the latest ``student_images`` call)."""
+        return _preview(self, num_images, torch.device(device), teacher=teacher, student=student)
+
+
+# Copied from deepinversion.py (each method file reads alone).
+def _pool_to(pool: ImagePool, device: torch.device) -> None:
+    """Move a pool's storage to ``device`` (a run resumed on another device, a preview on the CPU)."""
+    if pool.images is not None and pool.images.device != device:
+        pool.images = pool.images.to(device)
+        if pool.labels is not None:
+            pool.labels = pool.labels.to(device)
+
+
+# Copied from deepinversion.py.
+def _preview(synthesizer, num_images: int, device: torch.device, *, teacher, student) -> torch.Tensor:
+    if len(synthesizer.pool) == 0:
+        if teacher is None and synthesizer._models is not None:
+            teacher, student = synthesizer._models
+        if teacher is None or student is None:
+            raise ValueError(
+                f"{synthesizer.name}: nothing synthesized yet; pass teacher= and student= to preview a fresh batch"
+            )
+        return synthesizer.synthesize(num_images, device, teacher=teacher, student=student)
+    _pool_to(synthesizer.pool, device)
+    # A sample grid must not shift the training's random stream (runs with other sample_every would diverge).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        images, _ = synthesizer.pool.sample(num_images)
+    return images

@@ -1,0 +1,159 @@
+"""DFAD, ZSKT and DFQ: adversarial generator methods through the real training core, the student inside the
+generator's loss, phase order and step counts, and DFQ's need for BatchNorm statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gendistill.dfkd import synthesizers
+from gendistill.dfkd.models import build_classifier
+from gendistill.dfkd.synthesizers.dfad import DFAD
+from gendistill.dfkd.synthesizers.dfq import DFQ
+from gendistill.dfkd.synthesizers.zskt import ZSKT
+from gendistill.dfkd.task import DFKDTask
+from gendistill.training.core import Trainer, logged_values
+from gendistill.training.recipes import TrainRecipe
+
+CLASSES = (DFAD, ZSKT, DFQ)
+SMALL = {"nz": 16, "ngf": 8}  # a tiny generator
+CPU = torch.device("cpu")
+# Phases of one iteration at the default settings, in execution order.
+ITERATION = {
+    "dfad": ["student"] * 5 + ["generator"],  # the reference trains the student first
+    "zskt": ["generator"] + ["student"] * 10,  # n_G = 1, n_S = 10
+    "dfq": ["generator"] + ["student"] * 5,
+}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """A tiny WRN-16-1 with non-trivial BatchNorm running statistics."""
+    torch.manual_seed(0)
+    model = build_classifier("wrn16_1", num_classes=4, in_channels=3, image_size=32)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, 3, 32, 32) * 0.5 + 0.25)
+    return model.eval()
+
+
+def make_task(cls, teacher, **options) -> DFKDTask:
+    torch.manual_seed(1)
+    student = build_classifier("lenet5_half", num_classes=4, in_channels=3, image_size=32)
+    return DFKDTask(teacher, student, cls(num_classes=4, image_shape=(3, 32, 32), **SMALL, **options))
+
+
+def trainable(module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters() if p.requires_grad]
+
+
+def changed(before: list[torch.Tensor], module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, trainable(module), strict=True))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.name)
+def test_training_core_runs_phases_in_order_and_updates_both(cls, teacher, tmp_path):
+    task = make_task(cls, teacher)
+    student_before, generator_before = trainable(task.student), trainable(task.generator)
+    calls = []
+    sample_batch = task.sample_batch
+
+    def recording_sample_batch(phase, batch_size, device):
+        calls.append(phase)
+        return sample_batch(phase, batch_size, device)
+
+    task.sample_batch = recording_sample_batch
+    recipe = TrainRecipe(
+        output=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=8,
+        eval_every=0,
+        sample_every=0,
+        checkpoint_every=0,
+        log_every=1,
+        ema_decay=0,
+    )
+    trainer = Trainer(task, recipe, command=f"test {cls.name}")
+    trainer.fit()
+    trainer.end()
+
+    assert calls == ITERATION[cls.name] * 2
+    assert changed(student_before, task.student) and changed(generator_before, task.generator)
+    for key in ("loss/student", "loss/generator"):
+        values = logged_values(tmp_path / "run", key)
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), (key, values)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.name)
+def test_generator_loss_compares_the_student_with_the_teacher(cls, teacher):
+    """Guards against the reference code's bug (the teacher passed as the student): the generator's loss must
+    change when only the student changes, and the teacher against itself shows no disagreement."""
+    task = make_task(cls, teacher)
+    synth, generator = task.synthesizer, task.generator
+    torch.manual_seed(2)
+    batch = synth.generator_batch(8, CPU)
+
+    def losses(student):
+        return synth.generator_loss(batch, generator=generator, teacher=task.teacher, student=student)
+
+    before = losses(task.student)
+    with torch.no_grad():
+        for p in task.student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    after = losses(task.student)
+    assert torch.isfinite(before["loss"]) and torch.isfinite(after["loss"])
+    assert not torch.allclose(before["loss"], after["loss"])
+    assert not torch.allclose(before["loss_adv"], after["loss_adv"])
+    assert before["loss_adv"] < 0 and after["loss_adv"] < 0  # minus a disagreement that is not zero
+    for key in set(before) - {"loss", "loss_adv"}:  # DFQ's teacher-only terms do not see the student
+        torch.testing.assert_close(before[key], after[key])
+    assert losses(task.teacher)["loss_adv"].abs() < 1e-5  # what the reference's bug optimized: nothing
+
+    # The loss reaches the generator and nothing lands on the frozen teacher.
+    after["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())
+    assert all(p.grad is None for p in task.teacher.parameters())
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.name)
+def test_student_images_and_preview_come_from_the_generator_without_grad(cls, teacher):
+    task = make_task(cls, teacher)
+    synth = task.synthesizer
+    images = synth.student_images(8, CPU, teacher=task.teacher, student=task.student, generator=task.generator)
+    preview = synth.preview(4, CPU, generator=task.generator)
+    assert images.shape == (8, 3, 32, 32) and preview.shape == (4, 3, 32, 32)
+    for x in (images, preview):
+        assert not x.requires_grad and x.min() >= 0 and x.max() <= 1
+
+
+def test_defaults_and_phases():
+    make = {cls.name: cls(num_classes=4, image_shape=(3, 32, 32)) for cls in CLASSES}
+    phases = {name: [(p.name, p.steps, p.lr) for p in synth.phases()] for name, synth in make.items()}
+    assert phases == {
+        "dfad": [("student", 5, None), ("generator", 1, 1e-3)],
+        "zskt": [("generator", 1, 1e-3), ("student", 10, None)],
+        "dfq": [("generator", 1, 1e-3), ("student", 5, None)],
+    }
+    dfad, zskt, dfq = make["dfad"].config, make["zskt"].config, make["dfq"].config
+    assert (dfad.adv, dfad.tau) == (1.0, 20.0)
+    assert (zskt.adv, zskt.tau, zskt.adv_tau) == (1.0, 20.0, 20.0)
+    assert (dfq.adv, dfq.bn, dfq.oh, dfq.balance, dfq.tau, dfq.adv_tau) == (1.0, 1.0, 1.0, 20.0, 20.0, 1.0)
+    assert [cls.needs_batchnorm for cls in CLASSES] == [False, False, True]
+    with pytest.raises(ValueError, match="unknown option.*bn"):
+        DFAD(num_classes=4, image_shape=(3, 32, 32), bn=1.0)
+
+
+def test_dfq_refuses_a_teacher_without_batchnorm(teacher, monkeypatch):
+    for cls in CLASSES:
+        if cls.name not in synthesizers.METHODS:
+            monkeypatch.setitem(synthesizers.METHODS, cls.name, cls)
+    torch.manual_seed(0)
+    no_bn = build_classifier("lenet5", num_classes=4, in_channels=3, image_size=32)
+    with pytest.raises(ValueError, match=r"'dfq'.*no BatchNorm.*dfad.*zskt"):
+        DFQ(num_classes=4, image_shape=(3, 32, 32)).check_teacher(no_bn)
+    DFQ(num_classes=4, image_shape=(3, 32, 32)).check_teacher(teacher)
+    for cls in (DFAD, ZSKT):  # the adversarial-only methods need no BatchNorm
+        cls(num_classes=4, image_shape=(3, 32, 32)).check_teacher(no_bn)

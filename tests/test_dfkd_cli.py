@@ -1,0 +1,146 @@
+"""``gendistill teach classifier`` and ``gendistill dfkd`` end to end on the offline MNIST subset, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gendistill.cli import main
+from gendistill.data.classification import load_classification_data
+from gendistill.dfkd.models import build_classifier, load_classifier, save_classifier
+from gendistill.dfkd.synthesizers import METHODS
+from gendistill.training.dfkd import distill
+
+QUICK = ["--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "0", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def mnist_teacher(tmp_path_factory):
+    """A LeNet-5 trained briefly on the MNIST subset (enough to be far above chance)."""
+    out = tmp_path_factory.mktemp("teacher") / "lenet5"
+    argv = ["teach", "classifier", "--arch", "lenet5", "--data", "mnist5k", "--output", str(out)]
+    assert main([*argv, "--max-steps", "150", "--batch-size", "64", "--eval-every", "150", "--lr", "2e-3"]) == 0
+    return out
+
+
+def test_mnist_data_split_and_padding():
+    train, train_labels, names = load_classification_data("mnist5k", split="train")
+    test, test_labels, _ = load_classification_data("mnist5k", split="test")
+    assert train.shape == (4500, 1, 32, 32) and test.shape == (500, 1, 32, 32) and names[3] == "3"
+    assert train.min() >= 0 and train.max() <= 1 and train[:, :, :2].abs().max() == 0  # zero-padded 28 -> 32
+    assert torch.bincount(test_labels).tolist() == [50] * 10 and len(train_labels) == 4500
+
+
+def test_npz_data_is_split_per_class(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "arrays.npz"
+    np.savez(path, images=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), labels=np.repeat(np.arange(4), 10))
+    train, train_labels, _ = load_classification_data(str(path), split="train", image_size=32, eval_fraction=0.2)
+    test, test_labels, _ = load_classification_data(str(path), split="test", image_size=32, eval_fraction=0.2)
+    assert train.shape == (32, 3, 32, 32) and test.shape == (8, 3, 32, 32)
+    assert torch.bincount(test_labels).tolist() == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="no labels array"):
+        np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8)))
+        load_classification_data(str(tmp_path / "bad.npz"))
+    with pytest.raises(FileNotFoundError, match="neither one of mnist5k, cifar10, cifar100"):
+        load_classification_data(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="needs --data-root"):
+        load_classification_data("cifar10")
+
+
+def test_teacher_training_reports_heldout_accuracy(mnist_teacher):
+    results = json.loads((mnist_teacher / "results.json").read_text())
+    assert results["heldout_size"] == 500 and results["train_size"] == 4500
+    assert results["heldout_accuracy"] > 0.5  # chance is 0.1
+    teacher = load_classifier(mnist_teacher)
+    assert teacher.config.arch == "lenet5" and teacher.config.in_channels == 1 and teacher.config.mean is not None
+    test, labels, _ = load_classification_data("mnist5k", split="test")
+    with torch.no_grad():
+        accuracy = (teacher.eval()(test).argmax(1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(results["heldout_accuracy"])
+
+
+def test_dafl_cli_distills_and_logs_accuracy(mnist_teacher, tmp_path, capsys):
+    out = tmp_path / "student"
+    argv = ["dfkd", "--method", "dafl", "--teacher", str(mnist_teacher), "--student-arch", "lenet5_half"]
+    argv += ["--output", str(out), "--eval-data", "mnist5k", "--iterations", "4", "--batch-size", "32", *QUICK]
+    assert main([*argv, "--eval-every", "2"]) == 0
+    assert "student accuracy" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "dafl" and results["steps"] == 4
+    assert 0 <= results["student_accuracy"] <= 1 and 0 <= results["teacher_agreement"] <= 1
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/generator" in r and "loss/student" in r for r in rows)
+    assert all("elapsed_s" in r for r in rows)
+    assert [r["step"] for r in rows if "student_accuracy" in r] == [0, 2, 4]
+    student = load_classifier(out)
+    assert student.config.arch == "lenet5_half" and student.config.mean == load_classifier(mnist_teacher).config.mean
+
+
+def test_python_api_trains_the_student_in_place(tmp_path):
+    torch.manual_seed(0)
+    teacher = build_classifier("lenet5", num_classes=10, in_channels=1)
+    student = build_classifier("lenet5_half", num_classes=10, in_channels=1)
+    before = [p.detach().clone() for p in student.parameters()]
+    summary = distill(
+        teacher,
+        student,
+        method="dafl",
+        output=str(tmp_path / "api"),
+        max_steps=2,
+        batch_size=8,
+        **dict(eval_every=0, sample_every=0, checkpoint_every=0),
+        options={"ie": 2.0},
+    )
+    assert summary["steps"] == 2 and (tmp_path / "api" / "model.safetensors").is_file()
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def _fails(capsys, argv, message):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_dfkd_bad_input(mnist_teacher, tmp_path, capsys):
+    base = ["dfkd", "--teacher", str(mnist_teacher), "--output", str(tmp_path / "o"), "--iterations", "1", *QUICK]
+    _fails(capsys, [*base, "--method", "magic"], f"unknown DFKD method 'magic'; valid: {', '.join(sorted(METHODS))}")
+    _fails(capsys, [*base, "--student-arch", "resnet9000"], "unknown student architecture 'resnet9000'; valid: lenet5")
+    _fails(
+        capsys, [*base, "--method", "dafl", "--method-options", "nope=1"], "method option 'nope=1' is not key=value"
+    )
+    _fails(
+        capsys, [*base, "--method", "dafl", "--method-options", "oh=x"], "method option oh='x' must be of type float"
+    )
+    bn_methods = sorted(name for name, cls in METHODS.items() if cls.needs_batchnorm)
+    free = ", ".join(sorted(name for name, cls in METHODS.items() if not cls.needs_batchnorm))
+    for method in bn_methods:
+        _fails(
+            capsys,
+            [*base, "--method", method],
+            f"this teacher has no BatchNorm layer; methods that work without BatchNorm: {free}",
+        )
+    _fails(capsys, ["dfkd", "--output", str(tmp_path / "o2"), *QUICK], "a teacher is required")
+    _fails(capsys, [*base, "--method", "dafl", "--eval-data", str(tmp_path / "none")], "neither one of mnist5k")
+
+    # A teacher folder whose weights are not the architecture's, and one with another number of classes.
+    wrong = tmp_path / "wrong"
+    save_classifier(build_classifier("lenet5", num_classes=10, in_channels=1), wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "arch": "lenet5_half"}))
+    _fails(capsys, ["dfkd", "--teacher", str(wrong), "--output", str(tmp_path / "o3"), *QUICK], "do not match")
+    (wrong / "config.json").write_text(json.dumps({**config, "num_classes": 7}))
+    _fails(capsys, ["dfkd", "--teacher", str(wrong), "--output", str(tmp_path / "o4"), *QUICK], "do not match")
+    assert not (tmp_path / "o").exists()
+
+
+def test_teach_classifier_bad_input(tmp_path, capsys):
+    base = ["teach", "classifier", "--output", str(tmp_path / "t"), "--max-steps", "1"]
+    _fails(capsys, [*base, "--arch", "alexnet"], "unknown architecture 'alexnet'; valid: lenet5")
+    _fails(capsys, [*base, "--arch", "lenet5", "--image-size", "64"], "64")
+    _fails(capsys, [*base, "--data", str(tmp_path / "nothing")], "neither one of mnist5k")
+    _fails(capsys, ["teach", "regression"], "unknown teach method 'regression'; valid: diffusion, classifier")

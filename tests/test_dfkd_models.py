@@ -1,0 +1,234 @@
+"""The DFKD model zoo: shapes, parameter counts, normalization, feature hooks, save/load and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gendistill.dfkd.models import (
+    ARCHITECTURES,
+    Classifier,
+    ClassifierConfig,
+    FeatureHooks,
+    build_classifier,
+    check_image_size,
+    load_classifier,
+    save_classifier,
+)
+
+
+def _channels(arch: str) -> int:
+    return 1 if arch.startswith("lenet") else 3
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_architecture_gives_logits_and_its_penultimate_feature(arch):
+    torch.manual_seed(0)
+    model = build_classifier(arch, num_classes=7, in_channels=_channels(arch)).eval()
+    x = torch.rand(2, _channels(arch), 32, 32)
+    with torch.no_grad(), FeatureHooks(model, [model.feature_layer], inputs=True) as feats:
+        logits = model(x)
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    last = model.get_submodule(model.feature_layer)
+    assert isinstance(last, nn.Linear) and last.out_features == 7
+    assert feats[model.feature_layer].shape == (2, last.in_features)
+    torch.testing.assert_close(last(feats[model.feature_layer]), logits)  # the final linear layer ends the net
+
+
+@pytest.mark.parametrize("arch,size", [("wrn16_1", 64), ("vgg11_bn", 40)])
+def test_cifar_architectures_take_larger_images(arch, size):
+    torch.manual_seed(0)
+    model = build_classifier(arch, num_classes=5, image_size=size).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, size, size)).shape == (2, 5)
+
+
+@pytest.mark.parametrize(
+    "arch,in_channels,expected",
+    [
+        ("lenet5", 1, 61_706),  # DAFL's LeNet-5 on MNIST
+        ("resnet18", 3, 11.17e6),
+        ("resnet34", 3, 21.28e6),
+        ("wrn40_2", 3, 2.24e6),
+        ("wrn16_2", 3, 0.69e6),
+    ],
+)
+def test_parameter_counts_match_the_papers(arch, in_channels, expected):
+    model = build_classifier(arch, num_classes=10, in_channels=in_channels)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - expected) / expected < 0.02, count
+
+
+def test_lenet_half_is_the_dafl_student():
+    net = build_classifier("lenet5_half", num_classes=10, in_channels=1).net
+    widths = [net.conv1.out_channels, net.conv2.out_channels, net.conv3.out_channels, net.fc1.out_features]
+    assert widths == [3, 8, 60, 42]
+
+
+def test_normalization_is_applied_inside_the_classifier():
+    torch.manual_seed(0)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    model = build_classifier("wrn16_1", num_classes=4, mean=mean, std=std).eval()
+    x = torch.rand(2, 3, 32, 32)
+    manual = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.net(manual))
+        plain = Classifier(model.net, ClassifierConfig("wrn16_1", num_classes=4))
+        torch.testing.assert_close(plain(x), model.net(x))  # mean/std None: the images go in unchanged
+    assert set(model.state_dict()) == {f"net.{k}" for k in model.net.state_dict()}  # mean/std live in config.json
+
+
+def test_feature_hooks_capture_lenet_penultimate_feature_and_are_removed():
+    torch.manual_seed(0)
+    model = build_classifier("lenet5", num_classes=10, in_channels=1, mean=(0.13,), std=(0.31,))
+    net = model.net
+    x = torch.rand(2, 1, 32, 32)
+    with FeatureHooks(model, ["net.fc2", "net.conv3"], inputs=True) as inputs:
+        logits = model(x)
+    with FeatureHooks(model, ["net.conv3"]) as outputs:
+        model(x)
+    h = (x - 0.13) / 0.31
+    h = F.max_pool2d(F.relu(F.conv2d(h, net.conv1.weight, net.conv1.bias)), 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, net.conv2.weight, net.conv2.bias)), 2)
+    conv3 = F.conv2d(h, net.conv3.weight, net.conv3.bias)
+    penultimate = F.relu(F.linear(F.relu(conv3).flatten(1), net.fc1.weight, net.fc1.bias))
+    assert model.feature_layer == "net.fc2" and inputs["net.fc2"].shape == (2, 84)
+    torch.testing.assert_close(inputs["net.fc2"], penultimate)
+    torch.testing.assert_close(inputs["net.conv3"], h)
+    torch.testing.assert_close(outputs["net.conv3"], conv3)
+    assert inputs["net.fc2"].requires_grad  # features keep their graph (DAFL's activation loss needs it)
+    torch.testing.assert_close(logits, F.linear(penultimate, net.fc2.weight, net.fc2.bias))
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_feature_hooks_unknown_name():
+    model = build_classifier("lenet5", in_channels=1)
+    with pytest.raises(ValueError, match=r"unknown module name\(s\) 'net.layer4'; valid names include net, net.conv1"):
+        FeatureHooks(model, ["net.fc2", "net.layer4"])
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", num_classes=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm running statistics
+        model(torch.rand(4, 3, 32, 32))
+    model.eval()
+    save_classifier(model, tmp_path / "clf")
+    assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "clf" / "config.json").read_text())
+    assert config == {
+        "arch": "resnet18",
+        "num_classes": 4,
+        "in_channels": 3,
+        "image_size": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+    }
+    loaded = load_classifier(tmp_path / "clf", num_classes=4)
+    assert not loaded.training and loaded.config == model.config and loaded.feature_layer == "net.fc"
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    save_classifier(loaded, tmp_path / "clf")  # overwriting a folder works too
+    assert load_classifier(str(tmp_path / "clf")).config == model.config
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="classifier folder .*nothing' does not exist"):
+        load_classifier(tmp_path / "nothing")
+    folder = tmp_path / "clf"
+    save_classifier(build_classifier("lenet5", num_classes=10, in_channels=1), folder)
+    config = json.loads((folder / "config.json").read_text())
+
+    with pytest.raises(ValueError, match="num_classes=3 was asked for but the classifier in .* has 10"):
+        load_classifier(folder, num_classes=3)
+
+    (folder / "config.json").write_text(json.dumps({**config, "arch": "alexnet"}))
+    with pytest.raises(ValueError, match="unknown architecture 'alexnet'; valid: lenet5, lenet5_half, resnet18"):
+        load_classifier(folder)
+
+    (folder / "config.json").write_text(json.dumps({**config, "depth": 3}))
+    with pytest.raises(ValueError, match="is not a classifier config with fields arch, num_classes"):
+        load_classifier(folder)
+
+    # Weights of another architecture / another number of classes: wrong shapes named.
+    (folder / "config.json").write_text(json.dumps({**config, "arch": "lenet5_half"}))
+    with pytest.raises(
+        ValueError, match=r"do not match architecture 'lenet5_half'.*wrong shapes.*conv1.weight \(6, 1"
+    ):
+        load_classifier(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "num_classes": 7}))
+    with pytest.raises(ValueError, match=r"num_classes=7.*wrong shapes \(file vs model\): fc2.weight \(10, 84\) vs"):
+        load_classifier(folder)
+
+    # Missing and unexpected keys.
+    (folder / "config.json").write_text(json.dumps(config))
+    state = load_file(folder / "model.safetensors")
+    state["extra.weight"] = state.pop("fc1.bias")
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="do not match.*missing keys: fc1.bias; unexpected keys: extra.weight"):
+        load_classifier(folder)
+
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors' is missing"):
+        load_classifier(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json' is missing"):
+        load_classifier(folder)
+
+
+def test_save_writes_config_last(tmp_path, monkeypatch):
+    """A save that dies while writing the weights leaves no config.json: the folder never looks complete."""
+    folder = tmp_path / "clf"
+    model = build_classifier("lenet5", in_channels=1)
+    save_classifier(model, folder)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("gendistill.dfkd.models.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_classifier(model, folder)
+    assert not (folder / "config.json").exists()
+    with pytest.raises(FileNotFoundError, match="config.json' is missing"):
+        load_classifier(folder)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(arch="resnet9000"), "unknown architecture 'resnet9000'; valid: lenet5, lenet5_half, resnet18, resnet34"),
+        (dict(arch="lenet5", image_size=28), "'lenet5' takes exactly 32x32 images .* got image_size=28"),
+        (dict(arch="lenet5_half", image_size=64), "'lenet5_half' takes exactly 32x32 images .* got image_size=64"),
+        (dict(arch="resnet18", image_size=36), "multiples of 8 and at least 32 .* got image_size=36"),
+        (dict(arch="mobilenetv2", image_size=24), "multiples of 8 and at least 32 .* got image_size=24"),
+        (dict(arch="wrn16_1", in_channels=0), "in_channels must be an integer >= 1, got 0"),
+        (dict(arch="wrn16_1", num_classes=1), "num_classes must be an integer >= 2, got 1"),
+        (dict(arch="wrn16_1", mean=(0.5,) * 3), "give both mean and std or neither"),
+        (dict(arch="wrn16_1", mean=(0.5,), std=(0.2,)), r"mean needs one value per input channel \(3\), got \[0.5\]"),
+        (dict(arch="lenet5", in_channels=1, mean=(0.5,), std=(0.0,)), r"std must be positive, got \[0.0\]"),
+    ],
+)
+def test_build_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_classifier(**kwargs)
+
+
+def test_check_image_size_and_wrapping_user_models():
+    check_image_size("lenet5", 32)
+    check_image_size("vgg11_bn", 48)
+    with pytest.raises(ValueError, match="unknown architecture 'vit'"):
+        check_image_size("vit", 224)
+    with pytest.raises(ValueError, match="no nn.Linear layer; pass feature_layer="):
+        Classifier(nn.Conv2d(3, 4, 1), ClassifierConfig("user", num_classes=4))
+    with pytest.raises(ValueError, match="feature_layer 'net.head' is not a module name"):
+        Classifier(nn.Conv2d(3, 4, 1), ClassifierConfig("user", num_classes=4), feature_layer="net.head")
+    user = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Linear(8, 4)), ClassifierConfig("user", 4))
+    assert user.feature_layer == "net.2" and user(torch.rand(2, 3, 2, 2)).shape == (2, 4)

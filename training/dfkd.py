@@ -1,0 +1,175 @@
+"""``gendistill dfkd``: distill a classifier into a student on synthesized images only (spec/DFKD.md).
+
+    gendistill dfkd --method fast --teacher T_DIR --student-arch lenet5_half --output DIR --eval-data mnist5k
+
+The teacher is a classifier folder (``gendistill teach classifier`` writes one); the student, a model-zoo
+architecture, is exported the same way (``model.safetensors`` + ``config.json``) with ``results.json``. From Python,
+``distill(teacher, student, method=...)`` takes ``Classifier`` objects (any ``nn.Module`` wrapped in one).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gendistill.data.classification import load_classification_data
+from gendistill.dfkd.models import ARCHITECTURES, Classifier, build_classifier, load_classifier, save_classifier
+from gendistill.dfkd.synthesizers import METHODS, get_method
+from gendistill.dfkd.task import DFKDTask
+
+from .core import Trainer, check_output_folder
+from .recipes import TrainRecipe, parse_recipe
+
+COMMAND = "dfkd"
+
+
+@dataclass
+class DFKDRecipe(TrainRecipe):
+    output: str = "dfkd-student"  # run folder; also the exported student (model.safetensors + config.json)
+    method: str = "fast"  # synthesizer: dafl | dfad | zskt | dfq | deepinversion | cmi | fast | nayer | cae
+    teacher: str | None = None  # classifier folder (model.safetensors + config.json) (required)
+    student_arch: str = "lenet5_half"  # model zoo architecture of the student
+    method_options: list[str] | None = None  # method weights as key=value (e.g. oh=0.5,adv=1.33); see the spec
+    eval_data: str | None = None  # held-out real data for accuracy/agreement: mnist5k | cifar10 | folder | .npz
+    data_root: str | None = None  # torchvision's CIFAR files for --eval-data cifar10/cifar100
+    iterations: int | None = None  # alias of max_steps (one iteration runs every phase's steps)
+    max_steps: int = 1000  # iterations
+    batch_size: int = 256  # synthetic images per student step (per process)
+    lr: float = 1e-3  # the student's AdamW learning rate (the generator's is a method option)
+    ema_decay: float = 0.0  # EMA of the trainable weights (0: export the trained student)
+    eval_every: int = 100  # held-out accuracy and teacher agreement every N iterations (with --eval-data)
+    sample_every: int = 500  # PNG grid of synthesized images every N iterations
+
+    RESUMABLE_CHANGES = (*TrainRecipe.RESUMABLE_CHANGES, "iterations")
+
+    def validate(self) -> None:
+        if self.iterations is not None:
+            self.max_steps = self.iterations
+        super().validate()
+        get_method(self.method)
+        if self.student_arch not in ARCHITECTURES:
+            raise ValueError(f"unknown student architecture {self.student_arch!r}; valid: {', '.join(ARCHITECTURES)}")
+        self.options()
+
+    def options(self) -> dict[str, object]:
+        """``method_options`` as a dict, each value converted to the type of the method's config field."""
+        cls = get_method(self.method)
+        types = {name: type(value) for name, value in vars(cls.Config()).items()}
+        options = {}
+        for item in self.method_options or []:
+            key, sep, value = item.partition("=")
+            if not sep or key not in types:
+                raise ValueError(
+                    f"method option {item!r} is not key=value with a key of {self.method}: {', '.join(types)}"
+                )
+            try:
+                options[key] = types[key](value) if types[key] is not bool else value.lower() in ("1", "true", "yes")
+            except ValueError:
+                raise ValueError(f"method option {key}={value!r} must be of type {types[key].__name__}") from None
+        return options
+
+
+def build_task(
+    teacher: Classifier,
+    student: Classifier,
+    method: str,
+    *,
+    options: dict | None = None,
+    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> DFKDTask:
+    """The DFKD task of ``method`` (options override the method's config fields)."""
+    cls = get_method(method)
+    config = teacher.config
+    synthesizer = cls(
+        num_classes=config.num_classes,
+        image_shape=(config.in_channels, config.image_size, config.image_size),
+        **(options or {}),
+    )
+    synthesizer.check_teacher(teacher)
+    return DFKDTask(teacher, student, synthesizer, eval_data=eval_data)
+
+
+def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
+    """Distill and export the student into ``recipe.output``; returns the summary (also ``results.json``)."""
+    check_output_folder(recipe, COMMAND)
+    if task is None:
+        if not recipe.teacher:
+            raise ValueError("a teacher is required: --teacher CLASSIFIER_FOLDER (gendistill teach classifier)")
+        teacher = load_classifier(recipe.teacher)
+        config = teacher.config
+        eval_data = None
+        if recipe.eval_data:
+            images, labels, _ = load_classification_data(
+                recipe.eval_data,
+                split="test",
+                image_size=config.image_size,
+                channels=config.in_channels,
+                data_root=recipe.data_root,
+            )
+            if int(labels.max()) >= config.num_classes:
+                raise ValueError(
+                    f"--eval-data {recipe.eval_data!r} has labels up to {int(labels.max())} but the teacher has "
+                    f"{config.num_classes} classes"
+                )
+            eval_data = (images, labels)
+        torch.manual_seed(recipe.seed)  # a reproducible student initialization
+        student = build_classifier(
+            recipe.student_arch,
+            num_classes=config.num_classes,
+            in_channels=config.in_channels,
+            image_size=config.image_size,
+            mean=None if config.mean is None else tuple(config.mean),
+            std=None if config.std is None else tuple(config.std),
+        )
+        task = build_task(teacher, student, recipe.method, options=recipe.options(), eval_data=eval_data)
+    trainer = Trainer(task, recipe, command=COMMAND)
+    resumed_at = trainer.counters.step
+    metrics = trainer.fit()
+    summary = {}
+    if trainer.accelerator.is_main_process:
+        output = Path(recipe.output)
+        save_classifier(trainer.export_module("student"), output)
+        summary = {"method": recipe.method, "steps": trainer.counters.step, "resumed_at": resumed_at, **metrics}
+        (output / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()
+    return summary
+
+
+def distill(
+    teacher: Classifier,
+    student: Classifier,
+    *,
+    method: str = "fast",
+    output: str = "dfkd-student",
+    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    options: dict | None = None,
+    **recipe_fields,
+) -> dict:
+    """Distill ``teacher`` into ``student`` with ``method`` (Python API); trains ``student`` in place, exports it to
+    ``output`` and returns the summary. ``recipe_fields`` are any ``DFKDRecipe`` fields (max_steps, batch_size, lr,
+    ...)."""
+    recipe = DFKDRecipe(output=output, method=method, **recipe_fields)
+    recipe.validate()
+    task = build_task(teacher, student, method, options=options, eval_data=eval_data)
+    return run(recipe, task)
+
+
+def main(argv: list[str] | None = None) -> int:
+    recipe = parse_recipe(
+        DFKDRecipe,
+        argv,
+        prog="gendistill dfkd",
+        method=None,
+        description=f"Data-free distillation of a classifier; methods: {', '.join(sorted(METHODS))}.",
+    )
+    summary = run(recipe)
+    if summary and "student_accuracy" in summary:
+        print(
+            f"student accuracy {summary['student_accuracy']:.4f} (teacher {summary['teacher_accuracy']:.4f}, "
+            f"agreement {summary['teacher_agreement']:.4f})"
+        )
+    return 0
