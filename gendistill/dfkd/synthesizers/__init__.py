@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from .base import Synthesizer, SynthesizerConfig
+from .cmi import CMI
 from .dafl import DAFL
+from .deepinversion import DeepInversion
 from .dfad import DFAD
 from .dfq import DFQ
 from .zskt import ZSKT
 
-METHODS: dict[str, type[Synthesizer]] = {cls.name: cls for cls in (DAFL, DFAD, ZSKT, DFQ)}
+METHODS: dict[str, type[Synthesizer]] = {cls.name: cls for cls in (DAFL, DFAD, ZSKT, DFQ, DeepInversion, CMI)}
 
 
 def get_method(name: str) -> type[Synthesizer]:

@@ -84,8 +84,8 @@ class Synthesizer(ABC):
         """Images (B, C, H, W) in [0, 1] for one student step."""
 
     @abstractmethod
-    def preview(self, num_images: int, device: torch.device, *, generator) -> torch.Tensor:
-        """Images (n, C, H, W) in [0, 1] for sample grids."""
+    def preview(self, num_images: int, device: torch.device, *, generator, teacher=None, student=None) -> torch.Tensor:
+        """Images (n, C, H, W) in [0, 1] for sample grids (inversion methods may synthesize with the networks)."""
 
     def noise(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return torch.randn(batch_size, self.config.nz, device=device)

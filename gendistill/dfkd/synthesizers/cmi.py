@@ -77,15 +77,23 @@ class CMIConfig(SynthesizerConfig):
             raise ValueError(f"cr_tau must be positive, got {self.cr_tau}")
 
 
-def local_view(x: torch.Tensor, *, scale: tuple[float, float] = LOCAL_SCALE, flip: bool = True) -> torch.Tensor:
+def local_view(
+    x: torch.Tensor,
+    *,
+    scale: tuple[float, float] = LOCAL_SCALE,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> torch.Tensor:
     """Random resized crop of each image of ``x`` (B, C, H, W), resampled back to H x W (bilinear), in one batched
     ``grid_sample``. Per sample (global RNG of ``x``'s device): the crop's area fraction is uniform in ``scale``, its
-    aspect ratio log-uniform in [3/4, 4/3] (torchvision's defaults; a side over the full size is cut to it), its
+    aspect ratio (width / height) log-uniform in ``ratio`` (torchvision's defaults; a side over the full size is cut
+    to it), its
     position uniform inside the image, and it is mirrored left-right with probability 1/2 when ``flip``.
     Differentiable with respect to ``x``. Returns (B, C, H, W)."""
     batch, device = x.shape[0], x.device
     area = scale[0] + (scale[1] - scale[0]) * torch.rand(batch, device=device)
-    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(batch, device=device)
+    low, high = math.log(ratio[0]), math.log(ratio[1])
+    log_ratio = low + (high - low) * torch.rand(batch, device=device)
     width = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # fractions of the image's width and height
     height = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
     center_x = (2 * torch.rand(batch, device=device) - 1) * (1 - width)  # in [-1, 1] coordinates, crop inside
@@ -189,41 +197,46 @@ class CMI(Synthesizer):
         self.last_losses: dict[str, torch.Tensor] = {}
         self._models = None  # (teacher, student) of the latest student_images call
 
-    def _build(self, teacher, device: torch.device) -> None:
-        """Make (first round) or move the generator and the head; the head's input size is the teacher's feature
-        size (the input size of its final linear layer)."""
-        if self.synthesis_generator is None:
-            c, h, _ = self.image_shape
-            self.synthesis_generator = Generator(nz=self.config.nz, ngf=self.config.ngf, img_size=h, channels=c)
+    def _head(self, teacher, device: torch.device) -> MLPHead:
+        """The projection head on ``device``, built at first use: its input size is the teacher's feature size (the
+        input size of its final linear layer)."""
         if self.head is None:
             layer = dict(teacher.named_modules())[teacher.feature_layer]
             self.head = MLPHead(layer.in_features, self.config.head_dim)
-        self.synthesis_generator.to(device).train()
-        self.head.to(device).train()
-        self.bank.to(device)
+        return self.head.to(device).train()
+
+    def _generator(self, device: torch.device) -> Generator:
+        """The round generator on ``device``, built at the first round."""
+        if self.synthesis_generator is None:
+            c, h, _ = self.image_shape
+            self.synthesis_generator = Generator(nz=self.config.nz, ngf=self.config.ngf, img_size=h, channels=c)
+        return self.synthesis_generator.to(device).train()
 
     def synthesis_loss(self, images, labels, *, teacher, student) -> dict[str, torch.Tensor]:
         """Losses of a batch ``images`` (B, C, H, W) in [0, 1] with target ``labels`` (B,); ``"loss"`` is minimized.
-        ``"global_features"`` (B, D) are the teacher's detached features of the global view. Global and local views
-        are drawn from the global RNG."""
+        The global and local views are drawn from the global RNG; ``adv`` or ``cr`` at 0 skip their forwards."""
         cfg = self.config
-        self._build(teacher, images.device)
-        global_view, local = augment(images, padding=4), local_view(images)
+        head = self._head(teacher, images.device)
+        self.bank.to(images.device)
+        global_view = augment(images, padding=max(1, images.shape[-1] // 8))  # the reference pads 4 at 32 x 32
         layer = teacher.feature_layer
         with BNStatsLoss(teacher) as bn_stats, FeatureHooks(teacher, [layer], inputs=True) as features:
             teacher_logits = teacher(global_view)
             loss_bn = bn_stats.loss()
             global_features = features[layer]
-        with FeatureHooks(teacher, [layer], inputs=True) as features:
-            teacher(local)
-            local_features = features[layer]
         loss_oh = one_hot_loss(teacher_logits, labels)
-        loss_adv = adversarial_loss(student(global_view), teacher_logits, kind="kl", mask_agreement=True)
-        negatives = self.bank.sample(cfg.n_neg)
-        with torch.no_grad():  # keys are detached, as in the reference
-            keys = self.head(global_features if negatives is None else torch.cat([global_features, negatives]))
-        positives, bank_keys = keys[: len(images)], keys[len(images) :]
-        loss_cr = contrastive_loss(self.head(local_features), positives, bank_keys, tau=cfg.cr_tau)
+        loss_adv = loss_cr = torch.zeros((), device=images.device)
+        if cfg.adv:
+            loss_adv = adversarial_loss(student(global_view), teacher_logits, kind="kl", mask_agreement=True)
+        if cfg.cr:
+            with FeatureHooks(teacher, [layer], inputs=True) as features:
+                teacher(local_view(images))
+                local_features = features[layer]
+            negatives = self.bank.sample(cfg.n_neg)
+            with torch.no_grad():  # keys are detached, as in the reference
+                keys = head(global_features if negatives is None else torch.cat([global_features, negatives]))
+            positives, bank_keys = keys[: len(images)], keys[len(images) :]
+            loss_cr = contrastive_loss(head(local_features), positives, bank_keys, tau=cfg.cr_tau)
         loss = cfg.bn * loss_bn + cfg.oh * loss_oh + cfg.adv * loss_adv + cfg.cr * loss_cr
         return {
             "loss": loss,
@@ -231,7 +244,6 @@ class CMI(Synthesizer):
             "loss_oh": loss_oh.detach(),
             "loss_adv": loss_adv.detach(),
             "loss_cr": loss_cr.detach(),
-            "global_features": global_features.detach(),
         }
 
     def synthesize(self, batch_size: int, device: torch.device, *, teacher, student) -> torch.Tensor:
@@ -239,8 +251,7 @@ class CMI(Synthesizer):
         features join the bank. Returns (B, C, H, W) in [0, 1], detached. Gradients are taken w.r.t. z, the
         generator and the head only; the student is in eval mode meanwhile."""
         cfg = self.config
-        self._build(teacher, device)
-        generator, head = self.synthesis_generator, self.head
+        generator, head = self._generator(device), self._head(teacher, device)
         if cfg.reset_generator:
             reset_weights(generator)
         z = torch.randn(batch_size, cfg.nz, device=device, requires_grad=True)
@@ -262,11 +273,11 @@ class CMI(Synthesizer):
                     for p, g in zip(params, torch.autograd.grad(losses["loss"], params)):
                         p.grad = g
                     optimizer.step()
-                    self.last_losses = {k: v.detach() for k, v in losses.items() if k != "global_features"}
+                    self.last_losses = {k: v.detach() for k, v in losses.items()}
             with torch.no_grad():
                 images = generator(z)
                 with FeatureHooks(teacher, [teacher.feature_layer], inputs=True) as features:
-                    teacher(augment(images, padding=4))
+                    teacher(augment(images, padding=max(1, images.shape[-1] // 8)))
                 self.bank.add(features[teacher.feature_layer])
         finally:
             student.train(was_training)

@@ -92,13 +92,14 @@ class DeepInversion(Synthesizer):
 
         One random jitter + flip of the batch (global RNG) goes through the teacher and the student."""
         cfg = self.config
-        h = self.image_shape[1]
-        x_aug = augment(x, padding=max(1, h // 8))  # the reference jitters by up to 1/8 of the image size
+        x_aug = augment(x, padding=max(1, x.shape[-1] // 8))  # the reference jitters by up to 1/8 of the image size
         with BNStatsLoss(teacher) as bn_stats:
             teacher_logits = teacher(x_aug)
             loss_bn = bn_stats.loss()
         loss_oh = one_hot_loss(teacher_logits, labels)
-        loss_adv = adversarial_loss(student(x_aug), teacher_logits, kind="js", tau=cfg.adv_tau)
+        loss_adv = torch.zeros((), device=x.device)
+        if cfg.adv:  # plain DeepInversion needs no student forward
+            loss_adv = adversarial_loss(student(x_aug), teacher_logits, kind="js", tau=cfg.adv_tau)
         loss_tv, loss_l2 = image_prior_loss(x)
         loss = cfg.bn * loss_bn + cfg.oh * loss_oh + cfg.adv * loss_adv + cfg.tv * loss_tv + cfg.l2 * loss_l2
         return {

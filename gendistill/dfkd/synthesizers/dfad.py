@@ -62,5 +62,5 @@ class DFAD(Synthesizer):
         return generator(self.noise(batch_size, device))
 
     @torch.no_grad()
-    def preview(self, num_images, device, *, generator):
+    def preview(self, num_images, device, *, generator, teacher=None, student=None):
         return generator(self.noise(num_images, device))

@@ -68,5 +68,5 @@ class ZSKT(Synthesizer):
         return generator(self.noise(batch_size, device))
 
     @torch.no_grad()
-    def preview(self, num_images, device, *, generator):
+    def preview(self, num_images, device, *, generator, teacher=None, student=None):
         return generator(self.noise(num_images, device))
