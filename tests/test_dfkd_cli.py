@@ -144,3 +144,32 @@ def test_teach_classifier_bad_input(tmp_path, capsys):
     _fails(capsys, [*base, "--arch", "lenet5", "--image-size", "64"], "64")
     _fails(capsys, [*base, "--data", str(tmp_path / "nothing")], "neither one of mnist5k")
     _fails(capsys, ["teach", "regression"], "unknown teach method 'regression'; valid: diffusion, classifier")
+
+
+def test_api_refuses_mismatched_teacher_and_student(tmp_path):
+    teacher = build_classifier("lenet5", num_classes=10, in_channels=1)
+    with pytest.raises(ValueError, match="the teacher has 10 classes but the student 7; they must agree"):
+        distill(
+            teacher,
+            build_classifier("lenet5_half", num_classes=7, in_channels=1),
+            method="dafl",
+            output=str(tmp_path / "a"),
+            max_steps=1,
+        )
+    with pytest.raises(ValueError, match="the teacher takes 1x32x32 images but the student 3x32x32"):
+        distill(
+            teacher,
+            build_classifier("lenet5_half", num_classes=10, in_channels=3),
+            method="dafl",
+            output=str(tmp_path / "b"),
+            max_steps=1,
+        )
+    with pytest.raises(ValueError, match=r"unknown DFKD method 'magic'; valid: cae, cmi, dafl"):
+        distill(
+            teacher,
+            build_classifier("lenet5_half", num_classes=10, in_channels=1),
+            method="magic",
+            output=str(tmp_path / "c"),
+            max_steps=1,
+        )
+    assert not any((tmp_path / name).exists() for name in "abc")

@@ -348,3 +348,65 @@ def test_bn_stats_loss_sequence_input_uses_batch_and_length():
     with BNStatsLoss(bn) as bn_loss:
         bn(x)
         assert close(bn_loss.loss(), np_term(*np_stats(x.double().numpy()), bn))
+
+
+def test_bn_stats_loss_manual_memory_moves_only_on_commit():
+    """Fast's ``bn_mmt``: forwards within a round blend with the previous rounds' memory; the round's last batch
+    statistics join it once, at commit; the memory carries over to a new instance."""
+    net = tiny_net()
+    generator = torch.Generator().manual_seed(11)
+    xs = [torch.rand(4, 3, 6, 6, generator=generator) for _ in range(3)]
+    inputs = [bn_inputs(net, x) for x in xs]
+    mmt = 0.9
+    with BNStatsLoss(net, momentum=mmt, update="manual") as bn_loss:
+        net(xs[0])
+        first = sum(np_term(*np_stats(a), bn) for a, bn in zip(inputs[0], (net.bn1, net.bn2)))
+        assert close(bn_loss.loss(), first)
+        net(xs[1])  # no commit yet: no memory, plain statistics
+        assert close(bn_loss.loss(), sum(np_term(*np_stats(a), bn) for a, bn in zip(inputs[1], (net.bn1, net.bn2))))
+        bn_loss.commit()  # memory = statistics of xs[1]
+        memory = bn_loss.memory
+    with BNStatsLoss(net, momentum=mmt, update="manual", memory=memory) as bn_loss:
+        net(xs[2])
+        expected = 0.0
+        for a_prev, a, bn in zip(inputs[1], inputs[2], (net.bn1, net.bn2)):
+            (pm, pv), (m, v) = np_stats(a_prev), np_stats(a)
+            expected += np_term(mmt * pm + (1 - mmt) * m, mmt * pv + (1 - mmt) * v, bn)
+        assert close(bn_loss.loss(), expected)
+        bn_loss.commit()
+        pm, _ = np_stats(inputs[1][0])
+        m, _ = np_stats(inputs[2][0])
+        assert np.allclose(bn_loss.memory["bn1"][0].double().numpy(), mmt * pm + (1 - mmt) * m, atol=1e-5)
+    with pytest.raises(ValueError, match="update"):
+        BNStatsLoss(net, update="sometimes")
+    with BNStatsLoss(net, momentum=mmt) as bn_loss, pytest.raises(RuntimeError, match="manual"):
+        bn_loss.commit()
+
+
+@pytest.mark.parametrize("tau", [0.1, 1.0])
+def test_prototype_contrastive_loss_golden(tau):
+    """CAE-DFKD's prototype contrast against a per-sample numpy loop."""
+    from gendistill.dfkd.losses import prototype_contrastive_loss
+
+    rng = np.random.default_rng(5)
+    features = rng.normal(size=(9, 4))
+    labels = np.array([3, 0, 3, 1, 0, 3, 1, 1, 0])
+    normed = features / np.linalg.norm(features, axis=1, keepdims=True)
+    classes = sorted(set(labels.tolist()))
+    protos = []
+    for c in classes:
+        mean = normed[labels == c].mean(axis=0)
+        protos.append(mean / np.linalg.norm(mean))
+    expected = 0.0
+    for f, y in zip(normed, labels):
+        logits = np.array([f @ p for p in protos]) / tau
+        expected += -(logits[classes.index(y)] - np.log(np.exp(logits).sum()))
+    expected /= len(labels)
+    got = prototype_contrastive_loss(torch.tensor(features), torch.tensor(labels), tau=tau)
+    assert close(got, expected)
+    # Tighter classes give a lower loss; one class alone gives 0.
+    tight = torch.tensor(np.stack([np.eye(4)[c] + 0.01 * rng.normal(size=4) for c in labels]))
+    assert prototype_contrastive_loss(tight, torch.tensor(labels), tau=tau) < got
+    assert float(prototype_contrastive_loss(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), tau=tau)) == 0.0
+    with pytest.raises(ValueError, match="features"):
+        prototype_contrastive_loss(torch.randn(5, 4), torch.zeros(4, dtype=torch.long), tau=tau)

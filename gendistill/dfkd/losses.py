@@ -155,6 +155,27 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
+def prototype_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, *, tau: float) -> torch.Tensor:
+    """``cr`` (CAE-DFKD): a contrastive loss at the embedding level between samples and class prototypes.
+
+    ``features`` (N, D) are L2-normalized; the prototype of each class present in ``labels`` (N,) is the
+    L2-normalized mean of its samples' normalized features. Sample i's logits are its cosine similarities with the
+    C present prototypes, divided by ``tau``, and the loss is their cross-entropy with the prototype of its own class,
+    averaged over the N samples: it pulls each sample towards its class's prototype and pushes it away from the other
+    classes'. Gradients flow through the prototypes too. A batch with a single class gives 0."""
+    _check_tau(tau)
+    if features.dim() != 2 or labels.shape != features.shape[:1]:
+        raise ValueError(
+            f"features must be (N, D) and labels (N,), got {tuple(features.shape)} and {tuple(labels.shape)}"
+        )
+    features = F.normalize(features.float(), dim=1)
+    classes, target = labels.unique(return_inverse=True)  # target: index of each sample's class among the present
+    sums = features.new_zeros(len(classes), features.shape[1]).index_add(0, target, features)
+    prototypes = F.normalize(sums, dim=1)  # the norm of a mean is that of the sum up to a positive factor
+    logits = features @ prototypes.T / tau
+    return F.cross_entropy(logits, target)
+
+
 def _batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """BatchNorm layers (1d/2d/3d, SyncBatchNorm) that keep running statistics, in module order."""
     return [
@@ -183,15 +204,29 @@ class BNStatsLoss:
     ``momentum`` (Fast's ``bn_mmt``): each layer keeps the previous forward's blended statistics ``prev`` (detached)
     and the term uses ``m = momentum * prev + (1 - momentum) * cur`` instead of ``cur``; on the first forward
     ``m = cur``. Because ``prev`` is itself the previous blend, the memory is an exponential moving average of the
-    batch statistics. Every forward of ``model`` while the hooks are installed updates it, so install the hooks
-    (``with BNStatsLoss(teacher) as bn:``) only around the forwards of synthesized batches.
+    batch statistics. With ``update="forward"`` (the default) every forward of ``model`` while the hooks are
+    installed updates it, so install the hooks (``with BNStatsLoss(teacher) as bn:``) only around the forwards of
+    synthesized batches. With ``update="manual"`` (Fast: the memory moves once per synthesis round) the forwards
+    only read ``prev`` and :meth:`commit` folds the latest forward's batch statistics into it,
+    ``prev = momentum * prev + (1 - momentum) * cur`` (``prev = cur`` when empty). ``memory`` seeds ``prev`` (a
+    previous instance's :attr:`memory`: layer name -> detached (mean, var)), so it outlives the hooks.
 
     The hooks stay until :meth:`remove` (or the end of the ``with`` block).
     """
 
-    def __init__(self, model: nn.Module, *, first_layer_weight: float = 1.0, momentum: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        first_layer_weight: float = 1.0,
+        momentum: float | None = None,
+        update: str = "forward",
+        memory: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
         if momentum is not None and not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1) or None, got {momentum}")
+        if update not in ("forward", "manual"):
+            raise ValueError(f"update must be 'forward' or 'manual', got {update!r}")
         layers = _batchnorm_layers(model)
         if not layers:
             raise ValueError(
@@ -202,7 +237,10 @@ class BNStatsLoss:
         self.momentum = momentum
         self.layer_names = [name for name, _ in layers]
         self._terms: dict[str, torch.Tensor] = {}  # layer name -> its term from the latest forward
-        self._previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer name -> detached (mean, var)
+        self.update = update
+        # layer name -> detached (mean, var): the momentum memory
+        self._previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = dict(memory or {})
+        self._latest: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the latest forward's batch statistics
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in layers]
         # A new forward of the whole model starts a new set of terms (a layer it skips does not keep a stale one).
         self._handles.append(model.register_forward_pre_hook(lambda module, inputs: self._terms.clear()))
@@ -214,11 +252,13 @@ class BNStatsLoss:
             mean = x.mean(dim=dims)
             var = x.var(dim=dims, correction=0)
             if self.momentum is not None:
+                self._latest[name] = (mean.detach(), var.detach())
                 if name in self._previous:
                     prev_mean, prev_var = self._previous[name]
                     mean = self.momentum * prev_mean + (1 - self.momentum) * mean
                     var = self.momentum * prev_var + (1 - self.momentum) * var
-                self._previous[name] = (mean.detach(), var.detach())
+                if self.update == "forward":
+                    self._previous[name] = (mean.detach(), var.detach())
             running_mean, running_var = module.running_mean.float(), module.running_var.float()
             term = torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
             self._terms[name] = term * self.first_layer_weight if name == self.layer_names[0] else term
@@ -231,13 +271,31 @@ class BNStatsLoss:
             raise RuntimeError("BNStatsLoss.loss() called before any forward of the model through its hooks")
         return sum(self._terms.values())
 
+    def commit(self) -> None:
+        """``update="manual"``: fold the latest forward's batch statistics into the momentum memory."""
+        if self.momentum is None or self.update != "manual":
+            raise RuntimeError("commit() needs momentum and update='manual'")
+        if not self._latest:
+            raise RuntimeError("BNStatsLoss.commit() called before any forward of the model through its hooks")
+        for name, (mean, var) in self._latest.items():
+            if name in self._previous:
+                prev_mean, prev_var = self._previous[name]
+                mean = self.momentum * prev_mean + (1 - self.momentum) * mean
+                var = self.momentum * prev_var + (1 - self.momentum) * var
+            self._previous[name] = (mean, var)
+
+    @property
+    def memory(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The momentum memory (layer name -> detached (mean, var)); pass it to a later instance's ``memory``."""
+        return dict(self._previous)
+
     def remove(self) -> None:
-        """Remove the hooks and forget the recorded terms and the momentum memory."""
+        """Remove the hooks and forget the recorded terms (the momentum memory stays readable in :attr:`memory`)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._terms.clear()
-        self._previous.clear()
+        self._latest.clear()
 
     def __enter__(self) -> BNStatsLoss:
         return self

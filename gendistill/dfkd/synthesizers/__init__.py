@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from .base import Synthesizer, SynthesizerConfig
+from .base import PoolSynthesizer, Synthesizer, SynthesizerConfig
+from .cae import CAE
 from .cmi import CMI
 from .dafl import DAFL
 from .deepinversion import DeepInversion
 from .dfad import DFAD
 from .dfq import DFQ
+from .fast import Fast
+from .nayer import NAYER
 from .zskt import ZSKT
 
-METHODS: dict[str, type[Synthesizer]] = {cls.name: cls for cls in (DAFL, DFAD, ZSKT, DFQ, DeepInversion, CMI)}
+METHODS: dict[str, type[Synthesizer]] = {
+    cls.name: cls for cls in (DAFL, DFAD, ZSKT, DFQ, DeepInversion, CMI, Fast, NAYER, CAE)
+}
 
 
 def get_method(name: str) -> type[Synthesizer]:
@@ -20,4 +25,4 @@ def get_method(name: str) -> type[Synthesizer]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Synthesizer", "SynthesizerConfig", "get_method"]
+__all__ = ["METHODS", "PoolSynthesizer", "Synthesizer", "SynthesizerConfig", "get_method"]

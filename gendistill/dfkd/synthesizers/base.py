@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...task import Phase
+from ..generators import ImagePool
 
 
 @dataclass
@@ -89,3 +90,68 @@ class Synthesizer(ABC):
 
     def noise(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return torch.randn(batch_size, self.config.nz, device=device)
+
+
+def pool_to(pool: ImagePool, device: torch.device) -> None:
+    """Move a pool's storage to ``device`` (a run resumed on another device, a preview on the CPU)."""
+    if pool.images is not None and pool.images.device != device:
+        pool.images = pool.images.to(device)
+        if pool.labels is not None:
+            pool.labels = pool.labels.to(device)
+
+
+def sample_pool(pool: ImagePool, num_images: int, device: torch.device) -> torch.Tensor:
+    """``num_images`` pool images on ``device`` for a sample grid, drawn without moving the training's random
+    stream (runs with another ``sample_every`` must not diverge)."""
+    pool_to(pool, device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        images, _ = pool.sample(num_images)
+    return images
+
+
+class PoolSynthesizer(Synthesizer):
+    """A method that synthesizes batches in rounds (inside the student phase) into an :class:`ImagePool` the
+    student samples from: a round runs at the first student batch and then every ``config.synthesis_every``
+    batches (its config has ``synthesis_every``, ``synthesis_batch_size`` and ``pool_size``).
+
+    State: ``pool``, ``calls`` (student batches served, which schedules the rounds), ``last_losses`` (the detached
+    loss terms of the latest synthesis step) and the teacher/student of the latest call (so ``preview`` can
+    synthesize when the pool is empty). Subclasses implement :meth:`synthesize`.
+    """
+
+    def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], config=None, **overrides):
+        super().__init__(num_classes=num_classes, image_shape=image_shape, config=config, **overrides)
+        self.pool = ImagePool(self.config.pool_size)
+        self.calls = 0
+        self.last_losses: dict[str, torch.Tensor] = {}
+        self._models = None  # (teacher, student) of the latest student_images call
+
+    @abstractmethod
+    def synthesize(self, batch_size: int, device: torch.device, *, teacher, student) -> torch.Tensor:
+        """One round: (B, C, H, W) images in [0, 1], detached."""
+
+    def student_images(self, batch_size, device, *, teacher, student, generator=None):
+        """(B, C, H, W) in [0, 1] sampled from the pool, after a synthesis round every ``synthesis_every`` calls."""
+        device = torch.device(device)
+        self._models = (teacher, student)
+        pool_to(self.pool, device)
+        if self.calls % self.config.synthesis_every == 0 or len(self.pool) == 0:
+            size = self.config.synthesis_batch_size or batch_size
+            self.pool.add(self.synthesize(size, device, teacher=teacher, student=student))
+        self.calls += 1
+        images, _ = self.pool.sample(batch_size)
+        return images
+
+    def preview(self, num_images, device, *, generator=None, teacher=None, student=None):
+        """``num_images`` pool images (the training RNG is left untouched), or a fresh round when the pool is empty
+        (with ``teacher``/``student``, else those of the latest ``student_images`` call)."""
+        device = torch.device(device)
+        if len(self.pool) == 0:
+            if teacher is None and self._models is not None:
+                teacher, student = self._models
+            if teacher is None or student is None:
+                raise ValueError(
+                    f"{self.name}: nothing synthesized yet; pass teacher= and student= to preview a fresh batch"
+                )
+            return self.synthesize(num_images, device, teacher=teacher, student=student)
+        return sample_pool(self.pool, num_images, device)

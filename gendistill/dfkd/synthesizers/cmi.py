@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generators import Generator, ImagePool, augment
+from ..generators import Generator, augment
 from ..losses import BNStatsLoss, adversarial_loss, one_hot_loss
 from ..models import FeatureHooks
-from .base import Synthesizer, SynthesizerConfig
+from .base import PoolSynthesizer, SynthesizerConfig
 
 GENERATOR_BETAS = (0.5, 0.999)  # the reference's optimizer of the generator and z
 LOCAL_SCALE = (0.25, 1.0)  # area fraction of the local view's crop (the reference's RandomResizedCrop scale)
@@ -174,7 +174,7 @@ class MLPHead(nn.Module):
         return self.net(x)
 
 
-class CMI(Synthesizer):
+class CMI(PoolSynthesizer):
     """Generator-per-round inversion with a contrastive memory bank; the student samples from the image pool.
 
     State: ``pool`` (the synthesized images), ``bank`` (global teacher features of earlier rounds), ``head`` (the
@@ -189,13 +189,9 @@ class CMI(Synthesizer):
 
     def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], config=None, **overrides):
         super().__init__(num_classes=num_classes, image_shape=image_shape, config=config, **overrides)
-        self.pool = ImagePool(self.config.pool_size)
         self.bank = FeatureBank(self.config.bank_size)
         self.head: MLPHead | None = None
         self.synthesis_generator: Generator | None = None
-        self.calls = 0
-        self.last_losses: dict[str, torch.Tensor] = {}
-        self._models = None  # (teacher, student) of the latest student_images call
 
     def _head(self, teacher, device: torch.device) -> MLPHead:
         """The projection head on ``device``, built at first use: its input size is the teacher's feature size (the
@@ -284,46 +280,3 @@ class CMI(Synthesizer):
             for p in params:
                 p.grad = None
         return images
-
-    def student_images(self, batch_size, device, *, teacher, student, generator=None):
-        """(B, C, H, W) in [0, 1] sampled from the pool, after a synthesis round every ``synthesis_every`` calls."""
-        device = torch.device(device)
-        self._models = (teacher, student)
-        _pool_to(self.pool, device)
-        if self.calls % self.config.synthesis_every == 0 or len(self.pool) == 0:
-            size = self.config.synthesis_batch_size or batch_size
-            self.pool.add(self.synthesize(size, device, teacher=teacher, student=student))
-        self.calls += 1
-        images, _ = self.pool.sample(batch_size)
-        return images
-
-    def preview(self, num_images, device, *, generator=None, teacher=None, student=None):
-        """``num_images`` pool images (the training RNG is left untouched), or a fresh round when the pool is empty
-        (with ``teacher``/``student``, else those of the latest ``student_images`` call)."""
-        return _preview(self, num_images, torch.device(device), teacher=teacher, student=student)
-
-
-# Copied from deepinversion.py (each method file reads alone).
-def _pool_to(pool: ImagePool, device: torch.device) -> None:
-    """Move a pool's storage to ``device`` (a run resumed on another device, a preview on the CPU)."""
-    if pool.images is not None and pool.images.device != device:
-        pool.images = pool.images.to(device)
-        if pool.labels is not None:
-            pool.labels = pool.labels.to(device)
-
-
-# Copied from deepinversion.py.
-def _preview(synthesizer, num_images: int, device: torch.device, *, teacher, student) -> torch.Tensor:
-    if len(synthesizer.pool) == 0:
-        if teacher is None and synthesizer._models is not None:
-            teacher, student = synthesizer._models
-        if teacher is None or student is None:
-            raise ValueError(
-                f"{synthesizer.name}: nothing synthesized yet; pass teacher= and student= to preview a fresh batch"
-            )
-        return synthesizer.synthesize(num_images, device, teacher=teacher, student=student)
-    _pool_to(synthesizer.pool, device)
-    # A sample grid must not shift the training's random stream (runs with other sample_every would diverge).
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        images, _ = synthesizer.pool.sample(num_images)
-    return images

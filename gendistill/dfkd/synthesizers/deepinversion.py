@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generators import ImagePool, augment
+from ..generators import augment
 from ..losses import BNStatsLoss, adversarial_loss, image_prior_loss, one_hot_loss
-from .base import Synthesizer, SynthesizerConfig
+from .base import PoolSynthesizer, SynthesizerConfig
 
 INIT_STD = 0.25  # pixel noise of the initial batch: one normalized unit (a dataset std) of [0, 1] pixels
 ADAM_BETAS = (0.5, 0.99)  # Fast-Datafree's DeepInversion optimizer
@@ -68,7 +68,7 @@ class DeepInversionConfig(SynthesizerConfig):
             raise ValueError(f"inversion_lr must be positive, got {self.inversion_lr}")
 
 
-class DeepInversion(Synthesizer):
+class DeepInversion(PoolSynthesizer):
     """Batches of pixels optimized against the teacher's BN statistics; the student samples from their pool.
 
     State: ``pool`` (the synthesized images), ``calls`` (student batches served, which schedules the rounds),
@@ -79,13 +79,6 @@ class DeepInversion(Synthesizer):
     name = "deepinversion"
     Config = DeepInversionConfig
     needs_batchnorm = True
-
-    def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], config=None, **overrides):
-        super().__init__(num_classes=num_classes, image_shape=image_shape, config=config, **overrides)
-        self.pool = ImagePool(self.config.pool_size)
-        self.calls = 0
-        self.last_losses: dict[str, torch.Tensor] = {}
-        self._models = None  # (teacher, student) of the latest student_images call
 
     def synthesis_loss(self, x, labels, *, teacher, student) -> dict[str, torch.Tensor]:
         """Losses of pixels ``x`` (B, C, H, W) in [0, 1] with target ``labels`` (B,); ``"loss"`` is minimized.
@@ -133,45 +126,3 @@ class DeepInversion(Synthesizer):
         finally:
             student.train(was_training)
         return x.detach()
-
-    def student_images(self, batch_size, device, *, teacher, student, generator=None):
-        """(B, C, H, W) in [0, 1] sampled from the pool, after a synthesis round every ``synthesis_every`` calls."""
-        device = torch.device(device)
-        self._models = (teacher, student)
-        _pool_to(self.pool, device)
-        if self.calls % self.config.synthesis_every == 0 or len(self.pool) == 0:
-            size = self.config.synthesis_batch_size or batch_size
-            self.pool.add(self.synthesize(size, device, teacher=teacher, student=student))
-        self.calls += 1
-        images, _ = self.pool.sample(batch_size)
-        return images
-
-    def preview(self, num_images, device, *, generator=None, teacher=None, student=None):
-        """``num_images`` pool images (the training RNG is left untouched), or a fresh round when the pool is empty
-        (with ``teacher``/``student``, else those of the latest ``student_images`` call)."""
-        return _preview(self, num_images, torch.device(device), teacher=teacher, student=student)
-
-
-# The two helpers below are shared in spirit with cmi.py (which has its own copy, so each file reads alone).
-def _pool_to(pool: ImagePool, device: torch.device) -> None:
-    """Move a pool's storage to ``device`` (a run resumed on another device, a preview on the CPU)."""
-    if pool.images is not None and pool.images.device != device:
-        pool.images = pool.images.to(device)
-        if pool.labels is not None:
-            pool.labels = pool.labels.to(device)
-
-
-def _preview(synthesizer, num_images: int, device: torch.device, *, teacher, student) -> torch.Tensor:
-    if len(synthesizer.pool) == 0:
-        if teacher is None and synthesizer._models is not None:
-            teacher, student = synthesizer._models
-        if teacher is None or student is None:
-            raise ValueError(
-                f"{synthesizer.name}: nothing synthesized yet; pass teacher= and student= to preview a fresh batch"
-            )
-        return synthesizer.synthesize(num_images, device, teacher=teacher, student=student)
-    _pool_to(synthesizer.pool, device)
-    # A sample grid must not shift the training's random stream (runs with other sample_every would diverge).
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        images, _ = synthesizer.pool.sample(num_images)
-    return images

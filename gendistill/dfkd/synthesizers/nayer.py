@@ -1,0 +1,214 @@
+"""NAYER: Noisy Layer Data Generation for Efficient and Effective Data-free Knowledge Distillation (M.-T. Tran et
+al., CVPR 2024, arXiv 2310.00258).
+
+The generator's input is not noise but a fixed *label embedding* per class, passed through a BatchNorm and a
+"noisy layer" (a linear layer re-drawn from N(0, 1) before every synthesis loop) into the usual generator body. The
+noisy layer makes each loop's images differ although the labels' embeddings never change, and since the label
+information is fixed the generator needs only a few steps per loop. Each synthesis round runs ``loops`` loops (the
+first ``warmup`` rounds ``warmup_loops`` and no adversarial term); a loop re-draws the noisy layer, draws balanced
+labels (every class ``B // K`` times, the rest at random) and runs ``synthesis_steps`` Adam steps on the generator
+(noisy layer included) minimizing
+
+    bn * BN-statistics(T) + oh * CE(T(aug x), labels) + adv * -KL(T || S)[argmaxes agree]
+
+on a random crop + flip of the images; the loop's last batch joins an :class:`ImagePool` the student samples from.
+The whole generator is re-initialized every ``g_life`` rounds. A round runs at the first student batch and then
+every ``synthesis_every`` batches.
+
+Defaults: the reference's CIFAR scripts (``scripts/nayer``): bn 10, oh 0.5, adv 1.33, 40 steps, lr_g 4e-3 with
+Adam betas (0.5, 0.999), ``g_life`` 10, 2 loops per round (10 in the 20 warm-up rounds), one noisy layer per 100
+samples, label embeddings of size 512 through a noisy layer of size 256 (the generator's ``nz``), tau 20. Changes
+from the reference, and why:
+
+- Label embeddings: the paper embeds "a photo of a {class name}" with CLIP's text encoder. No text encoder can be
+  downloaded here and a teacher's class names are often unknown, so the embeddings are a fixed random orthogonal
+  matrix (num_classes, embed_dim) (seeded by the global RNG at construction); pass your own through
+  ``NAYER.label_embeddings`` (a (num_classes, embed_dim) tensor) before training to use text embeddings.
+- The last loop's batch is kept, not the lowest-loss one (no host sync per step).
+- ``synthesis_every`` student batches per round instead of the reference's epoch of ``kd_steps`` student steps.
+- State not checkpointed: the pool and the round generator (a resumed run starts a new generator life).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..generators import Generator, augment
+from ..losses import BNStatsLoss, adversarial_loss, one_hot_loss
+from .base import PoolSynthesizer, SynthesizerConfig
+
+GENERATOR_BETAS = (0.5, 0.999)  # the reference's Adam betas
+
+
+@dataclass
+class NAYERConfig(SynthesizerConfig):
+    tau: float = 20.0  # temperature of the student's KD loss
+    bn: float = 10.0  # weight of the teacher's BatchNorm statistics matching (sum over its BN layers)
+    oh: float = 0.5  # weight of the teacher's cross-entropy against the loop's balanced labels
+    adv: float = 1.33  # weight of the masked adversarial term: minus KL(T || S) where the argmaxes agree
+    synthesis_steps: int = 40  # Adam steps per loop (the reference's g_steps)
+    generator_lr: float = 4e-3  # Adam learning rate of the generator and its noisy layer (lr_g)
+    loops: int = 2  # loops per synthesis round after the warm-up (g_loops)
+    warmup: int = 20  # rounds with warmup_loops loops and no adversarial term
+    warmup_loops: int = 10  # loops per warm-up round (gwp_loops)
+    g_life: int = 10  # rounds between re-initializations of the whole generator
+    embed_dim: int = 512  # size of the label embeddings (the paper: CLIP text embeddings)
+    nz: int = 256  # output size of the noisy layer, the generator body's input
+    noisy_group: int = 100  # samples sharing one noisy layer (the reference's nl)
+    synthesis_every: int = 400  # student batches between synthesis rounds (the first batch always synthesizes)
+    synthesis_batch_size: int = 0  # images per loop (0: the student's batch size)
+    pool_size: int = 50_000  # capacity of the image pool (oldest images dropped first)
+
+    def __post_init__(self):
+        for name in ("synthesis_steps", "loops", "g_life", "embed_dim", "noisy_group", "synthesis_every", "pool_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "warmup_loops", "synthesis_batch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+class NoisyLayerGenerator(nn.Module):
+    """Label embedding (buffer, (num_classes, embed_dim)) -> BatchNorm1d -> noisy Linear(embed_dim, nz) -> the
+    :class:`Generator` body (``self.body``). Samples ``[g * group, (g + 1) * group)`` of a batch share noisy layer
+    ``g``; ``num_noisy`` layers serve batches of up to ``num_noisy * group`` samples.
+
+    forward(labels (B,)) -> images (B, channels, img_size, img_size) in [0, 1].
+    """
+
+    def __init__(
+        self,
+        label_embeddings: torch.Tensor,
+        *,
+        nz: int,
+        ngf: int,
+        img_size: int,
+        channels: int,
+        group: int,
+        num_noisy: int,
+    ):
+        super().__init__()
+        embed_dim = label_embeddings.shape[1]
+        self.group = group
+        self.register_buffer("label_embeddings", label_embeddings.detach().clone())
+        self.norm = nn.BatchNorm1d(embed_dim)
+        self.noisy = nn.ModuleList(nn.Linear(embed_dim, nz) for _ in range(num_noisy))
+        self.body = Generator(nz=nz, ngf=ngf, img_size=img_size, channels=channels)
+        self.redraw_noise()
+
+    @torch.no_grad()
+    def redraw_noise(self) -> None:
+        """Re-draw every noisy layer: weights N(0, 1), biases 0 (global RNG)."""
+        for layer in self.noisy:
+            layer.weight.normal_(0.0, 1.0)
+            layer.bias.zero_()
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if labels.dim() != 1 or len(labels) > len(self.noisy) * self.group:
+            raise ValueError(
+                f"labels must be (B,) with B <= {len(self.noisy) * self.group}, got shape {tuple(labels.shape)}"
+            )
+        embedded = self.norm(self.label_embeddings[labels])
+        chunks = embedded.split(self.group)
+        return self.body(torch.cat([layer(chunk) for layer, chunk in zip(self.noisy, chunks)]))
+
+
+def balanced_labels(batch_size: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    """(batch_size,) labels with every class ``batch_size // num_classes`` times and the remainder drawn uniformly
+    (global RNG), shuffled (``torch.randperm``) so each noisy-layer group sees many classes."""
+    rest = torch.randint(0, num_classes, (batch_size % num_classes,), device=device)
+    labels = torch.cat([torch.arange(num_classes, device=device).repeat(batch_size // num_classes), rest])
+    return labels[torch.randperm(batch_size, device=device)]
+
+
+class NAYER(PoolSynthesizer):
+    """Noisy-layer generator over fixed label embeddings; the student samples from the pool.
+
+    State (besides :class:`PoolSynthesizer`'s): ``label_embeddings`` (num_classes, embed_dim), ``synthesis_generator``
+    (the current life's generator) and ``rounds`` (synthesis rounds run).
+    """
+
+    name = "nayer"
+    Config = NAYERConfig
+    needs_batchnorm = True
+
+    def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], config=None, **overrides):
+        super().__init__(num_classes=num_classes, image_shape=image_shape, config=config, **overrides)
+        self.label_embeddings = nn.init.orthogonal_(torch.empty(num_classes, self.config.embed_dim))
+        self.synthesis_generator: NoisyLayerGenerator | None = None
+        self.rounds = 0
+
+    def _new_generator(self, batch_size: int, device: torch.device) -> NoisyLayerGenerator:
+        cfg = self.config
+        shape = tuple(self.label_embeddings.shape)
+        if shape != (self.num_classes, cfg.embed_dim):
+            raise ValueError(f"label_embeddings must be ({self.num_classes}, {cfg.embed_dim}), got {shape}")
+        c, h, _ = self.image_shape
+        return NoisyLayerGenerator(
+            self.label_embeddings.float(),
+            nz=cfg.nz,
+            ngf=cfg.ngf,
+            img_size=h,
+            channels=c,
+            group=cfg.noisy_group,
+            num_noisy=math.ceil(batch_size / cfg.noisy_group),
+        ).to(device)
+
+    def synthesis_loss(self, images, labels, *, teacher, student, adversarial: bool) -> dict[str, torch.Tensor]:
+        """Losses of ``images`` (B, C, H, W) in [0, 1] with target ``labels`` (B,); ``"loss"`` is minimized."""
+        cfg = self.config
+        x = augment(images, padding=max(1, images.shape[-1] // 8))
+        with BNStatsLoss(teacher) as bn_stats:
+            teacher_logits = teacher(x)
+            loss_bn = bn_stats.loss()
+        loss_oh = one_hot_loss(teacher_logits, labels)
+        loss_adv = torch.zeros((), device=images.device)
+        if cfg.adv and adversarial:
+            loss_adv = adversarial_loss(student(x), teacher_logits, kind="kl", mask_agreement=True)
+        loss = cfg.bn * loss_bn + cfg.oh * loss_oh + cfg.adv * loss_adv
+        return {"loss": loss, "loss_bn": loss_bn.detach(), "loss_oh": loss_oh.detach(), "loss_adv": loss_adv.detach()}
+
+    def synthesize(self, batch_size: int, device: torch.device, *, teacher, student) -> torch.Tensor:
+        """One round: (warmup_)loops loops of ``synthesis_steps`` steps. Returns every loop's last batch,
+        concatenated ((loops * B, C, H, W) in [0, 1], detached); gradients reach the generator only."""
+        cfg = self.config
+        generator = self.synthesis_generator
+        needed = math.ceil(batch_size / cfg.noisy_group)
+        if generator is None or self.rounds % cfg.g_life == 0 or len(generator.noisy) < needed:
+            generator = self.synthesis_generator = self._new_generator(batch_size, device)
+        generator.to(device).train()
+        warm = self.rounds < cfg.warmup
+        loops = cfg.warmup_loops if warm else cfg.loops
+        batches = []
+        was_training = student.training
+        student.eval()
+        try:
+            with torch.enable_grad():
+                for _ in range(loops):
+                    generator.redraw_noise()
+                    labels = balanced_labels(batch_size, self.num_classes, device)
+                    params = list(generator.parameters())
+                    optimizer = torch.optim.Adam(params, lr=cfg.generator_lr, betas=GENERATOR_BETAS)
+                    for _ in range(cfg.synthesis_steps):
+                        images = generator(labels)
+                        losses = self.synthesis_loss(
+                            images, labels, teacher=teacher, student=student, adversarial=not warm
+                        )
+                        for p, g in zip(params, torch.autograd.grad(losses["loss"], params)):
+                            p.grad = g
+                        optimizer.step()
+                        self.last_losses = {k: v.detach() for k, v in losses.items()}
+                    batches.append(images.detach())
+        finally:
+            student.train(was_training)
+            for p in generator.parameters():
+                p.grad = None
+        self.rounds += 1
+        if not batches:  # warmup_loops = 0: one fresh batch so the pool is never empty
+            with torch.no_grad():
+                batches.append(generator(balanced_labels(batch_size, self.num_classes, device)))
+        return torch.cat(batches)
