@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,11 @@ from gendistill.dfkd.synthesizers import METHODS
 from gendistill.training.dfkd import distill
 
 QUICK = ["--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "0", "--log-every", "1"]
+
+
+def tiny_generator(*extra: str) -> list[str]:
+    """``--method-options`` for a CPU-sized generator, plus ``extra`` key=value items (comma-separated)."""
+    return ["--method-options", ",".join(["ngf=8", "nz=16", *extra])]
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +182,78 @@ def test_api_refuses_mismatched_teacher_and_student(tmp_path):
             max_steps=1,
         )
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+@pytest.fixture(scope="module")
+def bn_teacher(tmp_path_factory):
+    """A LeNet-5-BN with non-trivial running statistics (untrained: the runs below test plumbing, not accuracy)."""
+    torch.manual_seed(0)
+    model = build_classifier("lenet5_bn", num_classes=10, in_channels=1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(32, 1, 32, 32))
+    out = tmp_path_factory.mktemp("bn_teacher") / "lenet5_bn"
+    save_classifier(model.eval(), out)
+    return out
+
+
+def _student_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_resume_of_a_generator_method_is_exact(bn_teacher, tmp_path):
+    """Generator, student, both optimizers and the RNG are checkpointed: 2 + 2 iterations equal 4."""
+    base = ["dfkd", "--method", "dfq", "--teacher", str(bn_teacher), "--batch-size", "8", "--log-every", "1"]
+    base += ["--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "2", *tiny_generator("student_steps=2")]
+    assert main([*base, "--output", str(tmp_path / "straight"), "--max-steps", "4"]) == 0
+    assert main([*base, "--output", str(tmp_path / "resumed"), "--max-steps", "2"]) == 0
+    assert main([*base, "--output", str(tmp_path / "resumed"), "--max-steps", "4", "--resume", "latest"]) == 0
+    a, b = _student_weights(tmp_path / "straight"), _student_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _subprocess_env() -> dict[str, str]:
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    env.pop("GENDISTILL_DEBUG", None)
+    return env
+
+
+def test_fast_under_bf16_autocast_on_cpu(bn_teacher, tmp_path):
+    """The meta step copies the generator that Accelerate prepared for mixed precision (its forward is wrapped).
+    A fresh interpreter: Accelerate's mixed-precision state is process-wide."""
+    out = tmp_path / "bf16"
+    argv = ["dfkd", "--method", "fast", "--teacher", str(bn_teacher), "--output", str(out), "--max-steps", "2"]
+    argv += ["--batch-size", "8", "--mixed-precision", "bf16", *QUICK, *tiny_generator("g_steps=2", "warmup=0")]
+    result = subprocess.run(
+        [sys.executable, "-m", "gendistill", *argv], env=_subprocess_env(), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/generator" in r] == [1, 2]
+    assert all(np.isfinite(r["loss/generator"]) for r in rows if "loss/generator" in r)
+
+
+@pytest.mark.slow
+def test_fast_under_accelerate_launch_two_processes(bn_teacher, tmp_path):
+    """DDP: the meta step's surrogate loss goes through the wrapped generator, so both processes reduce gradients."""
+    env = _subprocess_env()
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines"]
+    launch += ["1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gendistill", "dfkd"]
+    args = ["--method", "fast", "--teacher", str(bn_teacher), "--output", str(out), "--max-steps", "2"]
+    args += ["--batch-size", "8", "--eval-data", "mnist5k", "--eval-every", "2", *QUICK[2:]]
+    args += tiny_generator("g_steps=2", "student_steps=2")
+    result = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and any("student_accuracy" in r for r in rows)
+    student = load_classifier(out)
+    assert student.config.arch == "lenet5_half"

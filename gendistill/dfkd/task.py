@@ -138,5 +138,10 @@ class DFKDTask(nn.Module):
         generator = modules.get("generator", getattr(self, "generator", None))
         student = modules.get("student", unwrap(self.student))
         device = next(self.teacher.parameters()).device
-        images = self.synthesizer.preview(16, device, generator=generator, teacher=self.teacher, student=student)
+        # Grids draw from a fixed seed inside a forked RNG: every grid uses the same noise (the grids show the
+        # generator's progress), and writing one never shifts the training's random stream (so a run resumed
+        # from a checkpoint written after a grid continues exactly as an uninterrupted run).
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            images = self.synthesizer.preview(16, device, generator=generator, teacher=self.teacher, student=student)
         return images.float().clamp(0, 1)
