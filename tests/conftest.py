@@ -167,3 +167,18 @@ def save_sd_teacher(folder, **kwargs) -> str:
 @pytest.fixture(scope="session")
 def sd_teacher_dir(tmp_path_factory):
     return save_sd_teacher(tmp_path_factory.mktemp("sd") / "teacher")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """DFKD tests: a tiny frozen WRN-16-1 classifier (4 classes, 3x32x32) with non-trivial BatchNorm running
+    statistics, as a trained teacher has."""
+    from gendistill.dfkd.models import build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier("wrn16_1", num_classes=4, in_channels=3, image_size=32)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, 3, 32, 32) * 0.5 + 0.25)
+    return model.eval().requires_grad_(False)

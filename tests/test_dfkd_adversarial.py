@@ -28,18 +28,6 @@ ITERATION = {
 }
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    """A tiny WRN-16-1 with non-trivial BatchNorm running statistics."""
-    torch.manual_seed(0)
-    model = build_classifier("wrn16_1", num_classes=4, in_channels=3, image_size=32)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(16, 3, 32, 32) * 0.5 + 0.25)
-    return model.eval()
-
-
 def make_task(cls, teacher, **options) -> DFKDTask:
     torch.manual_seed(1)
     student = build_classifier("lenet5_half", num_classes=4, in_channels=3, image_size=32)

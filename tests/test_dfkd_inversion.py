@@ -28,18 +28,6 @@ def make(cls, *, steps: int = 3, **options):
     return cls(num_classes=4, image_shape=(3, 32, 32), **{STEPS[cls.name]: steps, **SMALL[cls.name], **options})
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    """A tiny WRN-16-1 with non-trivial BatchNorm running statistics."""
-    torch.manual_seed(0)
-    model = build_classifier("wrn16_1", num_classes=4, in_channels=3, image_size=32)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(16, 3, 32, 32) * 0.5 + 0.25)
-    return model.eval().requires_grad_(False)
-
-
 def student(seed: int = 1):
     torch.manual_seed(seed)
     return build_classifier("lenet5_half", num_classes=4, in_channels=3, image_size=32)
