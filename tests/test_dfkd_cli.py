@@ -257,3 +257,20 @@ def test_fast_under_accelerate_launch_two_processes(bn_teacher, tmp_path):
     assert rows[-1]["step"] == 2 and any("student_accuracy" in r for r in rows)
     student = load_classifier(out)
     assert student.config.arch == "lenet5_half"
+
+
+@pytest.mark.parametrize("name", ["dfkd_mnist_lenet5", "dfkd_cifar10_resnet34"])
+def test_shipped_dfkd_recipes_parse_and_build(name):
+    """The recipes' fields and method options are valid, and the method accepts the recipe's teacher family."""
+    from gendistill.dfkd.synthesizers import get_method
+    from gendistill.training.dfkd import DFKDRecipe
+    from gendistill.training.recipes import build_recipe, load_yaml
+
+    values = load_yaml(Path(__file__).resolve().parents[1] / "training" / "recipes" / f"{name}.yaml")
+    recipe = build_recipe(DFKDRecipe, {**values, "teacher": "t"}, method="dfkd")
+    recipe.validate()
+    options = recipe.options()
+    synthesizer = get_method(recipe.method)(num_classes=10, image_shape=(3, 32, 32), **options)
+    teacher_arch = "lenet5" if recipe.student_arch == "lenet5_half" else "resnet34"
+    synthesizer.check_teacher(build_classifier(teacher_arch, num_classes=10))
+    assert recipe.max_steps > 0 and options
