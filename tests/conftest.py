@@ -182,3 +182,22 @@ def teacher():
         for _ in range(3):
             model(torch.rand(16, 3, 32, 32) * 0.5 + 0.25)
     return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def fit_task(tmp_path):
+    """DFKD tests: ``fit_task(task, steps, **recipe_overrides)`` trains ``task`` through the real training core
+    (batch 8, logging every step, no evaluation, grids, checkpoints or EMA unless overridden) into
+    ``tmp_path / "run"``, which it returns."""
+    from gendistill.training.core import Trainer
+    from gendistill.training.recipes import TrainRecipe
+
+    def fit(task, steps: int, **overrides) -> Path:
+        fields = dict(batch_size=8, eval_every=0, sample_every=0, checkpoint_every=0, log_every=1, ema_decay=0)
+        recipe = TrainRecipe(output=str(tmp_path / "run"), max_steps=steps, **{**fields, **overrides})
+        trainer = Trainer(task, recipe, command="test")
+        trainer.fit()
+        trainer.end()
+        return tmp_path / "run"
+
+    return fit

@@ -14,8 +14,7 @@ from gendistill.dfkd.synthesizers.dfad import DFAD
 from gendistill.dfkd.synthesizers.dfq import DFQ
 from gendistill.dfkd.synthesizers.zskt import ZSKT
 from gendistill.dfkd.task import DFKDTask
-from gendistill.training.core import Trainer, logged_values
-from gendistill.training.recipes import TrainRecipe
+from gendistill.training.core import logged_values
 
 CLASSES = (DFAD, ZSKT, DFQ)
 SMALL = {"nz": 16, "ngf": 8}  # a tiny generator
@@ -43,7 +42,7 @@ def changed(before: list[torch.Tensor], module) -> bool:
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.name)
-def test_training_core_runs_phases_in_order_and_updates_both(cls, teacher, tmp_path):
+def test_training_core_runs_phases_in_order_and_updates_both(cls, teacher, fit_task):
     task = make_task(cls, teacher)
     student_before, generator_before = trainable(task.student), trainable(task.generator)
     calls = []
@@ -54,24 +53,12 @@ def test_training_core_runs_phases_in_order_and_updates_both(cls, teacher, tmp_p
         return sample_batch(phase, batch_size, device)
 
     task.sample_batch = recording_sample_batch
-    recipe = TrainRecipe(
-        output=str(tmp_path / "run"),
-        max_steps=2,
-        batch_size=8,
-        eval_every=0,
-        sample_every=0,
-        checkpoint_every=0,
-        log_every=1,
-        ema_decay=0,
-    )
-    trainer = Trainer(task, recipe, command=f"test {cls.name}")
-    trainer.fit()
-    trainer.end()
+    run = fit_task(task, 2)
 
     assert calls == ITERATION[cls.name] * 2
     assert changed(student_before, task.student) and changed(generator_before, task.generator)
     for key in ("loss/student", "loss/generator"):
-        values = logged_values(tmp_path / "run", key)
+        values = logged_values(run, key)
         assert len(values) == 2 and all(math.isfinite(v) for v in values), (key, values)
 
 

@@ -15,8 +15,7 @@ from gendistill.dfkd.models import build_classifier
 from gendistill.dfkd.synthesizers.cmi import CMI, contrastive_loss, local_view
 from gendistill.dfkd.synthesizers.deepinversion import DeepInversion
 from gendistill.dfkd.task import DFKDTask
-from gendistill.training.core import Trainer, logged_values
-from gendistill.training.recipes import TrainRecipe
+from gendistill.training.core import logged_values
 
 CPU = torch.device("cpu")
 STEPS = {"deepinversion": "inversion_steps", "cmi": "synthesis_steps"}
@@ -38,30 +37,20 @@ def params(module) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.name)
-def test_training_core_fills_pool_and_trains_student(cls, teacher, tmp_path):
+def test_training_core_fills_pool_and_trains_student(cls, teacher, fit_task):
     synthesizer = make(cls, synthesis_every=2)
     task = DFKDTask(teacher, student(), synthesizer)
     assert [p.name for p in task.phases()] == ["student"] and not hasattr(task, "generator")
     before = params(task.student)
-    recipe = TrainRecipe(
-        output=str(tmp_path / "run"),
-        max_steps=3,
-        batch_size=8,
-        eval_every=0,
-        sample_every=0,
-        checkpoint_every=0,
-        log_every=1,
-        ema_decay=0,
-    )
-    Trainer(task, recipe, command=f"test {cls.name}").fit()
+    run = fit_task(task, 3)
     assert any(not torch.equal(a, b) for a, b in zip(before, params(task.student), strict=True))
-    losses = logged_values(tmp_path / "run", "loss/student")
+    losses = logged_values(run, "loss/student")
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     # Student batches 0 and 2 synthesized (a round every 2 calls): two rounds of 8 images.
     assert synthesizer.calls == 3 and len(synthesizer.pool) == 16
     assert all(math.isfinite(float(v)) for v in synthesizer.last_losses.values())
     assert all(p.grad is None for p in teacher.parameters())
-    assert (tmp_path / "run" / "samples").is_dir()  # the final sample grid came from the pool
+    assert (run / "samples").is_dir()  # the final sample grid came from the pool
     if cls is CMI:
         assert len(synthesizer.bank) == 16  # the bank grew by one batch per round
         assert all(p.grad is None for p in synthesizer.head.parameters())

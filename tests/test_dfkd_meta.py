@@ -17,8 +17,7 @@ from gendistill.dfkd.synthesizers.cae import CAE
 from gendistill.dfkd.synthesizers.fast import Fast
 from gendistill.dfkd.synthesizers.nayer import NAYER, balanced_labels
 from gendistill.dfkd.task import DFKDTask
-from gendistill.training.core import Trainer, logged_values
-from gendistill.training.recipes import TrainRecipe
+from gendistill.training.core import logged_values
 
 CPU = torch.device("cpu")
 SMALL = {"nz": 16, "ngf": 8}
@@ -46,29 +45,17 @@ def changed(before, module) -> bool:
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.name)
-def test_training_core_trains_the_student(cls, teacher, tmp_path):
+def test_training_core_trains_the_student(cls, teacher, fit_task):
     task = make_task(cls, teacher)
     student_before = trainable(task.student)
     generator_before = trainable(task.generator) if hasattr(task, "generator") else None
-    recipe = TrainRecipe(
-        output=str(tmp_path / "run"),
-        max_steps=3,
-        batch_size=8,
-        eval_every=0,
-        sample_every=3,
-        checkpoint_every=0,
-        log_every=1,
-        ema_decay=0,
-    )
-    trainer = Trainer(task, recipe, command=f"test {cls.name}")
-    trainer.fit()
-    trainer.end()
+    run = fit_task(task, 3, sample_every=3)
     assert changed(student_before, task.student)
     if generator_before is not None:
         assert changed(generator_before, task.generator)
-    values = logged_values(tmp_path / "run", "loss/student")
+    values = logged_values(run, "loss/student")
     assert len(values) == 3 and all(math.isfinite(v) for v in values)
-    assert (tmp_path / "run" / "samples").is_dir()
+    assert (run / "samples").is_dir()
 
 
 class Scaled(torch.nn.Module):
