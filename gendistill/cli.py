@@ -1,4 +1,5 @@
-"""The ``gendistill`` command. Each subcommand's ``main(argv)`` lives in ``gendistill.training``.
+"""The ``gendistill`` command. Each subcommand's ``main(argv)`` lives in ``gendistill.training`` (``eval``: in
+``gendistill.eval``).
 
 Bad input (a ``ValueError`` or ``FileNotFoundError`` raised while validating it) is printed as one line and
 exits with code 2; ``GENDISTILL_DEBUG=1`` shows the traceback instead.
@@ -16,6 +17,7 @@ COMMANDS = {
     "dfkd": "distill a classifier into a student on synthesized images only (DAFL, Fast, CMI, ...)",
     "demo": "run the embedded default end to end (MNIST teacher -> BOOT student)",
     "sample": "sample a grid of images from a saved BOOT student folder",
+    "eval": "measure: fid, kid, clip, accuracy, asr, speed (metrics.json + report.md with images)",
 }
 TEACH_METHODS = ("diffusion", "classifier")
 
@@ -45,6 +47,8 @@ def _dispatch(command: str, argv: list[str]) -> int:
         from gendistill.training.demo import main
     elif command == "sample":
         from gendistill.training.sample import main
+    elif command == "eval":
+        from gendistill.eval.cli import main
     else:
         raise ValueError(f"unknown command {command!r}; valid: {', '.join(COMMANDS)}")
     return main(argv)

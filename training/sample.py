@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
 
-from gendistill.pipelines import BootImagePipeline, BootPipeline
-
-PIPELINES = {cls.__name__: cls for cls in (BootImagePipeline, BootPipeline)}
-
-
-def load_student(folder: str | os.PathLike) -> BootImagePipeline | BootPipeline:
-    """The BOOT pipeline class that ``folder``'s ``model_index.json`` names, loaded without running folder code."""
-    index_path = Path(folder) / "model_index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{folder} has no model_index.json; expected a folder written by gendistill boot")
-    name = json.loads(index_path.read_text(encoding="utf-8")).get("_class_name")
-    name = name[-1] if isinstance(name, list) and name else name
-    if name not in PIPELINES:
-        raise ValueError(f"{index_path} describes pipeline {name!r}; valid: {', '.join(PIPELINES)}")
-    pipe = PIPELINES[name].from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from gendistill.pipelines import BootPipeline, load_boot_pipeline
 
 
 def _int_list(text: str) -> list[int]:
@@ -64,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--num-images must be positive, got {args.num_images}")
     if not args.output.lower().endswith(".png"):
         raise ValueError(f"--output must be a .png file, got {args.output!r}")
-    pipe = load_student(args.model)
+    pipe = load_boot_pipeline(args.model)
     generator = torch.Generator().manual_seed(args.seed)
     if isinstance(pipe, BootPipeline):
         if args.class_labels is not None:

@@ -10,13 +10,8 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def load_image_folder(folder: str | Path, *, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Every image under ``folder`` (recursively) as RGB uint8 (N, 3, S, S), resized and center-cropped to
-    ``image_size``, with labels (N,) int64 and the class names.
-
-    Images in subfolders are labelled by their top-level subfolder, classes sorted by name; a folder holding
-    images only at its top level is one class. Hidden files and folders are skipped.
-    """
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively, sorted, hidden files and folders skipped)."""
     root = Path(folder).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data folder {str(folder)!r} does not exist; expected a folder of images")
@@ -31,6 +26,18 @@ def load_image_folder(folder: str | Path, *, image_size: int) -> tuple[torch.Ten
     )
     if not files:
         raise ValueError(f"data folder {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def load_image_folder(folder: str | Path, *, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Every image under ``folder`` (recursively) as RGB uint8 (N, 3, S, S), resized and center-cropped to
+    ``image_size``, with labels (N,) int64 and the class names.
+
+    Images in subfolders are labelled by their top-level subfolder, classes sorted by name; a folder holding
+    images only at its top level is one class. Hidden files and folders are skipped.
+    """
+    root = Path(folder).expanduser()
+    files = list_image_files(root)
     top_level = [p for p in files if p.parent == root]
     class_names = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
     if top_level and class_names:

@@ -1,0 +1,173 @@
+"""``metrics.json`` + ``report.md`` with PNGs: what every ``gendistill eval`` command writes.
+
+Every number is stored with its settings (feature extractor, sample count, seeds, resize mode...) and the device
+and library versions of the run. The report opens with the pictures, then the tables. Nothing in the output
+folder looks complete before it is: PNGs are written first, ``metrics.json`` and ``report.md`` last, each through
+a temporary file and ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+
+def device_description(device: torch.device | str) -> str:
+    """``"cuda: NVIDIA H100 80GB HBM3"`` or ``"cpu: x86_64, 2 threads"``: what a number was measured on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"{device.type}: {platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {}
+    for name in ("gendistill", "torch", "torchvision", "diffusers", "torch-fidelity", "clip-anytorch"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return found
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:.4g}"
+    return str(value)
+
+
+@dataclass
+class Report:
+    """Collects metrics, images and tables of one evaluation; :meth:`save` writes them into ``output``."""
+
+    output: Path
+    title: str
+    command: str  # e.g. "eval fid"
+    device: str  # device_description(...)
+    metrics: dict[str, dict] = field(default_factory=dict)
+    _images: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    _tables: list[tuple[str, list[dict]]] = field(default_factory=list)
+    _notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        if self.output.exists() and not self.output.is_dir():
+            raise ValueError(f"output {str(self.output)!r} exists and is not a folder")
+        self.output.mkdir(parents=True, exist_ok=True)
+        for stale in ("report.md", "metrics.json"):
+            (self.output / stale).unlink(missing_ok=True)  # a crash must not leave an older report looking current
+
+    def add_metric(self, name: str, value, **settings) -> None:
+        """One number (or a dict of numbers) and everything needed to reproduce it."""
+        self.metrics[name] = {"value": value, "settings": settings}
+
+    def add_grid(self, name: str, images: torch.Tensor, caption: str, *, nrow: int = 8) -> Path:
+        """Save images (B, C, H, W) in [0, 1] as one PNG grid ``name``.png."""
+        path = self.output / f"{name}.png"
+        save_image(images.detach().float().cpu().clamp(0, 1), path, nrow=nrow, padding=2, pad_value=1.0)
+        self._images.append((path.name, caption))
+        return path
+
+    def add_plot(
+        self,
+        name: str,
+        series: dict[str, tuple[list, list]],
+        caption: str,
+        *,
+        xlabel: str,
+        ylabel: str,
+        logx: bool = False,
+    ) -> Path:
+        """A line plot ``name``.png of ``{label: (xs, ys)}``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+        fig.tight_layout()
+        path = self.output / f"{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        self._images.append((path.name, caption))
+        return path
+
+    def add_table(self, title: str, rows: list[dict]) -> None:
+        self._tables.append((title, rows))
+
+    def add_note(self, text: str) -> None:
+        self._notes.append(text)
+
+    def save(self) -> Path:
+        """Write ``metrics.json`` then ``report.md``; returns the report's path."""
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        payload = {
+            "command": self.command,
+            "device": self.device,
+            "created": created,
+            "versions": versions(),
+            "metrics": self.metrics,
+        }
+        _write_text(self.output / "metrics.json", json.dumps(payload, indent=2, default=_json_default) + "\n")
+        lines = [f"# {self.title}", ""]
+        for file, caption in self._images:
+            lines += [f"![{caption}]({file})", "", f"*{caption}*", ""]
+        summary = [{"metric": k, "value": _summary_value(v["value"])} for k, v in self.metrics.items()]
+        for title, rows in [("Metrics", summary), *self._tables]:
+            if not rows:
+                continue
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            lines += [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+            lines.append("")
+        lines += ["## Settings", ""]
+        for name, entry in self.metrics.items():
+            settings = ", ".join(f"{k}={_cell(v)}" for k, v in entry["settings"].items())
+            lines.append(f"- **{name}**: {settings}")
+        lines += ["", *self._notes, "" if self._notes else "", f"Device: {self.device}. Written {created}.", ""]
+        path = self.output / "report.md"
+        _write_text(path, "\n".join(lines))
+        return path
+
+
+def _summary_value(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
+    return _cell(value)
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in metrics.json")
