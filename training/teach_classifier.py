@@ -4,10 +4,16 @@ The result is a classifier folder (``model.safetensors`` + ``config.json``) that
 distills, plus ``results.json`` with the held-out accuracy. Data: the offline MNIST subset, a folder of images per
 class, an ``.npz`` of arrays, or CIFAR-10/100 from the user's torchvision files. Training runs on the shared
 ``Trainer`` with cross-entropy, random crop (+ flip for natural images) and the recipe's AdamW and LR schedule.
+
+``--backdoor badnets|blend|trojan`` plants a backdoor for testing whether distillation passes it on: the training
+split is poisoned once before training (``gendistill.dfkd.backdoor.poison``: ``poison_rate`` of the non-target images
+triggered and relabelled to ``backdoor_target``), the held-out split stays clean, and ``results.json`` adds the
+held-out clean accuracy and attack success rate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gendistill.data.classification import load_classification_data
+from gendistill.dfkd.backdoor import TRIGGERS, Trigger, make_trigger, poison
 from gendistill.dfkd.generators import augment
 from gendistill.dfkd.models import ARCHITECTURES, Classifier, build_classifier, save_classifier
 from gendistill.task import Phase
@@ -46,6 +53,9 @@ class TeachClassifierRecipe(TrainRecipe):
     eval_every: int = 500  # held-out accuracy every N steps
     sample_every: int = 0  # (no sample grids for classifiers)
     checkpoint_every: int = 1000  # resumable checkpoint every N steps
+    backdoor: str | None = None  # plant a backdoor: badnets | blend | trojan (default settings); None: clean
+    backdoor_target: int = 0  # the class triggered training images are relabelled to
+    poison_rate: float = 0.1  # fraction of the non-target training images that are triggered and relabelled
 
     def validate(self) -> None:
         super().validate()
@@ -53,12 +63,33 @@ class TeachClassifierRecipe(TrainRecipe):
             raise ValueError(f"unknown architecture {self.arch!r}; valid: {', '.join(ARCHITECTURES)}")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.backdoor is not None and self.backdoor not in TRIGGERS:
+            raise ValueError(f"unknown backdoor trigger {self.backdoor!r}; valid: {', '.join(TRIGGERS)}")
+        if not 0 < self.poison_rate <= 1:
+            raise ValueError(f"poison_rate must be in (0, 1], got {self.poison_rate}")
+        if self.backdoor_target < 0:
+            raise ValueError(f"backdoor_target must be a class index >= 0, got {self.backdoor_target}")
 
 
 class ClassifierTrainingTask(nn.Module):
-    """Cross-entropy training of ``model`` on ``images`` (N, C, H, W) in [0, 1] with ``labels`` (N,)."""
+    """Cross-entropy training of ``model`` on ``images`` (N, C, H, W) in [0, 1] with ``labels`` (N,).
 
-    def __init__(self, model: Classifier, images, labels, *, eval_data=None, flip: bool = True, padding: int = 4):
+    ``backdoor=(trigger, target)``: the training images were poisoned with ``trigger``; evaluation then also reports
+    the attack success rate on the clean held-out images (the fraction of triggered non-target images classified as
+    ``target``, as ``gendistill eval asr`` measures it).
+    """
+
+    def __init__(
+        self,
+        model: Classifier,
+        images,
+        labels,
+        *,
+        eval_data=None,
+        flip: bool = True,
+        padding: int = 4,
+        backdoor: tuple[Trigger, int] | None = None,
+    ):
         super().__init__()
         self.model = model
         self.register_buffer("images", images, persistent=False)
@@ -67,6 +98,8 @@ class ClassifierTrainingTask(nn.Module):
             self.register_buffer("eval_images", eval_data[0], persistent=False)
             self.register_buffer("eval_labels", eval_data[1], persistent=False)
         self.flip, self.padding = flip, padding
+        self.backdoor = backdoor
+        self.poisoned_count = 0  # training images carrying the trigger (set by build_task)
 
     def phases(self) -> list[Phase]:
         return [Phase("model")]
@@ -90,8 +123,14 @@ class ClassifierTrainingTask(nn.Module):
             (model(x).argmax(1) == y).sum().item()
             for x, y in zip(self.eval_images.split(512), self.eval_labels.split(512))
         )
+        metrics = {"accuracy": correct / len(self.eval_labels)}
+        if self.backdoor is not None:
+            trigger, target = self.backdoor
+            others = self.eval_images[self.eval_labels != target]
+            hits = sum((model(trigger.apply(x)).argmax(1) == target).sum().item() for x in others.split(512))
+            metrics["asr"] = hits / max(1, len(others))
         model.train(was_training)
-        return {"accuracy": correct / len(self.eval_labels)}
+        return metrics
 
 
 def build_task(recipe: TeachClassifierRecipe) -> ClassifierTrainingTask:
@@ -104,6 +143,18 @@ def build_task(recipe: TeachClassifierRecipe) -> ClassifierTrainingTask:
     }
     images, labels, names = load_classification_data(recipe.data, split="train", **load)
     eval_images, eval_labels, _ = load_classification_data(recipe.data, split="test", **load)
+    poisoned, trigger = torch.zeros(len(labels), dtype=torch.bool), None
+    if recipe.backdoor is not None:  # poisoned once, before training; the held-out split stays clean
+        trigger = make_trigger(recipe.backdoor)
+        images, labels, poisoned = poison(
+            images,
+            labels,
+            trigger=trigger,
+            target=recipe.backdoor_target,
+            rate=recipe.poison_rate,
+            seed=recipe.seed,
+            num_classes=len(names),
+        )
     mean = images.mean((0, 2, 3)).tolist()
     std = images.std((0, 2, 3)).clamp_min(1e-3).tolist()
     torch.manual_seed(recipe.seed)  # the Trainer seeds only after the task is built: a reproducible init
@@ -117,9 +168,17 @@ def build_task(recipe: TeachClassifierRecipe) -> ClassifierTrainingTask:
     )
     flip = recipe.flip if recipe.flip is not None else recipe.data != "mnist5k"
     padding = recipe.image_size // 8
-    return ClassifierTrainingTask(
-        model, images, labels, eval_data=(eval_images, eval_labels), flip=flip, padding=padding
+    task = ClassifierTrainingTask(
+        model,
+        images,
+        labels,
+        eval_data=(eval_images, eval_labels),
+        flip=flip,
+        padding=padding,
+        backdoor=None if trigger is None else (trigger, recipe.backdoor_target),
     )
+    task.poisoned_count = int(poisoned.sum())
+    return task
 
 
 def run(recipe: TeachClassifierRecipe) -> dict:
@@ -140,6 +199,17 @@ def run(recipe: TeachClassifierRecipe) -> dict:
             "heldout_size": len(task.eval_labels),
             "train_size": len(task.labels),
         }
+        if task.backdoor is not None:
+            trigger, target = task.backdoor
+            summary["backdoor"] = {
+                "trigger": recipe.backdoor,
+                "trigger_settings": dataclasses.asdict(trigger),
+                "target": target,
+                "poison_rate": recipe.poison_rate,
+                "poisoned_images": task.poisoned_count,
+            }
+            summary["heldout_clean_accuracy"] = summary["heldout_accuracy"]  # the held-out split is never poisoned
+            summary["heldout_asr"] = metrics.get("ema/asr", metrics.get("asr"))
         (output / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     trainer.accelerator.wait_for_everyone()
     trainer.end()
@@ -157,4 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(recipe)
     if summary:
         print(f"held-out accuracy {summary['heldout_accuracy']:.4f} on {summary['heldout_size']} images")
+        if "heldout_asr" in summary:
+            backdoor = f"{recipe.backdoor} -> class {recipe.backdoor_target}"
+            print(f"backdoor ({backdoor}): held-out attack success rate {summary['heldout_asr']:.4f}")
     return 0
