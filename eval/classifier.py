@@ -21,10 +21,27 @@ from gendistill.data.classification import _channels, _per_class_split, _resize,
 from gendistill.dfkd.backdoor import TRIGGERS, Trigger, make_trigger
 from gendistill.dfkd.models import Classifier, FeatureHooks, load_classifier
 
-from .report import Report, device_description
+from .report import Report, device_description, read_run_log
 
 BATCH_SIZE = 256
 PROBE_DATA = ("digits",)  # extra probe datasets beyond load_classification_data's: scikit-learn's 8x8 digits
+
+
+def time_to_accuracy(rows: list[dict], fractions: Sequence[float] = (0.9, 0.95)) -> dict:
+    """The DFKD speed metric from a distillation run's log rows (``logs/metrics.jsonl``): the first ``elapsed_s`` at
+    which the student's held-out accuracy (its EMA when logged) reached each fraction of the teacher's accuracy on
+    the same images; ``None`` where it never did. Also returns the curve ``(elapsed_s, accuracy)``."""
+    key = "ema/student_accuracy" if any("ema/student_accuracy" in r for r in rows) else "student_accuracy"
+    points = [(r["elapsed_s"], r[key], r.get("teacher_accuracy")) for r in rows if key in r and "elapsed_s" in r]
+    teacher = next((t for *_, t in points if t is not None), None)
+    if not points or teacher is None:
+        return {}
+    reached = {}
+    for fraction in fractions:
+        hits = [seconds for seconds, accuracy, _ in points if accuracy >= fraction * teacher]
+        reached[f"{fraction:.0%}"] = min(hits) if hits else None
+    curve = ([p[0] for p in points], [p[1] for p in points])
+    return {"student_key": key, "teacher_accuracy": teacher, "seconds_to_reach": reached, "curve": curve}
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
@@ -473,6 +490,26 @@ def main_accuracy(argv: list[str] | None = None) -> int:
                 seed=0,
                 standardized="train mean/std",
             )
+    # 6. the distillation run's curves, when the student folder is a run (gendistill dfkd --output)
+    timing = time_to_accuracy(read_run_log(args.student))
+    if timing:
+        report.add_training_curves(args.student)
+        seconds, accuracy = timing["curve"]
+        teacher_line = ([seconds[0], seconds[-1]], [timing["teacher_accuracy"]] * 2)
+        report.add_plot(
+            "accuracy_vs_time",
+            {"student": (seconds, accuracy), "teacher": teacher_line},
+            "held-out accuracy during distillation against wall-clock time (the run's log)",
+            xlabel="seconds",
+            ylabel="accuracy",
+        )
+        report.add_metric(
+            "seconds_to_teacher_fraction",
+            timing["seconds_to_reach"],
+            source="the run's logs/metrics.jsonl",
+            accuracy_key=timing["student_key"],
+            teacher_accuracy=timing["teacher_accuracy"],
+        )
     report.add_note(
         "top-k: a label counts as correct at k when it is among the k largest logits. Agreement: the fraction of "
         "images on which student and teacher predict the same class. Linear probe: frozen penultimate features "
@@ -481,7 +518,7 @@ def main_accuracy(argv: list[str] | None = None) -> int:
     )
     path = report.save()
 
-    # 6. a one-line summary
+    # 7. a one-line summary
     line = f"top-1 {accuracies['student']['top1']:.4f}"
     if "top5" in accuracies["student"]:
         line += f", top-5 {accuracies['student']['top5']:.4f}"

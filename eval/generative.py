@@ -10,7 +10,6 @@ or ``--teacher`` names one), class agreement of an independent classifier (``--c
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from pathlib import Path
@@ -23,11 +22,6 @@ from .fid import KID_SUBSET_SIZE, KID_SUBSETS, FeatureStats, compute_stats, frec
 from .report import Report, device_description
 
 GRID_SIZE = 64
-CURVE_GROUPS = {  # training-curve plots: group name -> which logged keys it shows
-    "loss": lambda key: key.startswith("loss"),
-    "trajectory_error": lambda key: key.endswith("trajectory_error"),
-    "accuracy": lambda key: key.endswith("accuracy") or key.endswith("agreement"),
-}
 
 
 def default_device() -> str:
@@ -193,28 +187,6 @@ def _teacher_vs_student(pipe, settings, args, report: Report) -> None:
     )
 
 
-def _training_curves(folder: Path, report: Report) -> None:
-    """One plot per group of logged scalars of the run that wrote ``folder`` (its ``logs/metrics.jsonl``)."""
-    path = folder / "logs" / "metrics.jsonl"
-    if not path.is_file():
-        return
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for group, belongs in CURVE_GROUPS.items():
-        series = {}
-        for key in sorted({k for row in rows for k in row if belongs(k)}):
-            points = [(row["step"], row[key]) for row in rows if key in row and "step" in row]
-            if len(points) > 1:
-                series[key] = ([p[0] for p in points], [p[1] for p in points])
-        if series:
-            report.add_plot(
-                f"curve_{group}",
-                series,
-                f"training curve: {group} (from the run's {path.name})",
-                xlabel="step",
-                ylabel=group,
-            )
-
-
 def run(args: argparse.Namespace, *, kid: bool) -> dict:
     command = "eval kid" if kid else "eval fid"
     fake_kind, real_kind = _kind(args.fake), _kind(args.real)
@@ -348,7 +320,7 @@ def run(args: argparse.Namespace, *, kid: bool) -> dict:
             logx=all(t > 0 for t in times),
         )
     if pipe is not None:
-        _training_curves(Path(args.fake), report)
+        report.add_training_curves(Path(args.fake))
     if extractor.name.startswith("inception") and "UNOFFICIAL" in extractor.name:
         report.add_note("**Not comparable with published numbers:** the Inception weights are not the official file.")
     report.save()

@@ -19,6 +19,20 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+CURVE_GROUPS = {  # training-curve plots: group name -> which logged keys it shows
+    "loss": lambda key: key.startswith("loss"),
+    "trajectory_error": lambda key: key.endswith("trajectory_error"),
+    "accuracy": lambda key: key.endswith("accuracy") or key.endswith("agreement"),
+}
+
+
+def read_run_log(folder: str | os.PathLike) -> list[dict]:
+    """The rows of a training run's ``logs/metrics.jsonl`` (empty if ``folder`` holds no run log)."""
+    path = Path(folder) / "logs" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
 
 def device_description(device: torch.device | str) -> str:
     """``"cuda: NVIDIA H100 80GB HBM3"`` or ``"cpu: x86_64, 2 threads"``: what a number was measured on."""
@@ -118,6 +132,19 @@ class Report:
         plt.close(fig)
         self._images.append((path.name, caption))
         return path
+
+    def add_training_curves(self, folder: str | os.PathLike) -> None:
+        """One plot per group of scalars logged by the run that wrote ``folder`` (``CURVE_GROUPS``), against step."""
+        rows = read_run_log(folder)
+        for group, belongs in CURVE_GROUPS.items():
+            series = {}
+            for key in sorted({k for row in rows for k in row if belongs(k)}):
+                points = [(row["step"], row[key]) for row in rows if key in row and "step" in row]
+                if len(points) > 1:
+                    series[key] = ([p[0] for p in points], [p[1] for p in points])
+            if series:
+                caption = f"training curve: {group} (from the run's logs/metrics.jsonl)"
+                self.add_plot(f"curve_{group}", series, caption, xlabel="step", ylabel=group)
 
     def add_table(self, title: str, rows: list[dict]) -> None:
         self._tables.append((title, rows))

@@ -19,6 +19,7 @@ from gendistill.eval.classifier import (
     main_accuracy,
     main_asr,
     probe_features,
+    time_to_accuracy,
     topk_accuracy,
 )
 from gendistill.training.recipes import parse_recipe
@@ -311,3 +312,37 @@ def test_eval_cli_bad_input(tmp_path):
     # an untrained classifier on a few images: the files appear
     assert main_asr(["--model", str(folder), "--trigger", "blend", "--limit", "40", *out]) == 0
     assert {"metrics.json", "report.md", "triggers.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_time_to_accuracy_reads_the_first_crossing_of_each_fraction():
+    rows = [
+        {"step": 0, "elapsed_s": 1.0, "student_accuracy": 0.1, "teacher_accuracy": 0.8},
+        {"step": 1, "loss/student": 0.5},
+        {"step": 2, "elapsed_s": 5.0, "student_accuracy": 0.73, "teacher_accuracy": 0.8},  # 91%: reaches 90%
+        {"step": 4, "elapsed_s": 9.0, "student_accuracy": 0.70, "teacher_accuracy": 0.8},
+        {"step": 6, "elapsed_s": 12.0, "student_accuracy": 0.77, "teacher_accuracy": 0.8},  # 96%: reaches 95%
+    ]
+    timing = time_to_accuracy(rows, fractions=(0.9, 0.95, 0.99))
+    assert timing["seconds_to_reach"] == {"90%": 5.0, "95%": 12.0, "99%": None}
+    assert timing["curve"] == ([1.0, 5.0, 9.0, 12.0], [0.1, 0.73, 0.70, 0.77])
+    ema = [{**r, "ema/student_accuracy": 0.79} for r in rows if "elapsed_s" in r]
+    assert time_to_accuracy(ema)["seconds_to_reach"]["95%"] == 1.0  # the EMA student is preferred when logged
+    assert time_to_accuracy([{"step": 1, "loss": 1.0}]) == {}
+
+
+@pytest.mark.slow
+def test_eval_accuracy_of_a_dfkd_run_plots_accuracy_against_time(planted, tmp_path):
+    from gendistill.cli import main
+
+    run = tmp_path / "run"
+    argv = ["dfkd", "--method", "dafl", "--teacher", str(planted["clean"]), "--student-arch", "lenet5_half"]
+    argv += ["--output", str(run), "--eval-data", "mnist5k", "--iterations", "4", "--batch-size", "16"]
+    argv += ["--eval-every", "2", "--log-every", "1", "--checkpoint-every", "0", "--sample-every", "0"]
+    assert main(argv) == 0
+    out = tmp_path / "acc"
+    assert main_accuracy(["--student", str(run), "--data", "mnist5k", "--output", str(out), "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    reached = metrics["seconds_to_teacher_fraction"]
+    assert set(reached["value"]) == {"90%", "95%"} and reached["settings"]["teacher_accuracy"] > 0.9
+    for name in ("accuracy_vs_time.png", "curve_loss.png", "curve_accuracy.png"):
+        assert (out / name).is_file(), name
