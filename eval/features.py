@@ -77,7 +77,9 @@ def find_inception_weights(weights: str | os.PathLike | None = None, *, download
         return cached
     if download:
         try:
-            torch.hub.download_url_to_file(INCEPTION_URL, str(cached.with_suffix(".part")), hash_prefix=None)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            part = str(cached.with_suffix(".part"))
+            torch.hub.download_url_to_file(INCEPTION_URL, part, hash_prefix=INCEPTION_SHA256)
             os.replace(cached.with_suffix(".part"), cached)
             return cached
         except Exception as err:  # no network, proxy, HTTP error...
@@ -86,6 +88,30 @@ def find_inception_weights(weights: str | os.PathLike | None = None, *, download
                 f"no Inception weights found and the download failed ({err}); {HOW_TO_GET}"
             ) from err
     raise FileNotFoundError(f"no Inception weights found; {HOW_TO_GET}")
+
+
+def save_random_inception(path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Save a randomly initialized FID Inception-v3 of the official layout (torch-fidelity's module) to ``path``:
+    for tests and smoke runs where the real weights cannot be downloaded. Its features are NOT the FID features."""
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    cls = fe.FeatureExtractorInceptionV3
+    # Build the real module, skipping only the download and the loading of weights.
+    with (
+        torch.random.fork_rng(),
+        mock.patch.object(fe, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(cls, "load_state_dict", return_value=None),
+    ):
+        torch.manual_seed(seed)
+        net = cls("inception-v3-compat", ["2048"])
+        for module in net.modules():  # He init keeps activations alive through 40+ layers (the default vanishes)
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = Path(path)
+    torch.save(net.state_dict(), path)
+    return path
 
 
 def _to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -207,20 +206,6 @@ def fit_task(tmp_path):
 @pytest.fixture(scope="session")
 def random_inception_file(tmp_path_factory):
     """A randomly initialized FID Inception-v3 of the official layout (torch-fidelity's module), saved locally."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    from gendistill.eval.features import save_random_inception
 
-    cls = fe.FeatureExtractorInceptionV3
-    # Construct the real module without fetching weights: skip only the download and the weight loading.
-    with (
-        torch.random.fork_rng(),
-        mock.patch.object(fe, "load_state_dict_from_url", return_value={}),
-        mock.patch.object(cls, "load_state_dict", return_value=None),
-    ):
-        torch.manual_seed(0)
-        net = cls("inception-v3-compat", ["2048"])
-        for module in net.modules():  # He init keeps activations alive through 40+ layers (the default vanishes)
-            if isinstance(module, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(net.state_dict(), path)
-    return path
+    return save_random_inception(tmp_path_factory.mktemp("inception") / "random-inception.pth")

@@ -140,6 +140,13 @@ def test_inception_weights_lookup_and_errors(random_inception_file, tmp_path, mo
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="--inception-weights"):
         find_inception_weights(download=False)
+
+    def offline(url, dst, hash_prefix=None):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(FileNotFoundError, match="download failed .network is unreachable.*--inception-weights"):
+        find_inception_weights()
     with pytest.raises(FileNotFoundError, match="do not exist"):
         find_inception_weights(tmp_path / "nope.pth")
     monkeypatch.setenv(INCEPTION_ENV, str(random_inception_file))
