@@ -115,41 +115,8 @@ def test_eval_clip_on_a_text_student_and_an_image_folder(tiny_clip_file, random_
         assert img.size[0] > 16
     # The same protocol on a folder of images (image i belongs to caption i): scored from the files.
     folder_out = tmp_path / "clip-folder"
-    assert (
-        main(
-            [
-                "eval",
-                "clip",
-                "--fake",
-                str(real),
-                "--captions",
-                str(captions),
-                "--clip-model",
-                str(tiny_clip_file),
-                "--num-samples",
-                "6",
-                "--output",
-                str(folder_out),
-            ]
-        )
-        == 0
-    )
+    folder = ["eval", "clip", "--fake", str(real), "--captions", str(captions), "--clip-model", str(tiny_clip_file)]
+    assert main([*folder, "--num-samples", "6", "--output", str(folder_out)]) == 0
     assert json.loads((folder_out / "metrics.json").read_text())["metrics"]["clip_score"]["value"]["count"] == 6
-    assert (
-        main(
-            [
-                "eval",
-                "clip",
-                "--fake",
-                str(real),
-                "--captions",
-                str(captions),
-                "--clip-model",
-                str(tiny_clip_file),
-                "--output",
-                str(folder_out),
-            ]
-        )
-        == 2
-    )  # 6 images for 8 captions
+    assert main([*folder, "--output", str(folder_out)]) == 2  # 6 images for 8 captions
     assert "give one image per caption" in capsys.readouterr().err
