@@ -144,7 +144,7 @@ def distill_one(method: str, teacher_dir: Path, teacher_accuracy: float, workdir
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-seconds", type=float, default=300.0, help="wall-clock budget of each method")
     parser.add_argument("--teacher-steps", type=int, default=1500)
@@ -174,7 +174,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     eval_data = load_classification_data("mnist5k", split="test")[:2]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -213,6 +213,7 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+    return result
 
 
 if __name__ == "__main__":

