@@ -33,6 +33,8 @@ from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from gendistill.kernels import set_fused
+
 from .recipes import TrainRecipe, recipe_dict
 
 logger = logging.getLogger(__name__)
@@ -213,6 +215,7 @@ class Trainer:
         self.recipe, self.command, self.task = recipe, command, task
         self.output = Path(recipe.output)
         mixed = resolve_mixed_precision(recipe)
+        set_fused(recipe.fused_kernels)  # the kernels' automatic choice on CUDA; CPU always runs the reference
         self.accelerator = accelerator = Accelerator(
             mixed_precision=mixed,
             gradient_accumulation_steps=recipe.gradient_accumulation_steps,

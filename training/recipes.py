@@ -41,6 +41,7 @@ class TrainRecipe:
     grad_clip: float = 1.0  # max gradient norm (0 disables clipping)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | fp16 | bf16
+    fused_kernels: bool = True  # fused Triton kernels on CUDA (gendistill.kernels); false: the plain-torch path
     ema_decay: float = 0.999  # EMA of the trainable weights, used for export (0 disables EMA)
     seed: int = 0  # global seed (per process: seed + process index)
     checkpoint_every: int = 500  # save a resumable checkpoint every N steps (0: only at the end)
@@ -53,7 +54,13 @@ class TrainRecipe:
     overwrite: bool = False  # replace an output folder that holds another run
 
     # Fields that may differ between a run and its resumption.
-    RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = ("resume", "overwrite", "max_steps", "max_seconds")
+    RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = (
+        "resume",
+        "overwrite",
+        "max_steps",
+        "max_seconds",
+        "fused_kernels",
+    )
 
     def validate(self) -> None:
         for name in (

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import channel_stats
+
 ADVERSARIAL_KINDS = ("kl", "l1", "js")
 
 
@@ -247,10 +249,7 @@ class BNStatsLoss:
 
     def _hook(self, name: str):
         def hook(module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor, ...], output) -> None:
-            x = inputs[0].float()
-            dims = [0, *range(2, x.dim())]
-            mean = x.mean(dim=dims)
-            var = x.var(dim=dims, correction=0)
+            mean, var = channel_stats(inputs[0])  # one fused pass on CUDA (gendistill.kernels), float32
             if self.momentum is not None:
                 self._latest[name] = (mean.detach(), var.detach())
                 if name in self._previous:

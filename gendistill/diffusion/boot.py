@@ -17,6 +17,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from ..data.prompts import PromptEmbeddings
+from ..kernels import boot_guided_loss
 from ..task import Phase
 from .schedule import boot_grid, ddim_signal_step, predicted_x0
 from .teacher import DiffusionTeacher
@@ -316,11 +317,28 @@ class BootTask(nn.Module):
             y_start = self.start_signal(eps)
             y_boot = self.student_signal(eps, grid[k - 1], cond, w)
             y_prev = torch.where((k == 1).view(-1, 1, 1, 1), y_start, y_boot)
-            target = self.teacher_step(y_prev, eps, k, cond, w)
-            d = self.teacher.schedule.step_fraction(grid[k - 1], grid[k], ndim=eps.ndim)
+            # The teacher's DDIM step from t_{k-1} (teacher_step), split so that the guidance combine, the x0
+            # conversion, the signal step and the loss run as one fused kernel on CUDA (gendistill.kernels).
+            t_prev = grid[k - 1]
+            alpha, sigma = self.teacher.schedule.coefficients(t_prev, ndim=eps.ndim)
+            x = alpha * y_prev + sigma * eps.float()
+            scale = self.config.guidance_scale if w is None else w
+            u_cond, u_uncond = self.teacher.native_pair(x, t_prev, cond, scale)
+            d = self.teacher.schedule.step_fraction(t_prev, grid[k], ndim=eps.ndim)
         y = self.student_signal(eps, grid[k], cond, w)
         # L_k = ||g(eps, t_k) - target||^2 / d_k^2, mean over elements (per sample first).
-        per_sample = ((y - target) ** 2 / d**2).flatten(1).mean(1)
+        per_sample = boot_guided_loss(
+            y,
+            y_prev,
+            x,
+            u_cond,
+            u_uncond,
+            torch.as_tensor(scale, dtype=torch.float32, device=eps.device).expand(eps.shape[0]),
+            alpha.flatten().expand(eps.shape[0]),
+            sigma.flatten().expand(eps.shape[0]),
+            d.flatten().expand(eps.shape[0]),
+            self.teacher.prediction_type,
+        )
         regular, bound = per_sample[~boundary], per_sample[boundary]
         loss_regular = regular.mean() if regular.numel() else per_sample.new_zeros(())
         loss_boundary = bound.mean() if bound.numel() else per_sample.new_zeros(())

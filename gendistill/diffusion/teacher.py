@@ -182,6 +182,22 @@ class DiffusionTeacher(nn.Module):
         kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (cond or {}).items()}
         return self.unet(x.to(dtype), t, **kwargs).sample
 
+    def native_pair(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: dict[str, torch.Tensor] | None = None,
+        guidance_scale: float | torch.Tensor = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(u_cond, u_uncond)`` in the UNet's dtype from one batched call of size 2B; ``(u, None)`` when there is
+        no condition or ``w`` is the Python number 1 (no guidance, one call of size B)."""
+        if not cond or (not torch.is_tensor(guidance_scale) and guidance_scale == 1.0):
+            return self.native(x, t, cond), None
+        null = self.null_condition(cond)
+        both = {key: torch.cat([value, null[key]]) for key, value in cond.items()}
+        u_cond, u_uncond = self.native(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return u_cond, u_uncond
+
     def guided_native(
         self,
         x: torch.Tensor,
@@ -191,11 +207,10 @@ class DiffusionTeacher(nn.Module):
     ) -> torch.Tensor:
         """``u_uncond + w (u_cond - u_uncond)`` in float32 from one batched call of size 2B; plain ``u`` when there
         is no condition or ``w`` is the Python number 1. ``guidance_scale``: a number or a (B,) tensor."""
-        if not cond or (not torch.is_tensor(guidance_scale) and guidance_scale == 1.0):
-            return self.native(x, t, cond).float()
-        null = self.null_condition(cond)
-        both = {key: torch.cat([value, null[key]]) for key, value in cond.items()}
-        u_cond, u_uncond = self.native(torch.cat([x, x]), torch.cat([t, t]), both).float().chunk(2)
+        u_cond, u_uncond = self.native_pair(x, t, cond, guidance_scale)
+        if u_uncond is None:
+            return u_cond.float()
+        u_cond, u_uncond = u_cond.float(), u_uncond.float()
         w = (
             guidance_scale.float().view(-1, *([1] * (x.ndim - 1)))
             if torch.is_tensor(guidance_scale)
