@@ -4,6 +4,7 @@ Measures, side by side in one process, and prints JSON (device, versions, date):
 - the BOOT training step of `gendistill boot` (the training core's optimizer step: student forward without grad,
   guided teacher call of size 2B, student forward + backward, clipping, AdamW, EMA) in images/s and peak memory, at
   each batch size, with and without gradient checkpointing, under the recipe's mixed precision (bf16 on CUDA);
+- each step naive (``fused_kernels`` off) and with the fused BOOT loss kernel, side by side;
 - latency at batch 1, VAE decode included: the teacher's 50-step guided DDIM vs the student's one step.
 Text embeddings are cached (random, as `--cache-text-embeddings` would hold them), so the text encoder is not timed.
 
@@ -117,7 +118,9 @@ class Clock:
         return time.perf_counter() - tic
 
 
-def bench_step(components, args, workdir: Path, batch_size: int, checkpointing: bool, device) -> dict:
+def bench_step(
+    components, args, workdir: Path, batch_size: int, checkpointing: bool, device, fused: bool = True
+) -> dict:
     teacher = TextDiffusionTeacher(
         components["unet"],
         components["scheduler"],
@@ -131,7 +134,8 @@ def bench_step(components, args, workdir: Path, batch_size: int, checkpointing: 
     config = BootConfig(num_intervals=50, guidance_scale=7.5, gradient_checkpointing=checkpointing, num_eval_noises=1)
     task = BootTask(teacher, config, prompts=prompts, prompt_embeddings=cache)
     recipe = BootRecipe(
-        output=str(workdir / f"run_{batch_size}_{checkpointing}"),
+        output=str(workdir / f"run_{batch_size}_{checkpointing}_{fused}"),
+        fused_kernels=fused,
         batch_size=batch_size,
         lr=1e-5,
         max_steps=10**6,
@@ -155,6 +159,7 @@ def bench_step(components, args, workdir: Path, batch_size: int, checkpointing: 
     result = {
         "batch_size": batch_size,
         "gradient_checkpointing": checkpointing,
+        "variant": "fused" if fused else "naive",
         "median_step_s": median,
         "images_per_s": batch_size / median,
         "peak_memory_gib": peak,
@@ -194,12 +199,30 @@ def bench_latency(components, args, device) -> dict:
         return statistics.median(clock(fn) for _ in range(n))
 
     latents = student_unet()
-    return {
+    result = {
         "dtype": str(dtype),
         "teacher_50_step_guided_ms": 1000 * runs(teacher, max(1, args.steps // 5)),
         "student_unet_ms": 1000 * runs(student_unet, args.steps),
         "vae_decode_ms": 1000 * runs(lambda: decode(latents), args.steps),
     }
+    if args.compile:
+        # torch.compile with CUDA graphs ("reduce-overhead") for the launch-bound batch-1 path; compile time recorded.
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        compiled_unet, compiled_vae = torch.compile(unet, mode=mode), torch.compile(vae.decode, mode=mode)
+        t = torch.tensor([0], device=device)
+        tic = time.perf_counter()
+        for _ in range(3):
+            compiled_unet(eps, t, encoder_hidden_states=states[:1])
+            compiled_vae(latents / vae.config.scaling_factor)
+        result["compile_mode"] = mode
+        result["compile_seconds"] = time.perf_counter() - tic
+        result["student_unet_compiled_ms"] = 1000 * runs(
+            lambda: compiled_unet(eps, t, encoder_hidden_states=states[:1]).sample, args.steps
+        )
+        result["vae_decode_compiled_ms"] = 1000 * runs(
+            lambda: compiled_vae(latents / vae.config.scaling_factor).sample, args.steps
+        )
+    return result
 
 
 def main() -> None:
@@ -208,6 +231,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--steps", type=int, default=20, help="timed repetitions (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time the batch-1 path under torch.compile")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -216,7 +240,10 @@ def main() -> None:
         workdir = Path(tmp)
         components = sd15_components(args.tiny, workdir)
         steps = [
-            bench_step(components, args, workdir, b, ckpt, device) for b in args.batch_sizes for ckpt in (False, True)
+            bench_step(components, args, workdir, b, ckpt, device, fused)
+            for b in args.batch_sizes
+            for ckpt in (False, True)
+            for fused in (False, True)
         ]
         latency = bench_latency(components, args, device)
     result = {

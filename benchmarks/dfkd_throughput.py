@@ -27,8 +27,10 @@ from gendistill.dfkd.models import build_classifier
 from gendistill.training.core import logged_values
 from gendistill.training.dfkd import DFKDRecipe, build_task, run
 
+VARIANTS = {"naive": False, "fused": True}  # the recipe's fused_kernels flag (the one-pass BN-statistics kernel)
 
-def measure(method: str, args, workdir: Path) -> dict:
+
+def measure(method: str, args, workdir: Path, variant: str = "fused") -> dict:
     torch.manual_seed(0)
     teacher = build_classifier(args.teacher, num_classes=10, in_channels=3, image_size=32)
     teacher.train()
@@ -40,8 +42,9 @@ def measure(method: str, args, workdir: Path) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher.to(device)
     recipe = DFKDRecipe(
-        output=str(workdir / method),
+        output=str(workdir / f"{method}_{variant}"),
         method=method,
+        fused_kernels=VARIANTS[variant],
         max_steps=args.warmup + args.iterations,
         batch_size=args.batch_size,
         mixed_precision=args.mixed_precision,
@@ -56,12 +59,13 @@ def measure(method: str, args, workdir: Path) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run(recipe, task)
-    elapsed = logged_values(workdir / method, "elapsed_s")
+    elapsed = logged_values(workdir / f"{method}_{variant}", "elapsed_s")
     seconds = elapsed[-1] - elapsed[args.warmup - 1]
     phases = {p.name: p.steps for p in task.synthesizer.phases()}
     per_s = args.iterations / seconds
     return {
         "method": method,
+        "variant": variant,
         "student_steps_per_iteration": phases.get("student", 0),
         "generator_steps_per_iteration": phases.get("generator", 0),
         "iterations_per_s": per_s,
@@ -82,6 +86,9 @@ def main() -> None:
     parser.add_argument("--mixed-precision", default="auto", help="auto (bf16 on CUDA) | no | bf16 | fp16")
     parser.add_argument("--common", nargs="*", default=[], help="key=value options for every method")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: WRN-16-1 -> LeNet-5-half, batch 8")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="naive and/or fused kernels"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.tiny:
@@ -90,8 +97,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for method in args.methods:
-            rows.append(measure(method, args, Path(tmp)))
-            print(json.dumps(rows[-1]), flush=True)
+            for variant in args.variants:
+                rows.append(measure(method, args, Path(tmp), variant))
+                print(json.dumps(rows[-1]), flush=True)
     result = {
         "benchmark": "dfkd_throughput",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
@@ -105,6 +113,11 @@ def main() -> None:
         "tiny": args.tiny,
         "reference": "naive H100: about 10k synthetic images/s, 1 generator step + 5 student steps, batch 256, bf16",
         "methods": rows,
+        "fused_over_naive": {
+            m: by["fused"]["student_images_per_s"] / by["naive"]["student_images_per_s"]
+            for m in args.methods
+            if len(by := {r["variant"]: r for r in rows if r["method"] == m}) == 2
+        },
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -192,12 +192,15 @@ def resolve_mixed_precision(recipe: TrainRecipe) -> str:
 
 
 def make_optimizer(recipe: TrainRecipe, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW (``optimizer: adamw8bit``) to save optimizer-state memory."""
+    """AdamW (torch's fused kernel when ``fused_optimizer`` and every parameter is on CUDA), or bitsandbytes' 8-bit
+    AdamW (``optimizer: adamw8bit``) to save optimizer-state memory."""
     kwargs = {"lr": lr, "betas": (recipe.adam_beta1, recipe.adam_beta2), "weight_decay": recipe.weight_decay}
     if recipe.optimizer == "adamw8bit":
         import bitsandbytes  # checked by TrainRecipe.validate
 
         return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    if recipe.fused_optimizer and params and all(p.is_cuda for p in params):
+        kwargs["fused"] = True  # one multi-tensor kernel per step instead of a loop over parameters
     return torch.optim.AdamW(params, **kwargs)
 
 

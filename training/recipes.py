@@ -42,6 +42,7 @@ class TrainRecipe:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | fp16 | bf16
     fused_kernels: bool = True  # fused Triton kernels on CUDA (gendistill.kernels); false: the plain-torch path
+    fused_optimizer: bool = True  # AdamW's fused CUDA kernel when every trainable parameter is on CUDA
     ema_decay: float = 0.999  # EMA of the trainable weights, used for export (0 disables EMA)
     seed: int = 0  # global seed (per process: seed + process index)
     checkpoint_every: int = 500  # save a resumable checkpoint every N steps (0: only at the end)
@@ -60,6 +61,7 @@ class TrainRecipe:
         "max_steps",
         "max_seconds",
         "fused_kernels",
+        "fused_optimizer",
     )
 
     def validate(self) -> None:
