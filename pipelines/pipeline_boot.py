@@ -155,6 +155,27 @@ class _BootPipelineBase(DiffusionPipeline):
                     f"teacher_unet {key}={teacher_unet.config[key]} differs from the student's {unet.config[key]}"
                 )
 
+    # --- speed ---------------------------------------------------------------------------------------------------
+    COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+    def enable_compile(self, mode: str | None = "reduce-overhead", **compile_kwargs) -> None:
+        """Compile the student UNet (and a latent pipeline's VAE decoder) with ``torch.compile`` for fast sampling.
+
+        The default ``mode="reduce-overhead"`` captures CUDA graphs on CUDA, which removes most of the kernel-launch
+        overhead that dominates one-step sampling at batch 1. The first call at each new input shape compiles
+        (seconds to minutes); later calls reuse it. Outputs match the uncompiled pipeline within float tolerance.
+        ``compile_kwargs`` go to ``torch.compile`` (``fullgraph=True``, ``backend=...``; ``mode=None`` for backends
+        other than inductor). Saving the pipeline saves the original weights. The teacher UNet used by
+        ``refine_steps`` is left as is.
+        """
+        if mode not in self.COMPILE_MODES:
+            valid = ", ".join(str(m) for m in self.COMPILE_MODES)
+            raise ValueError(f"mode {mode!r} is not valid; valid: {valid}")
+        self.unet = torch.compile(self.unet, mode=mode, **compile_kwargs)
+        vae = getattr(self, "vae", None)
+        if vae is not None:
+            vae.decode = torch.compile(vae.decode, mode=mode, **compile_kwargs)
+
     # --- schedule ------------------------------------------------------------------------------------------------
     def _alpha_sigma(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha_t, sigma_t)`` as float32 scalars on ``device``."""

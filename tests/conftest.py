@@ -27,6 +27,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# `gendistill boot` flags for tiny CPU runs: K = 4, batch 4, no evaluation or grids, a log row every step.
+BOOT_FAST = [
+    "--num-intervals",
+    "4",
+    "--batch-size",
+    "4",
+    "--eval-every",
+    "0",
+    "--sample-every",
+    "0",
+    "--log-every",
+    "1",
+    "--num-eval-noises",
+    "2",
+]
+
+
 def run_fresh_python(script: str, *args, cwd) -> subprocess.CompletedProcess:
     """``python -c script args`` in a fresh interpreter, as a stock-diffusers user would run it: hub offline, an
     empty HF cache, the repository checkout not on the path, one thread. Fails the test with its stderr."""

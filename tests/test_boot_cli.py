@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import BOOT_FAST as FAST
 from conftest import run_fresh_python, save_teacher
 from safetensors.torch import load_file
 
@@ -20,20 +21,6 @@ from gendistill.cli import main
 from gendistill.pipelines import BootImagePipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = [
-    "--num-intervals",
-    "4",
-    "--batch-size",
-    "4",
-    "--eval-every",
-    "0",
-    "--sample-every",
-    "0",
-    "--log-every",
-    "1",
-    "--num-eval-noises",
-    "2",
-]
 
 
 def _env():

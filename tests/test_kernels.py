@@ -159,33 +159,3 @@ def test_backend_selection_and_bad_input(monkeypatch):
         assert not kernels.fused_enabled()
     finally:
         kernels.set_fused(True)
-
-
-@pytest.mark.gpu
-def test_fused_adamw_on_cuda_matches_the_loop_implementation():
-    """fused_optimizer: torch's fused AdamW on CUDA parameters, within 1e-6 of the per-parameter loop after 5 steps;
-    CPU parameters (and fused_optimizer false) keep the loop."""
-    from gendistill.training.boot import BootRecipe
-    from gendistill.training.core import make_optimizer
-
-    torch.manual_seed(0)
-    weights = [torch.randn(64, 64, device="cuda", requires_grad=True) for _ in range(2)]
-    copies = [w.detach().clone().requires_grad_() for w in weights]
-    fused = make_optimizer(BootRecipe(fused_optimizer=True), weights, 1e-2)
-    loop = make_optimizer(BootRecipe(fused_optimizer=False), copies, 1e-2)
-    assert fused.defaults["fused"] and not loop.defaults.get("fused")
-    for _ in range(5):
-        for opt, params in ((fused, weights), (loop, copies)):
-            opt.zero_grad()
-            sum((p**2).sum() for p in params).backward()
-            opt.step()
-    for a, b in zip(weights, copies):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
-def test_fused_optimizer_keeps_the_loop_for_cpu_parameters():
-    from gendistill.training.boot import BootRecipe
-    from gendistill.training.core import make_optimizer
-
-    params = [torch.nn.Parameter(torch.randn(3))]
-    assert not make_optimizer(BootRecipe(fused_optimizer=True), params, 1e-3).defaults.get("fused")

@@ -257,11 +257,17 @@ class Trainer:
                 num_training_steps=recipe.max_steps * phase.steps,
             )
             module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+            if recipe.compile != "no":
+                # Here rather than Accelerate's dynamo_backend, which its process-wide state fixes at the first run.
+                # Checkpoints hold the prepared module's weights, so they do not depend on this setting.
+                module = torch.compile(module, backend=recipe.compile)
             setattr(task, phase.name, module)
             self.optimizers[phase.name], self.schedulers[phase.name] = optimizer, scheduler
             if recipe.ema_decay > 0:
                 # Over the trainable parameters only (a LoRA student's frozen base needs no average).
-                ema = EMAModel(_trainable(accelerator.unwrap_model(module)), decay=recipe.ema_decay)
+                ema = EMAModel(
+                    _trainable(accelerator.unwrap_model(module, keep_torch_compile=False)), decay=recipe.ema_decay
+                )
                 ema.to(accelerator.device)
                 accelerator.register_for_checkpointing(ema)
                 self.emas[phase.name] = ema
@@ -302,7 +308,7 @@ class Trainer:
     # --- modules for evaluation / export -------------------------------------------------------------------
     def export_module(self, phase: str) -> torch.nn.Module:
         """A copy of the trainable module of ``phase`` with its EMA weights (or live weights without EMA)."""
-        module = copy.deepcopy(self.accelerator.unwrap_model(getattr(self.task, phase)))
+        module = copy.deepcopy(self.accelerator.unwrap_model(getattr(self.task, phase), keep_torch_compile=False))
         if phase in self.emas:
             self.emas[phase].copy_to(_trainable(module))
         return module.eval()
@@ -319,7 +325,10 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         if not hasattr(self.task, "evaluate") or not self.accelerator.is_main_process:
             return {}
-        live = {p.name: self.accelerator.unwrap_model(getattr(self.task, p.name)) for p in self.phases}
+        live = {
+            p.name: self.accelerator.unwrap_model(getattr(self.task, p.name), keep_torch_compile=False)
+            for p in self.phases
+        }
         metrics = dict(self.task.evaluate(**live))
         if self.emas:
             ema_metrics = self.task.evaluate(**{p.name: self.export_module(p.name) for p in self.phases})
@@ -364,7 +373,9 @@ class Trainer:
                     optimizer.step()
                     self.schedulers[phase.name].step()
                     if phase.name in self.emas:
-                        self.emas[phase.name].step(_trainable(accelerator.unwrap_model(module)))
+                        self.emas[phase.name].step(
+                            _trainable(accelerator.unwrap_model(module, keep_torch_compile=False))
+                        )
                 optimizer.zero_grad(set_to_none=True)
         return total, not skipped
 

@@ -21,6 +21,8 @@ from diffusers.optimization import SchedulerType
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
+# torch.compile backends for the trainable modules; "inductor" is the one that generates kernels.
+COMPILE_BACKENDS = ("no", "eager", "aot_eager", "inductor")
 
 
 @dataclass
@@ -43,6 +45,7 @@ class TrainRecipe:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | fp16 | bf16
     fused_kernels: bool = True  # fused Triton kernels on CUDA (gendistill.kernels); false: the plain-torch path
     fused_optimizer: bool = True  # AdamW's fused CUDA kernel when every trainable parameter is on CUDA
+    compile: str = "no"  # torch.compile backend for the trainable modules: no | eager | aot_eager | inductor
     ema_decay: float = 0.999  # EMA of the trainable weights, used for export (0 disables EMA)
     seed: int = 0  # global seed (per process: seed + process index)
     checkpoint_every: int = 500  # save a resumable checkpoint every N steps (0: only at the end)
@@ -62,6 +65,7 @@ class TrainRecipe:
         "max_seconds",
         "fused_kernels",
         "fused_optimizer",
+        "compile",
     )
 
     def validate(self) -> None:
@@ -84,6 +88,8 @@ class TrainRecipe:
             raise ValueError(
                 f"mixed_precision {self.mixed_precision!r} is not valid; valid: {', '.join(MIXED_PRECISION)}"
             )
+        if self.compile not in COMPILE_BACKENDS:
+            raise ValueError(f"compile {self.compile!r} is not valid; valid: {', '.join(COMPILE_BACKENDS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r} is not valid; valid: {', '.join(OPTIMIZERS)}")
         if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
