@@ -235,7 +235,7 @@ def evaluate_demo(folder: str | os.PathLike, *, device: torch.device, eval_sampl
             f"{speedup:.0f}x faster",
         ),
         _row(
-            f"BOOT time per image, batch {BATCH_SIZE}",
+            f"BOOT time per image, batch {min(BATCH_SIZE, eval_samples)}",
             f"{teacher50['seconds_per_image'] * 1e3:.2f} ms",
             f"{student['seconds_per_image'] * 1e3:.3f} ms",
             f"{batched:.0f}x faster",
