@@ -115,3 +115,15 @@ def test_train_teachers_reproduces_the_shipped_architectures(tmp_path):
         assert {k: v for k, v in run["recipe"].items() if k != "output"} == {
             k: v for k, v in expected.items() if k != "output" and k in run["recipe"]
         }
+
+
+@pytest.mark.parametrize("budget", sorted(demo.BUDGETS))
+def test_every_budget_makes_valid_recipes(budget, tmp_path):
+    """The full budget cannot run here (meant for a GPU), but its recipes are checked like any user's."""
+    settings = demo.BUDGETS[budget]
+    boot_recipe = demo.boot_recipe(str(tmp_path / "b"), str(demo.shipped_teacher(demo.DDPM_TEACHER)), settings)
+    dfkd_recipe = demo.dfkd_recipe(str(tmp_path / "d"), str(demo.shipped_teacher(demo.CLASSIFIER_TEACHER)), settings)
+    boot_recipe.validate()
+    dfkd_recipe.validate()
+    assert boot_recipe.max_steps == settings.boot_steps and dfkd_recipe.max_steps == settings.dfkd_iterations
+    assert dfkd_recipe.method == "dfq" and boot_recipe.save_teacher
