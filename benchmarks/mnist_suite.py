@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import torch
 
 from gendistill.diffusion.teacher import DiffusionTeacher
 from gendistill.eval.compare import BATCH_SIZE, Judge, boot_samplers, run_samplers
+from gendistill.eval.report import device_description
 from gendistill.eval.samplers import solver_settings
 from gendistill.eval.sources import load_student_pipeline
 from gendistill.training import boot
@@ -43,12 +43,6 @@ import dfkd_mnist  # noqa: E402  (the sibling benchmark)
 SOLVERS = {"ddim": (1, 2, 4, 8, 50), "dpmsolver++": (1, 2, 4, 8)}
 REFINE = (1, 2, 4)
 DFKD_SECONDS = {"small": 60.0, "full": 300.0}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def agreement_verdict(boot: float, dpm: float, samples: int) -> dict:
@@ -205,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     result = {
         "benchmark": "mnist_suite",
-        "device": device_name(device),
+        "device": device_description(device),
         "date": date.today().isoformat(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,

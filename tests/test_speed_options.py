@@ -48,9 +48,14 @@ def test_compile_recipe_flag_trains_and_exports_like_the_plain_path(tmp_path, ca
     """``--compile eager`` runs the student through TorchDynamo (same kernels as eager): the same losses and the
     same exported weights as ``--compile no``, saved without compile wrappers."""
     teacher = save_teacher(tmp_path / "t")
+    graphs = {}
     for backend in ("no", "eager"):
         argv = ["boot", "--teacher", teacher, "--output", str(tmp_path / backend), *BOOT_FAST, "--max-steps", "3"]
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         assert main([*argv, "--compile", backend]) == 0
+        graphs[backend] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs["no"] == 0 and graphs["eager"] > 0  # the flag really sends the student through Dynamo
     losses = {
         b: [
             json.loads(line)["loss/student"]
@@ -80,6 +85,7 @@ def test_pipeline_compile_option_matches_the_plain_pipeline(tmp_path):
     eps = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     plain = pipe(class_labels=[0, 1], latents=eps, output_type="pt").images
     pipe.enable_compile(mode=None, backend="eager")
+    assert type(pipe.unet).__name__ == "OptimizedModule" and pipe.unet.config.in_channels == 1
     compiled = pipe(class_labels=[0, 1], latents=eps, output_type="pt").images
     torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-6)
     pipe.save_pretrained(tmp_path / "saved")
