@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gendistill.files import read_safetensors
+
 INCEPTION_ENV = "GENDISTILL_INCEPTION_WEIGHTS"
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -42,21 +44,22 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a ``torch.save``-d state dict, never unpickling arbitrary objects."""
+def read_state_dict(path: str | os.PathLike, *, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a ``torch.save``-d state dict, never unpickling arbitrary objects.
+
+    A truncated or corrupt file is a ``ValueError`` naming it (``what`` says what the file is for).
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
+        return read_safetensors(path, what=what)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors have many types; name the file and what is accepted
         raise ValueError(
-            f"{path} is not a safetensors file or a plain torch state dict ({type(err).__name__}: {err})"
+            f"{what} {str(path)!r} is not a safetensors file or a plain torch state dict ({type(err).__name__}: {err})"
         ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise ValueError(f"{what} {str(path)!r} does not hold a state dict (a mapping of names to tensors)")
     return state
 
 
@@ -139,7 +142,7 @@ class InceptionFeatures(nn.Module):
             raise ValueError(
                 f"{path} has sha256 {digest}, not the official FID Inception weights' {INCEPTION_SHA256}; {HOW_TO_GET}"
             )
-        state = read_state_dict(path)
+        state = read_state_dict(path, what="Inception weights")
         # torch-fidelity unpickles its weights file; give it a copy holding nothing but the tensors read above.
         with tempfile.TemporaryDirectory() as tmp:
             clean = Path(tmp) / "inception.pth"

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gendistill.files import open_npz
+
 KID_SUBSETS = 100  # torch-fidelity's and the KID paper's defaults
 KID_SUBSET_SIZE = 1000
 
@@ -55,10 +57,11 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
+        """Read a statistics file; a missing, truncated or foreign file is one error naming it."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"statistics file {str(path)!r} does not exist")
-        with np.load(path, allow_pickle=False) as data:
+        with open_npz(path, what="statistics file") as data:
             missing = {"mu", "sigma", "count", "extractor", "resize"} - set(data.files)
             if missing:
                 raise ValueError(f"{path} lacks {', '.join(sorted(missing))}; expected a gendistill statistics file")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from gendistill.data.images import list_image_files
+from gendistill.files import error_summary, open_image
 from gendistill.pipelines import BootImagePipeline, BootPipeline, load_boot_pipeline
 
 
@@ -31,11 +31,7 @@ def iter_image_folder(
         files = files[:limit]
     batch: list[torch.Tensor] = []
     for path in files:
-        try:
-            with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-        except OSError as err:
-            raise ValueError(f"cannot read image {str(path)!r}: {err}") from None
+        array = np.asarray(open_image(path), dtype=np.uint8).copy()
         image = torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
         if batch and (len(batch) == batch_size or batch[0].shape != image.shape):
             yield torch.stack(batch)
@@ -69,7 +65,13 @@ def load_student_pipeline(
         subfolder = "unet" if (teacher_path / "unet").is_dir() else None
         if not (teacher_path / (subfolder or "") / "config.json").is_file():
             raise FileNotFoundError(f"teacher {str(teacher)!r} has no unet/config.json (a diffusers pipeline folder)")
-        teacher_unet = unet_cls.from_pretrained(teacher_path, subfolder=subfolder)
+        try:
+            teacher_unet = unet_cls.from_pretrained(teacher_path, subfolder=subfolder)
+        except Exception as err:  # diffusers raises OSError, ValueError, safetensors errors... for bad weights
+            raise ValueError(
+                f"teacher {str(teacher)!r}: its UNet could not be loaded ({error_summary(err)}); "
+                "expected a diffusers pipeline folder as save_pretrained writes it"
+            ) from None
         keys = ("in_channels", "out_channels", "sample_size")
         pipe._check_teacher(pipe.unet, teacher_unet, keys)
         pipe.register_modules(teacher_unet=teacher_unet)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import open_npz
 from .images import load_image_folder
 from .mnist import load_mnist5k
 
@@ -57,7 +58,7 @@ def _per_class_split(labels: torch.Tensor, split: str, eval_fraction: float, see
 
 
 def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path, what="data file") as data:
         missing = [k for k in ("images", "labels") if k not in data.files]
         if missing:
             raise ValueError(

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from ..files import open_image
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -48,11 +50,7 @@ def load_image_folder(folder: str | Path, *, image_size: int) -> tuple[torch.Ten
     class_index = {name: i for i, name in enumerate(class_names)}
     images, labels = [], []
     for path in files:
-        try:
-            with Image.open(path) as img:
-                img = ImageOps.fit(img.convert("RGB"), (image_size, image_size), Image.Resampling.BICUBIC)
-        except OSError as err:
-            raise ValueError(f"cannot read image {str(path)!r}: {err}") from None
+        img = ImageOps.fit(open_image(path), (image_size, image_size), Image.Resampling.BICUBIC)
         images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3))
         labels.append(class_index[path.relative_to(root).parts[0]] if class_names else 0)
     return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), class_names or [root.name]

@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from ..files import open_safetensors
 
 EMBEDDINGS_KEY = "prompt_embeds"
 
@@ -65,9 +66,8 @@ class PromptEmbeddings:
         self._tensor = embeddings
         self._file = None
         if path is not None:
-            self._file = safe_open(str(path), framework="pt")
-            if EMBEDDINGS_KEY not in self._file.keys():
-                raise ValueError(f"{path} holds no {EMBEDDINGS_KEY!r} tensor; is it a gendistill embeddings cache?")
+            self._file = _open(path)
+            _check_key(self._file, path)
             self._slice = self._file.get_slice(EMBEDDINGS_KEY)
         shape = tuple(self._tensor.shape if self._tensor is not None else self._slice.get_shape())
         if len(shape) != 3 or shape[0] < 1:
@@ -115,13 +115,27 @@ class PromptEmbeddings:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"prompt embeddings file {str(path)!r} does not exist")
-        with safe_open(str(path), framework="pt") as f:
+        with _open(path) as f:
             metadata = f.metadata() or {}
         if fingerprint is not None and metadata.get("fingerprint") != fingerprint:
             return None
         if in_memory is None:
             in_memory = path.stat().st_size < 2 * 2**30
         if in_memory:
-            with safe_open(str(path), framework="pt") as f:
+            with _open(path) as f:
+                _check_key(f, path)
                 return cls(f.get_tensor(EMBEDDINGS_KEY))
         return cls(path=path)
+
+
+def _open(path: str | os.PathLike):
+    """The safetensors handle of an embeddings cache; a truncated or corrupt file is a ``ValueError`` naming it."""
+    try:
+        return open_safetensors(path, what="prompt embeddings file")
+    except ValueError as err:  # a cache: encoding the prompts again replaces it
+        raise ValueError(f"{err}; delete it and the prompts are encoded again") from None
+
+
+def _check_key(file, path: str | os.PathLike) -> None:
+    if EMBEDDINGS_KEY not in file.keys():
+        raise ValueError(f"{path} holds no {EMBEDDINGS_KEY!r} tensor; is it a gendistill embeddings cache?")

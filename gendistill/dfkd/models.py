@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from ..files import check_fits_in_memory, read_json, read_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -369,7 +371,10 @@ def build_classifier(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> Classifier:
-    """A freshly initialized zoo classifier (initialization follows the global torch RNG)."""
+    """A freshly initialized zoo classifier (initialization follows the global torch RNG).
+
+    A ``ValueError`` says so before allocating when the parameters would not fit in the memory available now.
+    """
     config = ClassifierConfig(
         arch=arch,
         num_classes=num_classes,
@@ -380,7 +385,19 @@ def build_classifier(
     )
     check_image_size(arch, image_size)
     _check_config(config)
+    check_fits_in_memory(
+        _parameter_bytes(arch, num_classes=num_classes, in_channels=in_channels),
+        f"a {arch} classifier with num_classes={num_classes} and in_channels={in_channels}",
+    )
     return Classifier(ARCHITECTURES[arch](num_classes=num_classes, in_channels=in_channels), config)
+
+
+def _parameter_bytes(arch: str, *, num_classes: int, in_channels: int) -> int:
+    """Bytes of the parameters and buffers of zoo net ``arch``, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        net = ARCHITECTURES[arch](num_classes=num_classes, in_channels=in_channels)
+    tensors = [*net.parameters(), *net.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # --- saving and loading -----------------------------------------------------------------------------------------
@@ -426,25 +443,33 @@ def load_classifier(folder: str | os.PathLike, *, num_classes: int | None = None
                 f"{str(path)!r} is missing: a classifier folder holds {WEIGHTS_NAME} and {CONFIG_NAME} "
                 "(save_classifier or `gendistill teach classifier` writes them)"
             )
+    fields = ", ".join(f.name for f in dataclasses.fields(ClassifierConfig))
+    values = read_json(config_path, what="classifier config")
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"{str(config_path)!r} is not a classifier config: expected a JSON object with fields {fields}"
+        )
     try:
-        config = ClassifierConfig(**json.loads(config_path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as err:
-        fields = ", ".join(f.name for f in dataclasses.fields(ClassifierConfig))
+        config = ClassifierConfig(**values)
+    except TypeError as err:
         raise ValueError(f"{str(config_path)!r} is not a classifier config with fields {fields}: {err}") from None
     _check_arch(config.arch)
     if num_classes is not None and num_classes != config.num_classes:
         raise ValueError(
             f"num_classes={num_classes} was asked for but the classifier in {str(folder)!r} has {config.num_classes}"
         )
-    model = build_classifier(
-        config.arch,
-        num_classes=config.num_classes,
-        in_channels=config.in_channels,
-        image_size=config.image_size,
-        mean=config.mean,
-        std=config.std,
-    )
-    state = load_file(str(weights_path))
+    try:
+        model = build_classifier(
+            config.arch,
+            num_classes=config.num_classes,
+            in_channels=config.in_channels,
+            image_size=config.image_size,
+            mean=config.mean,
+            std=config.std,
+        )
+    except ValueError as err:
+        raise ValueError(f"classifier config {str(config_path)!r}: {err}") from None
+    state = read_safetensors(weights_path, what="classifier weights")
     expected = model.net.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -9,7 +9,6 @@ branch on the kind of teacher. ``load_teacher`` picks the kind from the folder's
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
+from ..files import error_summary, read_json
 from .schedule import NoiseSchedule, check_prediction_type, predicted_x0
 
 logger = logging.getLogger(__name__)
@@ -32,9 +32,23 @@ TEXT_ENCODERS = ("CLIPTextModel",)
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 
 
-def _read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _read_json(path: Path, what: str) -> dict:
+    data = read_json(path, what=what)
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {str(path)!r} is not a JSON object")
+    return data
+
+
+def _from_pretrained(cls, source: str, subfolder: str):
+    """``cls.from_pretrained(source, subfolder=subfolder)``; any failure to read the component (truncated or corrupt
+    weights, weights that do not match its config, files a hub id lacks) is one ``ValueError`` naming it."""
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder)
+    except Exception as err:  # diffusers/transformers raise OSError, ValueError, RuntimeError, safetensors errors...
+        raise ValueError(
+            f"teacher {source!r}: cannot load {subfolder}/ as a {cls.__name__} ({error_summary(err)}); "
+            "expected the files save_pretrained writes"
+        ) from None
 
 
 def _hub_id(path: str) -> bool:
@@ -119,7 +133,7 @@ class DiffusionTeacher(nn.Module):
             )
         if prediction_type is None:
             check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
-        unet = SUPPORTED_UNETS[unet_class].from_pretrained(source, subfolder="unet")
+        unet = _from_pretrained(SUPPORTED_UNETS[unet_class], source, "unet")
         scheduler = _scheduler_from_config(scheduler_config)
         return cls(unet, scheduler, prediction_type=prediction_type, null_class_id=null_class_id)
 
@@ -252,8 +266,8 @@ def _read_unet_and_scheduler(path: str | os.PathLike) -> tuple[str, dict, dict]:
             )
         return (
             str(local),
-            _read_json(local / "unet" / "config.json"),
-            _read_json(local / "scheduler" / "scheduler_config.json"),
+            _read_json(local / "unet" / "config.json", "teacher UNet config"),
+            _read_json(local / "scheduler" / "scheduler_config.json", "teacher scheduler config"),
         )
     if _hub_id(path_str):
         # A hub id ("org/name"): diffusers resolves it; offline or unknown ids become one clear error.
@@ -336,7 +350,7 @@ class TextDiffusionTeacher(DiffusionTeacher):
                     "text encoder, tokenizer and VAE (a StableDiffusionPipeline folder)"
                 )
             index_path = local / "model_index.json"
-            index = _read_json(index_path) if index_path.is_file() else {}
+            index = _read_json(index_path, "teacher pipeline index") if index_path.is_file() else {}
         else:  # a hub id
             try:
                 index = diffusers.DiffusionPipeline.load_config(source)
@@ -361,13 +375,10 @@ class TextDiffusionTeacher(DiffusionTeacher):
             raise ValueError(f"tokenizer class {tokenizer_name!r} is not supported; valid: {', '.join(TOKENIZERS)}")
         if prediction_type is None:
             check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
-        try:
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
-            text_encoder = getattr(transformers, encoder_name).from_pretrained(source, subfolder="text_encoder")
-            tokenizer = getattr(transformers, tokenizer_name).from_pretrained(source, subfolder="tokenizer")
-        except OSError as err:
-            raise FileNotFoundError(f"teacher {source!r} could not be loaded ({err})") from None
+        unet = _from_pretrained(UNet2DConditionModel, source, "unet")
+        vae = _from_pretrained(AutoencoderKL, source, "vae")
+        text_encoder = _from_pretrained(getattr(transformers, encoder_name), source, "text_encoder")
+        tokenizer = _from_pretrained(getattr(transformers, tokenizer_name), source, "tokenizer")
         scheduler = _scheduler_from_config(scheduler_config)
         return cls(
             unet, scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, prediction_type=prediction_type
