@@ -21,7 +21,7 @@ from gendistill.data.classification import _channels, _per_class_split, _resize,
 from gendistill.dfkd.backdoor import TRIGGERS, Trigger, make_trigger
 from gendistill.dfkd.models import Classifier, FeatureHooks, load_classifier
 
-from .report import Report, device_description, read_run_log
+from .report import Report, check_report_folder, device_description
 
 BATCH_SIZE = 256
 PROBE_DATA = ("digits",)  # extra probe datasets beyond load_classification_data's: scikit-learn's 8x8 digits
@@ -387,6 +387,7 @@ def main_accuracy(argv: list[str] | None = None) -> int:
     _common_arguments(parser)
     args = parser.parse_args(argv)
     _check_common(args)
+    check_report_folder(args.output)  # refuse a folder we may not write before loading anything
     if args.probe_steps < 1 or args.probe_weight_decay < 0:
         raise ValueError(
             f"--probe-steps must be positive and --probe-weight-decay >= 0, got {args.probe_steps} and "
@@ -491,7 +492,7 @@ def main_accuracy(argv: list[str] | None = None) -> int:
                 standardized="train mean/std",
             )
     # 6. the distillation run's curves, when the student folder is a run (gendistill dfkd --output)
-    timing = time_to_accuracy(read_run_log(args.student))
+    timing = time_to_accuracy(report.run_log(args.student))
     if timing:
         report.add_training_curves(args.student)
         seconds, accuracy = timing["curve"]
@@ -548,6 +549,7 @@ def main_asr(argv: list[str] | None = None) -> int:
     _common_arguments(parser)
     args = parser.parse_args(argv)
     _check_common(args)
+    check_report_folder(args.output)  # refuse a folder we may not write before loading anything
     trigger = make_trigger(args.trigger)
     folders = [(Path(f).name or f, f) for f in args.model]
     folders += [(role, getattr(args, role)) for role in ("teacher", "student") if getattr(args, role)]

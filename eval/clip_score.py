@@ -2,9 +2,13 @@
 OpenAI's CLIP through clip-anytorch (default ViT-L/14), and ``gendistill eval clip``: the COCO-style protocol
 (captions file in, one sample per caption, CLIP score + FID against reference statistics out).
 
-The model is a clip-anytorch name (downloaded by clip-anytorch to ``~/.cache/clip`` and checked against the sha256 in
-its URL) or a local file: OpenAI's TorchScript archive (its state dict is read; no pickled code runs), a
-``.safetensors`` file or a plain ``torch.save``-d state dict. Images reach CLIP as OpenAI's preprocessing does
+The model is a clip-anytorch name or a local file. A name loads OpenAI's release file, downloaded by clip-anytorch to
+``~/.cache/clip`` and checked against the sha256 in its URL before every load; that file is a TorchScript archive,
+which clip-anytorch loads with ``torch.jit.load`` (running the archive's code: OpenAI's, pinned by the checksum).
+A local file is a ``.safetensors`` file or a plain ``torch.save``-d state dict, read without running code or
+unpickling objects; a local TorchScript archive (e.g. OpenAI's ``ViT-L-14.pt`` copied from another machine) is
+loaded only with ``--allow-torchscript`` (``allow_torchscript=True``), because ``torch.jit.load`` runs code from
+the archive; only its state dict is kept. Images reach CLIP as OpenAI's preprocessing does
 (PIL bicubic resize of the short side, center crop, CLIP's normalization) from the 8-bit image a user would save.
 Protocols differ between papers; everything that decides the number is stored next to it.
 """
@@ -24,7 +28,7 @@ from PIL import Image
 from . import sources
 from .features import load_feature_extractor, read_state_dict, sha256_of
 from .fid import FeatureStats, StatsAccumulator, frechet_distance
-from .report import Report, device_description
+from .report import Report, check_report_folder, device_description
 
 DEFAULT_MODEL = "ViT-L/14"
 SCALE = 100.0
@@ -47,8 +51,14 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
-def load_clip(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu"):
-    """``(model, preprocess, description)`` for a clip-anytorch model name or a local weights file."""
+def load_clip(
+    name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu", allow_torchscript: bool = False
+):
+    """``(model, preprocess, description)`` for a clip-anytorch model name or a local weights file.
+
+    A local TorchScript archive is refused (``ValueError``) unless ``allow_torchscript``: loading one runs code from
+    the archive. Safetensors and plain state-dict files load without running code.
+    """
     clip = _clip()
     device = torch.device(device)
     path = Path(name_or_path).expanduser()
@@ -66,7 +76,16 @@ def load_clip(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device =
             f"CLIP model {name_or_path!r} is neither a local file nor one of {', '.join(clip.available_models())}"
         )
     if _is_torchscript(path):
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        if not allow_torchscript:
+            raise ValueError(
+                f"CLIP model {str(path)!r} is a TorchScript archive, and loading one runs code from the archive; "
+                "pass --allow-torchscript (allow_torchscript=True) only for a file you trust, or convert it once to "
+                "a .safetensors file or a plain torch.save-d state dict, which load without running code"
+            )
+        try:
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError as err:
+            raise ValueError(f"{path} is not a readable TorchScript archive ({_first_line(err)})") from err
     else:
         state = read_state_dict(path)
     try:
@@ -80,11 +99,26 @@ def load_clip(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device =
     return model, preprocess, f"{path.name} (sha256 {sha256_of(path)[:12]})"
 
 
-class ClipScorer:
-    """Accumulates per-sample CLIP scores of images (B, 3, H, W) in [0, 1] and their texts."""
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
-    def __init__(self, name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu", prefix: str = ""):
-        self.model, self.preprocess, self.name = load_clip(name_or_path, device=device)
+
+class ClipScorer:
+    """Accumulates per-sample CLIP scores of images (B, 3, H, W) in [0, 1] and their texts; the model is loaded by
+    :func:`load_clip` (``allow_torchscript``: see there)."""
+
+    def __init__(
+        self,
+        name_or_path: str = DEFAULT_MODEL,
+        *,
+        device: str | torch.device = "cpu",
+        prefix: str = "",
+        allow_torchscript: bool = False,
+    ):
+        self.model, self.preprocess, self.name = load_clip(
+            name_or_path, device=device, allow_torchscript=allow_torchscript
+        )
         self.device, self.prefix = torch.device(device), prefix
         self.scores: list[float] = []
 
@@ -135,7 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="noise seed: batch i uses seed + i")
     parser.add_argument("--guidance-scale", type=float, default=None, help="guidance-range students only")
     parser.add_argument("--refine-steps", type=int, default=0, help="teacher steps after the jump (default 0)")
-    parser.add_argument("--clip-model", default=DEFAULT_MODEL, help="clip-anytorch name or local weights file")
+    parser.add_argument(
+        "--clip-model",
+        default=DEFAULT_MODEL,
+        help="clip-anytorch name or local weights file (.safetensors or a torch.save-d state dict)",
+    )
+    parser.add_argument(
+        "--allow-torchscript",
+        action="store_true",
+        help="also load a local TorchScript --clip-model archive (e.g. OpenAI's .pt file); this runs code from the "
+        "archive, so pass it only for a file you trust",
+    )
     parser.add_argument("--prefix", default="", help="text put before every caption (some papers: 'A photo of ')")
     parser.add_argument("--real", default=None, help="reference statistics .npz or real image folder for FID")
     parser.add_argument("--inception-weights", default=None, help="local FID Inception weights")
@@ -152,6 +196,7 @@ def run(args: argparse.Namespace) -> dict:
     if not 1 <= n <= len(captions):
         raise ValueError(f"--num-samples must be in 1..{len(captions)} (the captions in the file), got {n}")
     captions = captions[:n]
+    check_report_folder(args.output)  # refuse a folder we may not write before loading or sampling anything
     device = torch.device(args.device)
     fake = Path(args.fake)
     if (fake / "model_index.json").is_file():
@@ -176,7 +221,7 @@ def run(args: argparse.Namespace) -> dict:
         sampling = {"num_samples": n, "images": str(fake)}
     else:
         raise FileNotFoundError(f"--fake {args.fake!r} is neither a student folder nor a folder of images")
-    scorer = ClipScorer(args.clip_model, device=device, prefix=args.prefix)
+    scorer = ClipScorer(args.clip_model, device=device, prefix=args.prefix, allow_torchscript=args.allow_torchscript)
     extractor = real = None
     if args.real is not None:
         extractor = load_feature_extractor(

@@ -25,7 +25,7 @@ from gendistill.diffusion.teacher import DiffusionTeacher
 
 from .classifier import agreement, time_to_accuracy, topk_accuracy
 from .compare import BATCH_SIZE, Judge, boot_samplers, class_rows, noise_batches, run_samplers
-from .report import Report, device_description, read_run_log
+from .report import Report, device_description
 from .samplers import solver_settings
 from .sources import load_student_pipeline
 from .speed import measure
@@ -160,7 +160,7 @@ def evaluate_dfkd(report: Report, folder: Path, device: torch.device) -> dict:
         with torch.no_grad():
             times = measure(lambda m=model: m(batch), device=device, warmup=2, repeats=10)
         throughput[name] = len(batch) / statistics.median(times)
-    rows = read_run_log(dfkd_dir)
+    rows = report.run_log(dfkd_dir)
     timing = time_to_accuracy(rows)
     recipe = json.loads((dfkd_dir / "gendistill_run.json").read_text(encoding="utf-8"))["recipe"]
     result = {

@@ -19,7 +19,7 @@ import torch
 from . import sources
 from .features import ModuleFeatures, load_feature_extractor
 from .fid import KID_SUBSET_SIZE, KID_SUBSETS, FeatureStats, compute_stats, frechet_distance, kernel_inception_distance
-from .report import Report, device_description
+from .report import Report, check_report_folder, device_description
 
 GRID_SIZE = 64
 
@@ -199,6 +199,7 @@ def run(args: argparse.Namespace, *, kid: bool) -> dict:
         raise ValueError(f"--num-real must be at least 2, got {args.num_real}")
     if fake_kind != "pipeline" and args.refine_steps != ["0"]:
         raise ValueError("--refine-steps applies to a BOOT student folder given as --fake")
+    check_report_folder(args.output)  # refuse a folder we may not write before loading or sampling anything
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

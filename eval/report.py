@@ -4,6 +4,10 @@ Every number is stored with its settings (feature extractor, sample count, seeds
 and library versions of the run. The report opens with the pictures, then the tables. Nothing in the output
 folder looks complete before it is: PNGs are written first, ``metrics.json`` and ``report.md`` last, each through
 a temporary file and ``os.replace``.
+
+A report only writes into a folder that is new, empty, or holds a report gendistill wrote before (recognized by
+``gendistill_report.json``, the first file a report writes into its folder). Any other folder is refused before
+anything is computed or written: a user's own ``report.md`` or ``metrics.json`` is never replaced or deleted.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from gendistill.files import read_jsonl
+
+MARKER = "gendistill_report.json"  # written first into every report folder: later runs may write there again
+RUN_LOG = Path("logs") / "metrics.jsonl"  # a training run's log, relative to its output folder
+
 CURVE_GROUPS = {  # training-curve plots: group name -> which logged keys it shows
     "loss": lambda key: key.startswith("loss"),
     "trajectory_error": lambda key: key.endswith("trajectory_error"),
@@ -26,12 +35,36 @@ CURVE_GROUPS = {  # training-curve plots: group name -> which logged keys it sho
 }
 
 
-def read_run_log(folder: str | os.PathLike) -> list[dict]:
-    """The rows of a training run's ``logs/metrics.jsonl`` (empty if ``folder`` holds no run log)."""
-    path = Path(folder) / "logs" / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_run_log(folder: str | os.PathLike) -> tuple[list[dict], list[int]]:
+    """The rows of a training run's ``logs/metrics.jsonl`` and the 1-based numbers of the lines that could not be
+    read (a run killed while writing leaves a partial last line); no rows if ``folder`` holds no run log.
+    :meth:`Report.run_log` also says in the report which lines were skipped."""
+    return read_jsonl(Path(folder) / RUN_LOG)
+
+
+def check_report_folder(output: str | os.PathLike) -> Path:
+    """``output`` as a ``Path`` if a report may be written there: it does not exist, is an empty folder, or holds
+    a report gendistill wrote (``MARKER``); otherwise a ``ValueError`` naming it. Reads only, writes nothing."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {str(output)!r} exists and is not a folder")
+    if not output.is_dir() or not any(output.iterdir()):
+        return output
+    refusal = (
+        f"output folder {str(output)!r} is not empty and holds no report written by gendistill ({MARKER}); "
+        "gendistill only writes reports into a new or empty folder or into one holding its own report, so that "
+        "it never replaces files it did not write: choose another output folder"
+    )
+    marker = output / MARKER
+    if not marker.is_file() or marker.is_symlink():
+        raise ValueError(refusal)
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        content = None
+    if not isinstance(content, dict) or content.get("written_by") != "gendistill":
+        raise ValueError(refusal)
+    return output
 
 
 def device_description(device: torch.device | str) -> str:
@@ -81,14 +114,18 @@ class Report:
     _tables: list[tuple[str, list[dict]]] = field(default_factory=list)
     _lead_tables: list[tuple[str, list[dict]]] = field(default_factory=list)
     _notes: list[str] = field(default_factory=list)
+    _run_logs: dict[Path, list[dict]] = field(default_factory=dict)  # run logs read so far (each noted once)
 
     def __post_init__(self) -> None:
-        self.output = Path(self.output)
-        if self.output.exists() and not self.output.is_dir():
-            raise ValueError(f"output {str(self.output)!r} exists and is not a folder")
+        """Claim ``output`` (see :func:`check_report_folder`): write ``MARKER`` first, then remove the previous
+        report's ``report.md`` and ``metrics.json`` so that a crash cannot leave an older report looking current."""
+        self.output = check_report_folder(self.output)
         self.output.mkdir(parents=True, exist_ok=True)
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        marker = {"written_by": "gendistill", "command": self.command, "created": created}
+        _write_text(self.output / MARKER, json.dumps(marker, indent=2) + "\n")
         for stale in ("report.md", "metrics.json"):
-            (self.output / stale).unlink(missing_ok=True)  # a crash must not leave an older report looking current
+            (self.output / stale).unlink(missing_ok=True)
 
     def add_metric(self, name: str, value, **settings) -> None:
         """One number (or a dict of numbers) and everything needed to reproduce it."""
@@ -137,7 +174,7 @@ class Report:
     def add_training_curves(self, folder: str | os.PathLike, *, prefix: str = "") -> None:
         """One plot per group of scalars logged by the run that wrote ``folder`` (``CURVE_GROUPS``), against step;
         ``prefix`` keeps the files of several runs in one report apart."""
-        rows = read_run_log(folder)
+        rows = self.run_log(folder)
         for group, belongs in CURVE_GROUPS.items():
             series = {}
             for key in sorted({k for row in rows for k in row if belongs(k)}):
@@ -147,6 +184,24 @@ class Report:
             if series:
                 caption = f"training curve: {group} (from {Path(folder).name}/logs/metrics.jsonl)"
                 self.add_plot(f"{prefix}curve_{group}", series, caption, xlabel="step", ylabel=group)
+
+    def run_log(self, folder: str | os.PathLike) -> list[dict]:
+        """The readable rows of the run log of ``folder`` (:func:`read_run_log`); lines that could not be read are
+        named in a note of the report, once per file."""
+        path = Path(folder) / RUN_LOG
+        key = path.resolve()
+        if key not in self._run_logs:
+            rows, skipped = read_run_log(folder)
+            if skipped:
+                lines = ", ".join(map(str, skipped[:10]))
+                if len(skipped) > 10:
+                    lines += f" and {len(skipped) - 10} more"
+                self.add_note(
+                    f"**Skipped {len(skipped)} unreadable line(s) of {path}:** line(s) {lines} (a run killed while "
+                    f"writing leaves a partial last line); the {len(rows)} readable rows are used."
+                )
+            self._run_logs[key] = rows
+        return self._run_logs[key]
 
     def add_table(self, title: str, rows: list[dict], *, lead: bool = False) -> None:
         """A table after the metrics, or before them with ``lead`` (a summary)."""
@@ -181,7 +236,10 @@ class Report:
         for name, entry in self.metrics.items():
             settings = ", ".join(f"{k}={_cell(v)}" for k, v in entry["settings"].items())
             lines.append(f"- **{name}**: {settings}")
-        lines += ["", *self._notes, "" if self._notes else "", f"Device: {self.device}. Written {created}.", ""]
+        lines.append("")
+        for note in self._notes:  # one paragraph each
+            lines += [note, ""]
+        lines += [f"Device: {self.device}. Written {created}.", ""]
         path = self.output / "report.md"
         _write_text(path, "\n".join(lines))
         return path

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import sources
-from .report import Report, device_description
+from .report import Report, check_report_folder, device_description
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -118,6 +118,7 @@ def _classifier_runners(args, device, dtype):
 def run(args: argparse.Namespace) -> list[dict]:
     if args.warmup < 0 or args.repeats < 1:
         raise ValueError(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
+    check_report_folder(args.output)  # refuse a folder we may not write before loading anything
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = Path(args.model)
     if (model / "model_index.json").is_file():
