@@ -2,7 +2,8 @@
 ``gendistill.eval``).
 
 Bad input (a ``ValueError`` or ``FileNotFoundError`` raised while validating it) is printed as one line and
-exits with code 2; ``GENDISTILL_DEBUG=1`` shows the traceback instead.
+exits with code 2; a diverged training run (``gendistill.errors.DivergedError``) is one line and exit code 3;
+``GENDISTILL_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
+from gendistill.errors import EXIT_DIVERGED, EXIT_USAGE, DivergedError
 
 COMMANDS = {
     "boot": "distill a diffusers teacher into a one-step BOOT student pipeline",
@@ -65,11 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         return _dispatch(argv[0], argv[1:])
+    except DivergedError as err:
+        if os.environ.get("GENDISTILL_DEBUG"):
+            raise
+        print(f"gendistill {argv[0]}: training diverged: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("GENDISTILL_DEBUG"):
             raise
         print(f"gendistill {argv[0]}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -23,7 +23,14 @@ from gendistill.diffusion.boot import BootConfig, BootTask
 from gendistill.diffusion.teacher import load_teacher
 from gendistill.pipelines import BootImagePipeline, BootPipeline
 
-from .core import Trainer, check_output_folder, export_pipeline, logged_values, resolve_mixed_precision
+from .core import (
+    Trainer,
+    check_output_folder,
+    export_pipeline,
+    logged_values,
+    resolve_mixed_precision,
+    write_json_atomic,
+)
 from .recipes import TrainRecipe, parse_recipe
 
 logger = logging.getLogger(__name__)
@@ -57,6 +64,8 @@ class BootRecipe(TrainRecipe):
     lora_alpha: float | None = None  # LoRA scale numerator (default: the rank)
     cache_text_embeddings: bool = False  # encode every prompt once up front (saved in the run folder)
     attention: str = "sdpa"  # sdpa (PyTorch scaled-dot-product attention) | xformers (CUDA, when it works)
+
+    INPUT_PATHS = ("teacher", "prompts")
 
     def validate(self) -> None:
         super().validate()
@@ -236,7 +245,7 @@ def run(recipe: BootRecipe, task: BootTask | None = None) -> dict:
         errors = logged_values(recipe.output, "trajectory_error")
         if errors:
             summary["initial_trajectory_error"] = errors[0]
-        (Path(recipe.output) / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_json_atomic(Path(recipe.output) / "results.json", summary)
     trainer.accelerator.wait_for_everyone()
     trainer.end()
     return summary

@@ -7,10 +7,21 @@ phases, batches and losses.
 
 Run folder layout (``recipe.output``)::
 
-    gendistill_run.json          the recipe of the run (a folder holding another run is refused)
-    checkpoints/checkpoint_<i>/  accelerate state; complete only once ``trainer_state.json`` is in it
-    logs/metrics.jsonl           every logged scalar, one JSON object per line (also sent to trackers)
+    gendistill_run.json          the recipe of the run: the marker of a folder gendistill wrote
+    checkpoints/checkpoint_<i>/  accelerate state + EMA (safetensors) + ``trainer_state.json`` (counters, EMA
+                                 scalars), which is written last: only then is the checkpoint complete
+    logs/metrics.jsonl           every logged scalar, one strict-JSON object per line (also sent to trackers)
     samples/step_<n>.png         sample grids of generative tasks
+
+What is guaranteed (the README's reliability section lists the tests):
+- ``--overwrite`` replaces only a folder holding ``gendistill_run.json``; the output may not be, hold or lie inside
+  an input (``recipe.INPUT_PATHS``).
+- A run is identified by its recipe minus where it lives, so a moved run folder resumes.
+- Nothing in a checkpoint is unpickled: counters and EMA are JSON + safetensors; accelerate reads its optimizer,
+  scheduler and RNG files with ``torch.load(weights_only=True)``. A checkpoint that cannot be restored exactly (a
+  missing or unreadable file, RNG state included) is an error, never a log line.
+- Non-finite losses and gradients skip the step; too many in a row, or non-finite weights at a checkpoint, raise
+  ``DivergedError`` and that checkpoint is never marked complete.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import copy
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -28,11 +40,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import load as accelerate_load
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors.torch import save_file
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from gendistill.errors import DivergedError
+from gendistill.files import check_output_not_input, read_json, read_jsonl, read_safetensors
 from gendistill.kernels import set_fused
 
 from .recipes import TrainRecipe, recipe_dict
@@ -43,12 +59,12 @@ RUN_FILE = "gendistill_run.json"
 STATE_FILE = "trainer_state.json"  # written last, atomically: its presence marks a complete checkpoint
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(DivergedError):
+    """Too many non-finite steps in a row, or non-finite weights at a checkpoint (the CLI exits with code 3)."""
 
 
 class Counters:
-    """Step counters checkpointed with the accelerate state (so resume is exact)."""
+    """Step counters, checkpointed in ``trainer_state.json`` (so resume is exact)."""
 
     def __init__(self):
         self.step = 0
@@ -63,11 +79,30 @@ class Counters:
             setattr(self, key, int(value))
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """Write ``data`` as JSON through a temporary file, flushed to disk, then renamed over ``path``: a crash leaves
+    either the old file or the new one, never half of one."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(_finite_or_none(data), f, indent=2, sort_keys=True, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _finite_or_none(value):
+    """``value`` with every non-finite float replaced by ``None``, so the JSON written is strict (no NaN/Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _checkpoint_index(folder: Path) -> int:
@@ -100,11 +135,17 @@ def resolve_resume(recipe: TrainRecipe) -> Path | None:
 
 
 def check_output_folder(recipe: TrainRecipe, command: str) -> None:
-    """Refuse an output folder holding another run (or unrelated files) unless ``overwrite``; read-only."""
+    """Refuse an output folder that is an input, or holds anything but this run (or, with ``overwrite``, any
+    gendistill run); read-only.
+
+    ``--overwrite`` replaces only a folder that holds ``gendistill_run.json``, the marker every run writes first:
+    a folder gendistill did not write is never deleted, with or without it.
+    """
     out = Path(recipe.output)
     if recipe.overwrite and recipe.resume is not None:
         raise ValueError("--overwrite and --resume contradict each other: choose one")
-    if recipe.overwrite or not out.exists():
+    check_output_not_input(out, {"--" + name.replace("_", "-"): getattr(recipe, name) for name in recipe.INPUT_PATHS})
+    if not out.exists():
         if recipe.resume is not None:
             raise ValueError(f"--resume {recipe.resume}: output folder {recipe.output!r} does not exist")
         return
@@ -115,30 +156,32 @@ def check_output_folder(recipe: TrainRecipe, command: str) -> None:
     run_file = out / RUN_FILE
     if not run_file.is_file():
         raise ValueError(
-            f"output folder {recipe.output!r} is not empty and holds no gendistill run; "
-            "choose another folder or pass --overwrite"
+            f"output folder {recipe.output!r} is not empty and holds no gendistill run ({RUN_FILE}); gendistill "
+            "never replaces a folder it did not write (--overwrite does not apply to it): choose a new or empty folder"
         )
-    previous = json.loads(run_file.read_text(encoding="utf-8"))
+    if recipe.overwrite:
+        return  # a run gendistill wrote: Trainer replaces it
+    previous = read_json(run_file, what="run file")
+    if not isinstance(previous, dict) or not isinstance(previous.get("recipe"), dict):
+        raise ValueError(f"run file {str(run_file)!r} holds no recipe; it was not written by gendistill")
     # Compare as JSON sees it (tuples and lists both become lists).
     current = json.loads(json.dumps({"command": command, "recipe": recipe_dict(recipe)}))
     ignore = set(recipe.RESUMABLE_CHANGES)
     diffs = [
         k
-        for k in sorted(set(previous.get("recipe", {})) | set(current["recipe"]))
-        if k not in ignore and previous.get("recipe", {}).get(k) != current["recipe"].get(k)
+        for k in sorted(set(previous["recipe"]) | set(current["recipe"]))
+        if k not in ignore and previous["recipe"].get(k) != current["recipe"].get(k)
     ]
     if previous.get("command") != command:
         diffs.insert(0, "command")
     if diffs:
         detail = ", ".join(
-            f"{k}: {previous.get('recipe', {}).get(k)!r} -> {current['recipe'].get(k)!r}"
-            for k in diffs[:4]
-            if k != "command"
+            f"{k}: {previous['recipe'].get(k)!r} -> {current['recipe'].get(k)!r}" for k in diffs[:4] if k != "command"
         )
         raise ValueError(
             f"output folder {recipe.output!r} already holds a different run "
             f"({detail or 'other command'}); "
-            "pass --overwrite to replace it or choose another folder"
+            "pass --overwrite to replace that run or choose another folder"
         )
     if recipe.resume is None:
         raise ValueError(
@@ -164,11 +207,9 @@ def export_pipeline(pipe, output: Path) -> None:
 
 
 def logged_values(output: str | Path, key: str) -> list[float]:
-    """Every value of ``key`` in a run's ``logs/metrics.jsonl``, in logging order."""
-    path = Path(output) / "logs" / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
+    """Every value of ``key`` in a run's ``logs/metrics.jsonl``, in logging order (a line cut off by a crash is
+    skipped with a warning)."""
+    rows, _ = read_jsonl(Path(output) / "logs" / "metrics.jsonl")
     return [row[key] for row in rows if key in row]
 
 
@@ -228,7 +269,9 @@ class Trainer:
                 project_dir=str(self.output),
                 logging_dir=str(self.output / "logs"),
                 automatic_checkpoint_naming=True,
-                total_limit=recipe.checkpoints_total_limit,
+                # Rotation is ours (_rotate_checkpoints): accelerate's deletes the oldest folder by number, which
+                # would be the very checkpoint an older-checkpoint resume started from.
+                total_limit=None,
             ),
         )
         # Every process checks the folder before any process writes to it.
@@ -236,10 +279,10 @@ class Trainer:
         self.resume_from = resolve_resume(recipe)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if recipe.overwrite and self.output.exists():
-                shutil.rmtree(self.output)
+            if recipe.overwrite and (self.output / RUN_FILE).is_file():
+                shutil.rmtree(self.output)  # check_output_folder allowed it: a run gendistill wrote
             self.output.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(self.output / RUN_FILE, {"command": command, "recipe": recipe_dict(recipe)})
+            write_json_atomic(self.output / RUN_FILE, {"command": command, "recipe": recipe_dict(recipe)})
         accelerator.wait_for_everyone()
         set_seed(recipe.seed, device_specific=True)
 
@@ -269,10 +312,11 @@ class Trainer:
                     _trainable(accelerator.unwrap_model(module, keep_torch_compile=False)), decay=recipe.ema_decay
                 )
                 ema.to(accelerator.device)
-                accelerator.register_for_checkpointing(ema)
                 self.emas[phase.name] = ema
         self.counters = Counters()
-        accelerator.register_for_checkpointing(self.counters)
+        self._kept_checkpoint: Path | None = None  # an explicitly resumed checkpoint, kept through this run
+        self._abandoned: set[int] = set()  # later checkpoints of the continuation that resume left behind
+        self._checkpointed_step: int | None = None  # the step of the newest checkpoint of this run
         if self.resume_from is not None:
             self._load(self.resume_from)
         accelerator.init_trackers(command.replace(" ", "_"), config=_flat_config(recipe))
@@ -281,29 +325,106 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def _load(self, folder: Path) -> None:
+        """Restore everything from ``folder``; any file that cannot be restored exactly is a ``ValueError``."""
         accelerator = self.accelerator
-        accelerator.load_state(str(folder))
-        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-        # The next automatic name follows the resumed one; drop any incomplete folder that would collide.
-        accelerator.project_configuration.iteration = _checkpoint_index(folder) + 1
-        if accelerator.is_main_process:
-            root = self.output / "checkpoints"
-            for stale in root.iterdir() if root.is_dir() else []:
+        state = read_json(folder / STATE_FILE, what="checkpoint state")
+        rng_file = folder / f"random_states_{accelerator.process_index}.pkl"
+        try:
+            # accelerate's own reader: torch.load(weights_only=True), numpy's RNG types allowed, nothing else.
+            rng = accelerate_load(rng_file)
+        except Exception as err:  # noqa: BLE001 - missing, truncated or a planted pickle: all mean "not exact"
+            raise ValueError(
+                f"checkpoint {str(folder)!r} cannot be restored exactly: its RNG state {rng_file.name} is missing "
+                f"or unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            ) from None
+        try:
+            accelerator.load_state(str(folder))
+        except Exception as err:  # noqa: BLE001 - safetensors, torch.load and load_state_dict raise many types
+            raise ValueError(
+                f"checkpoint {str(folder)!r} cannot be restored ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''})"
+            ) from None
+        # accelerate logs a failed RNG restore at INFO and goes on; an inexact resume must not pass silently.
+        if not torch.equal(torch.get_rng_state(), rng["torch_manual_seed"]):
+            raise ValueError(f"checkpoint {str(folder)!r}: its RNG state {rng_file.name} could not be restored")
+        try:
+            self.counters.load_state_dict(state["counters"])
+            for name, ema in self.emas.items():
+                _load_ema(ema, folder, name, state["ema"][name])
+                ema.to(accelerator.device)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"checkpoint {str(folder)!r} cannot be restored: its counters or EMA are missing or do not match "
+                f"this run ({type(err).__name__}: {err})"
+            ) from None
+        root = self.output / "checkpoints"
+        if accelerator.is_main_process and root.is_dir():
+            # Folders a crash left incomplete are dropped; they would only confuse the numbering.
+            for stale in root.iterdir():
                 if _checkpoint_index(stale) > _checkpoint_index(folder) and not (stale / STATE_FILE).is_file():
                     shutil.rmtree(stale)
         accelerator.wait_for_everyone()
-        logger.info("resumed from %s at step %d", folder, state["step"])
+        # New checkpoints are numbered after every existing one, so none is overwritten. Resuming an older
+        # checkpoint of this run leaves the later ones behind: they are the first to go when rotation needs room, and
+        # the checkpoint resumed from stays for the whole run.
+        indices = [_checkpoint_index(p) for p in root.iterdir()] if root.is_dir() else []
+        accelerator.project_configuration.iteration = max([-1, _checkpoint_index(folder), *indices]) + 1
+        if self.recipe.resume != "latest" and folder.resolve().parent == root.resolve():
+            self._kept_checkpoint = folder.resolve()
+            self._abandoned = {i for i in indices if i > _checkpoint_index(folder)}
+        self._checkpointed_step = self.counters.step
+        logger.info("resumed from %s at step %d", folder, self.counters.step)
 
     def save_checkpoint(self) -> Path:
-        """``accelerator.save_state`` (automatic name, total limit), then the completion marker, atomically."""
+        """``accelerator.save_state`` (automatic name), the EMA and the counters, then the completion marker, written
+        atomically; then rotation to ``checkpoints_total_limit``. Non-finite weights raise ``NonFiniteLossError`` and
+        leave the checkpoint incomplete."""
         accelerator = self.accelerator
         accelerator.save_state()
         folder = self.output / "checkpoints" / f"checkpoint_{accelerator.save_iteration - 1}"
+        self._check_finite_weights()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _write_json_atomic(folder / STATE_FILE, {"step": self.counters.step, "command": self.command})
+            ema_state = {name: _save_ema(ema, folder, name) for name, ema in self.emas.items()}
+            write_json_atomic(
+                folder / STATE_FILE,
+                {
+                    "step": self.counters.step,
+                    "command": self.command,
+                    "counters": self.counters.state_dict(),
+                    "ema": ema_state,
+                },
+            )
+            self._rotate_checkpoints(keep=folder)
+        self._checkpointed_step = self.counters.step
         accelerator.wait_for_everyone()
         return folder
+
+    def _check_finite_weights(self) -> None:
+        for phase in self.phases:
+            module = self.accelerator.unwrap_model(getattr(self.task, phase.name), keep_torch_compile=False)
+            tensors = [*_trainable(module)]
+            if phase.name in self.emas:
+                tensors += self.emas[phase.name].shadow_params
+            if not all(bool(torch.isfinite(t).all()) for t in tensors):
+                raise NonFiniteLossError(
+                    f"the weights of {phase.name!r} are not finite at step {self.counters.step}; this checkpoint is "
+                    "not marked complete. Resume from the last complete one with a lower learning rate"
+                )
+
+    def _rotate_checkpoints(self, *, keep: Path) -> None:
+        """Delete checkpoints until ``checkpoints_total_limit`` remain besides a checkpoint resumed explicitly: those
+        an older-checkpoint resume left behind first, then the oldest."""
+        root = self.output / "checkpoints"
+        candidates = [
+            p
+            for p in root.iterdir()
+            if _checkpoint_index(p) >= 0 and p.resolve() not in (keep.resolve(), self._kept_checkpoint)
+        ]
+        candidates.sort(key=lambda p: (_checkpoint_index(p) not in self._abandoned, _checkpoint_index(p)))
+        excess = len(candidates) + 1 - self.recipe.checkpoints_total_limit
+        for stale in candidates[: max(excess, 0)]:
+            shutil.rmtree(stale)
 
     # --- modules for evaluation / export -------------------------------------------------------------------
     def export_module(self, phase: str) -> torch.nn.Module:
@@ -315,12 +436,20 @@ class Trainer:
 
     # --- logging -------------------------------------------------------------------------------------------
     def log(self, values: dict[str, float], step: int) -> None:
+        """Send ``values`` to the trackers and append them to ``logs/metrics.jsonl`` as one strict-JSON line
+        (non-finite numbers become ``null``)."""
         values = {**values, "elapsed_s": time.perf_counter() - self._started}
         self.accelerator.log(values, step=step)
         if self.accelerator.is_main_process:
             self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            line = json.dumps(_finite_or_none({"step": step, **values}), allow_nan=False) + "\n"
+            with open(self.metrics_file, "a+b") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":  # a line cut off by a crash: start on a new line (readers skip it)
+                        f.write(b"\n")
+                f.write(line.encode("utf-8"))
 
     def evaluate(self, step: int) -> dict[str, float]:
         if not hasattr(self.task, "evaluate") or not self.accelerator.is_main_process:
@@ -368,8 +497,15 @@ class Trainer:
                 accelerator.backward(loss)
                 total += float(loss.detach()) / self.recipe.gradient_accumulation_steps
                 if accelerator.sync_gradients and not skipped:
-                    if self.recipe.grad_clip > 0:
-                        accelerator.clip_grad_norm_(module.parameters(), self.recipe.grad_clip)
+                    # The norm of all gradients (clipped to grad_clip when set): a finite loss can still have
+                    # inf/NaN gradients (sqrt at 0, a saturated exp), which must not reach the weights. Under fp16
+                    # the grad scaler skips such steps itself and lowers its scale.
+                    clip = self.recipe.grad_clip if self.recipe.grad_clip > 0 else math.inf
+                    norm = accelerator.clip_grad_norm_(module.parameters(), clip)
+                    if accelerator.scaler is None and norm is not None and not bool(torch.isfinite(norm)):
+                        skipped = True
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
                     optimizer.step()
                     self.schedulers[phase.name].step()
                     if phase.name in self.emas:
@@ -414,14 +550,16 @@ class Trainer:
                 counters.nonfinite_total += 1
                 counters.nonfinite_in_a_row += 1
                 logger.warning(
-                    "non-finite loss at step %d: step skipped (%d in a row)",
+                    "non-finite loss or gradients at step %d: step skipped (%d in a row)",
                     counters.step,
                     counters.nonfinite_in_a_row,
                 )
                 if counters.nonfinite_in_a_row >= recipe.max_nonfinite_steps:
+                    last = complete_checkpoints(self.output)
                     raise NonFiniteLossError(
-                        f"{counters.nonfinite_in_a_row} non-finite losses in a row at step {counters.step}; "
-                        "lower the learning rate or use --mixed-precision bf16/no"
+                        f"{counters.nonfinite_in_a_row} non-finite losses in a row at step {counters.step} (a step "
+                        "is skipped when its loss or gradients are not finite); lower the learning rate or use "
+                        "--mixed-precision bf16/no" + (f" (last complete checkpoint: {last[-1]})" if last else "")
                     )
             counters.step += 1
             window += 1
@@ -452,7 +590,7 @@ class Trainer:
         progress.close()
         metrics = self.evaluate(counters.step) or metrics
         self.write_samples(counters.step)
-        if not complete_checkpoints(self.output) or _last_step(self.output) != counters.step:
+        if self._checkpointed_step != counters.step:
             self.save_checkpoint()
         accelerator.wait_for_everyone()
         return metrics
@@ -471,8 +609,18 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _last_step(output: Path) -> int:
-    found = complete_checkpoints(output)
-    if not found:
-        return -1
-    return int(json.loads((found[-1] / STATE_FILE).read_text(encoding="utf-8"))["step"])
+def _save_ema(ema: EMAModel, folder: Path, name: str) -> dict:
+    """The EMA's shadow weights as ``ema_<name>.safetensors`` in ``folder``; returns its scalars (for JSON)."""
+    state = ema.state_dict()
+    shadow = {f"shadow.{i}": t.detach().cpu().contiguous() for i, t in enumerate(state.pop("shadow_params"))}
+    save_file(shadow, str(folder / f"ema_{name}.safetensors"))
+    return state
+
+
+def _load_ema(ema: EMAModel, folder: Path, name: str, scalars: dict) -> None:
+    shadow = read_safetensors(folder / f"ema_{name}.safetensors", what="EMA weights")
+    params = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
+    expected = [tuple(p.shape) for p in ema.shadow_params]
+    if [tuple(p.shape) for p in params] != expected:
+        raise ValueError(f"the EMA weights of {name!r} do not match the model")
+    ema.load_state_dict({**scalars, "shadow_params": params})

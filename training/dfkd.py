@@ -9,7 +9,6 @@ architecture, is exported the same way (``model.safetensors`` + ``config.json``)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from gendistill.dfkd.models import ARCHITECTURES, Classifier, build_classifier, 
 from gendistill.dfkd.synthesizers import METHODS, get_method
 from gendistill.dfkd.task import DFKDTask
 
-from .core import Trainer, check_output_folder
+from .core import Trainer, check_output_folder, write_json_atomic
 from .recipes import TrainRecipe, parse_recipe
 
 COMMAND = "dfkd"
@@ -43,6 +42,7 @@ class DFKDRecipe(TrainRecipe):
     eval_every: int = 100  # held-out accuracy and teacher agreement every N iterations (with --eval-data)
     sample_every: int = 500  # PNG grid of synthesized images every N iterations
 
+    INPUT_PATHS = ("teacher", "eval_data", "data_root")
     RESUMABLE_CHANGES = (*TrainRecipe.RESUMABLE_CHANGES, "iterations")
 
     def validate(self) -> None:
@@ -133,7 +133,7 @@ def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
         output = Path(recipe.output)
         save_classifier(trainer.export_module("student"), output)
         summary = {"method": recipe.method, "steps": trainer.counters.step, "resumed_at": resumed_at, **metrics}
-        (output / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_json_atomic(output / "results.json", summary)
     trainer.accelerator.wait_for_everyone()
     trainer.end()
     return summary

@@ -10,13 +10,13 @@ import argparse
 import dataclasses
 import importlib.util
 import inspect
+import math
 import re
 import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
 from diffusers.optimization import SchedulerType
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -57,8 +57,11 @@ class TrainRecipe:
     resume: str | None = None  # "latest" or a checkpoint folder to resume from
     overwrite: bool = False  # replace an output folder that holds another run
 
-    # Fields that may differ between a run and its resumption.
+    # Fields naming files or folders the run reads: the output may not be, hold or lie inside any of them.
+    INPUT_PATHS: typing.ClassVar[tuple[str, ...]] = ()
+    # Fields that may differ between a run and its resumption ("output": a run folder may be moved or renamed).
     RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = (
+        "output",
         "resume",
         "overwrite",
         "max_steps",
@@ -69,6 +72,7 @@ class TrainRecipe:
     )
 
     def validate(self) -> None:
+        _check_finite(self)
         for name in (
             "max_steps",
             "batch_size",
@@ -103,6 +107,17 @@ class TrainRecipe:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.output:
             raise ValueError("output folder is required (--output DIR)")
+
+
+def _check_finite(recipe) -> None:
+    """Every float of a recipe (also inside lists) must be a finite number: inf/nan learning rates, weights or
+    budgets are refused before they reach an optimizer or the log."""
+    for f in fields(recipe):
+        value = getattr(recipe, f.name)
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
 
 
 def _base_type(tp):
@@ -142,11 +157,11 @@ def _convert(value, tp, name: str):
 
 
 def load_yaml(path: str | Path) -> dict:
+    """The mapping of a YAML recipe file; a missing file, bad YAML or a non-mapping is one error naming the file."""
+    from gendistill.files import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(path, what="recipe file") or {}
     if not isinstance(data, dict):
         raise ValueError(f"recipe file {str(path)!r} must hold a mapping of field: value, got {type(data).__name__}")
     return data

@@ -14,7 +14,6 @@ held-out clean accuracy and attack success rate.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from gendistill.dfkd.generators import augment
 from gendistill.dfkd.models import ARCHITECTURES, Classifier, build_classifier, save_classifier
 from gendistill.task import Phase
 
-from .core import Trainer, check_output_folder
+from .core import Trainer, check_output_folder, write_json_atomic
 from .recipes import TrainRecipe, parse_recipe
 
 COMMAND = "teach classifier"
@@ -56,6 +55,8 @@ class TeachClassifierRecipe(TrainRecipe):
     backdoor: str | None = None  # plant a backdoor: badnets | blend | trojan (default settings); None: clean
     backdoor_target: int = 0  # the class triggered training images are relabelled to
     poison_rate: float = 0.1  # fraction of the non-target training images that are triggered and relabelled
+
+    INPUT_PATHS = ("data", "data_root")
 
     def validate(self) -> None:
         super().validate()
@@ -210,7 +211,7 @@ def run(recipe: TeachClassifierRecipe) -> dict:
             }
             summary["heldout_clean_accuracy"] = summary["heldout_accuracy"]  # the held-out split is never poisoned
             summary["heldout_asr"] = metrics.get("ema/asr", metrics.get("asr"))
-        (output / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_json_atomic(output / "results.json", summary)
     trainer.accelerator.wait_for_everyone()
     trainer.end()
     return summary

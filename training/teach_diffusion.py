@@ -10,7 +10,6 @@ dropout (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598, Alg. 1).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from gendistill.data.mnist import load_mnist5k
 from gendistill.diffusion.schedule import check_prediction_type
 from gendistill.task import Phase
 
-from .core import Trainer, check_output_folder, export_pipeline, logged_values
+from .core import Trainer, check_output_folder, export_pipeline, logged_values, write_json_atomic
 from .recipes import TrainRecipe, parse_recipe
 
 logger = logging.getLogger(__name__)
@@ -55,6 +54,8 @@ class TeachDiffusionRecipe(TrainRecipe):
     checkpoint_every: int = 500  # resumable checkpoint every N steps (0: only at the end)
     sample_every: int = 500  # PNG sample grid every N steps (0: only at the end)
     eval_every: int = 0  # this task has no metrics beyond the logged loss
+
+    INPUT_PATHS = ("data",)
 
     def validate(self) -> None:
         super().validate()
@@ -270,7 +271,7 @@ def run(recipe: TeachDiffusionRecipe) -> Path:
             "class_names": class_names if recipe.class_conditional else None,
             "null_class_id": task.null_class_id,
         }
-        (output / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_json_atomic(output / "results.json", summary)
     trainer.accelerator.wait_for_everyone()
     trainer.end()
     return output
