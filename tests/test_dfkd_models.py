@@ -56,6 +56,8 @@ def test_cifar_architectures_take_larger_images(arch, size):
         ("resnet34", 3, 21.28e6),
         ("wrn40_2", 3, 2.24e6),
         ("wrn16_2", 3, 0.69e6),
+        ("resnet20", 3, 0.27e6),  # He et al. 2016, Table 6
+        ("resnet56", 3, 0.85e6),
     ],
 )
 def test_parameter_counts_match_the_papers(arch, in_channels, expected):

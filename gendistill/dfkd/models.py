@@ -8,6 +8,8 @@ Intermediate features are taken with forward hooks by module name (``FeatureHook
 Architectures (CIFAR-style: 3x3 stem, no max-pool, adaptive average pooling before the last linear layer):
     lenet5, lenet5_half        LeNet-5 as in DAFL's ``lenet.py`` (exactly 32x32 input) and its half-width student
     resnet18, resnet34         He et al., CVPR 2016, CIFAR variant (as in DFAD / Fast / CMI)
+    resnet8, resnet20, resnet56  He et al.'s 3-stage CIFAR family (16/32/64 channels, 6n + 2 layers), the teachers
+                               and students of DFKD papers' small benchmarks (Fast-Datafree's ``resnet_tiny``)
     wrn16_1 ... wrn40_2        Zagoruyko & Komodakis, BMVC 2016 (wide residual networks, dropout 0)
     vgg11_bn                   Simonyan & Zisserman, ICLR 2015, with BatchNorm, CIFAR variant
     mobilenetv2                Sandler et al., CVPR 2018, CIFAR variant (stride-1 stem, width 1.0)
@@ -129,6 +131,27 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class TinyResNet(nn.Module):
+    """He et al.'s CIFAR ResNet-(6n + 2) (Sec. 4.2): 3x3 stem with 16 channels, three stages of ``n`` BasicBlocks
+    (16/32/64 channels, strides 1/2/2), adaptive average pool, linear. ResNet-8/20/56 are n = 1/3/9. Shortcuts on a
+    shape change are 1x1 conv + BN (the paper's option B, as Fast-Datafree's ``resnet_tiny``), not zero padding.
+    (B, C, H, W) -> (B, K); H, W are reduced 4x before pooling."""
+
+    def __init__(self, n: int, *, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.conv1, self.bn1 = _conv3x3(in_channels, 16), nn.BatchNorm2d(16)
+        self.layer1 = _stage(BasicBlock, 16, 16, n, stride=1)
+        self.layer2 = _stage(BasicBlock, 16, 32, n, stride=2)
+        self.layer3 = _stage(BasicBlock, 32, 64, n, stride=2)
+        self.fc = nn.Linear(64, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
@@ -271,6 +294,9 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "vgg11_bn": VGG,
     "mobilenetv2": MobileNetV2,
     "lenet5_bn": partial(LeNet5, batchnorm=True),
+    "resnet8": partial(TinyResNet, 1),
+    "resnet20": partial(TinyResNet, 3),
+    "resnet56": partial(TinyResNet, 9),
 }
 FIXED_32 = ("lenet5", "lenet5_half", "lenet5_bn")  # the third 5x5 conv reduces exactly a 32x32 input to 1x1
 
