@@ -3,7 +3,9 @@
 A task exposes ``phases()`` (each names the attribute holding one trainable module), ``sample_batch(phase,
 batch_size, device)`` (inputs drawn from the global RNG, so checkpoint/resume restores them) and
 ``forward(phase, batch) -> dict`` of losses whose ``"loss"`` entry is optimized. Optional: ``evaluate(**modules)``
-returning metrics and ``sample_images(**modules)`` returning images in [0, 1] for sample grids.
+returning metrics, ``sample_images(**modules)`` returning images in [0, 1] for sample grids, and
+``extra_state() -> dict`` / ``load_extra_state(dict)`` for state outside the modules that a resumed run needs (nested
+dicts and lists of tensors and JSON scalars; checkpointed as ``task_state.safetensors`` + JSON).
 """
 
 from __future__ import annotations

@@ -160,3 +160,44 @@ def test_each_phase_starts_from_zero_gradients(tmp_path):
     task = TwoPhaseTask()
     Trainer(task, _recipe(tmp_path, max_steps=2), command="toy").fit()
     assert task.student_grads_at_step and all(g is None for grads in task.student_grads_at_step for g in grads)
+
+
+class StatefulToyTask(ToyTask):
+    """A toy task with state outside its modules (like a DFKD synthesizer's pool): nested tensors and scalars."""
+
+    def __init__(self):
+        super().__init__()
+        self.state = {"seen": 0, "history": [], "last": None, "name": "toy", "layers": {"a.b": [torch.zeros(2)]}}
+
+    def forward(self, phase, x):
+        self.state["seen"] += len(x)
+        self.state["history"].append(x[:1].clone())
+        self.state["last"] = x.sum().item()
+        return super().forward(phase, x)
+
+    def extra_state(self):
+        return self.state
+
+    def load_extra_state(self, state):
+        self.state = state
+
+
+def test_task_extra_state_is_checkpointed_as_safetensors_and_json(tmp_path):
+    task = StatefulToyTask()
+    Trainer(task, _recipe(tmp_path, max_steps=3, checkpoint_every=2), command="toy").fit()
+    folder = complete_checkpoints(tmp_path / "run")[0]
+    saved = json.loads((folder / "trainer_state.json").read_text())["task_state"][0]
+    assert saved["seen"] == 16 and saved["history"] == [{"__tensor__": "history.0"}, {"__tensor__": "history.1"}]
+    assert (folder / "task_state.safetensors").is_file()
+
+    resumed = StatefulToyTask()
+    trainer = Trainer(resumed, _recipe(tmp_path, max_steps=4, checkpoint_every=2, resume="latest"), command="toy")
+    assert trainer.counters.step == 3  # the final checkpoint of the first run
+    assert resumed.state["seen"] == 24 and resumed.state["name"] == "toy"
+    assert resumed.state["layers"]["a.b"][0].shape == (2,)  # a dotted key and a list survive
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state["history"], task.state["history"], strict=True))
+    assert resumed.state["last"] == pytest.approx(task.state["last"])
+
+    (trainer.resume_from / "task_state.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"checkpoint '.*checkpoint_1' cannot be restored: the task's state"):
+        Trainer(StatefulToyTask(), _recipe(tmp_path, max_steps=4, checkpoint_every=2, resume="latest"), command="toy")

@@ -8,8 +8,10 @@ phases, batches and losses.
 Run folder layout (``recipe.output``)::
 
     gendistill_run.json          the recipe of the run: the marker of a folder gendistill wrote
-    checkpoints/checkpoint_<i>/  accelerate state + EMA (safetensors) + ``trainer_state.json`` (counters, EMA
-                                 scalars), which is written last: only then is the checkpoint complete
+    checkpoints/checkpoint_<i>/  accelerate state + EMA (safetensors) + the task's own state when it has one
+                                 (``task_state.safetensors``: a DFKD synthesizer's pool, bank, counters) +
+                                 ``trainer_state.json`` (counters, EMA and task scalars), which is written last: only
+                                 then is the checkpoint complete
     logs/metrics.jsonl           every logged scalar, one strict-JSON object per line (also sent to trackers)
     samples/step_<n>.png         sample grids of generative tasks
 
@@ -17,9 +19,9 @@ What is guaranteed (the README's reliability section lists the tests):
 - ``--overwrite`` replaces only a folder holding ``gendistill_run.json``; the output may not be, hold or lie inside
   an input (``recipe.INPUT_PATHS``).
 - A run is identified by its recipe minus where it lives, so a moved run folder resumes.
-- Nothing in a checkpoint is unpickled: counters and EMA are JSON + safetensors; accelerate reads its optimizer,
-  scheduler and RNG files with ``torch.load(weights_only=True)``. A checkpoint that cannot be restored exactly (a
-  missing or unreadable file, RNG state included) is an error, never a log line.
+- Nothing in a checkpoint is unpickled: counters, EMA and the task's state are JSON + safetensors; accelerate reads
+  its optimizer, scheduler and RNG files with ``torch.load(weights_only=True)``. A checkpoint that cannot be restored
+  exactly (a missing or unreadable file, RNG state or task state included) is an error, never a log line.
 - Non-finite losses and gradients skip the step; too many in a row, or non-finite weights at a checkpoint, raise
   ``DivergedError`` and that checkpoint is never marked complete.
 """
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from accelerate.utils import load as accelerate_load
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -57,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "gendistill_run.json"
 STATE_FILE = "trainer_state.json"  # written last, atomically: its presence marks a complete checkpoint
+TASK_STATE_FILE = "task_state.safetensors"  # the tensors of the task's extra_state() (process i > 0: task_state_<i>)
+TENSOR_KEY = "__tensor__"  # in trainer_state.json's "task_state", marks a tensor stored in the task state file
 
 
 class NonFiniteLossError(DivergedError):
@@ -337,6 +341,8 @@ class Trainer:
                 f"checkpoint {str(folder)!r} cannot be restored exactly: its RNG state {rng_file.name} is missing "
                 f"or unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             ) from None
+        if hasattr(self.task, "load_extra_state"):
+            self._load_task_state(folder, state)  # before the RNG restore: rebuilding the task's state may draw
         try:
             accelerator.load_state(str(folder))
         except Exception as err:  # noqa: BLE001 - safetensors, torch.load and load_state_dict raise many types
@@ -375,26 +381,50 @@ class Trainer:
         self._checkpointed_step = self.counters.step
         logger.info("resumed from %s at step %d", folder, self.counters.step)
 
+    def _load_task_state(self, folder: Path, state: dict) -> None:
+        """``task.load_extra_state`` from this process's ``task_state`` file and its entry of ``"task_state"``."""
+        index = self.accelerator.process_index
+        try:
+            structure = state["task_state"][index]
+            tensors = read_safetensors(folder / _task_state_file(index), what="task state")
+            self.task.load_extra_state(_join_state(structure, tensors))
+        except (KeyError, IndexError, TypeError, ValueError, OSError) as err:
+            raise ValueError(
+                f"checkpoint {str(folder)!r} cannot be restored: the task's state (e.g. a synthesizer's pool) is "
+                f"missing or does not match this run ({type(err).__name__}: {err})"
+            ) from None
+
+    def _save_task_state(self, folder: Path) -> list | None:
+        """Every process writes the tensors of ``task.extra_state()`` to its ``task_state`` file; returns the JSON
+        structures of all processes (main process), None when the task has no extra state."""
+        if not hasattr(self.task, "extra_state"):
+            return None
+        tensors: dict[str, torch.Tensor] = {}
+        structure = _split_state(self.task.extra_state(), "", tensors)
+        save_file(tensors, str(folder / _task_state_file(self.accelerator.process_index)))
+        return gather_object([structure]) if self.accelerator.num_processes > 1 else [structure]
+
     def save_checkpoint(self) -> Path:
-        """``accelerator.save_state`` (automatic name), the EMA and the counters, then the completion marker, written
-        atomically; then rotation to ``checkpoints_total_limit``. Non-finite weights raise ``NonFiniteLossError`` and
-        leave the checkpoint incomplete."""
+        """``accelerator.save_state`` (automatic name), the task's extra state, the EMA and the counters, then the
+        completion marker, written atomically; then rotation to ``checkpoints_total_limit``. Non-finite weights raise
+        ``NonFiniteLossError`` and leave the checkpoint incomplete."""
         accelerator = self.accelerator
         accelerator.save_state()
         folder = self.output / "checkpoints" / f"checkpoint_{accelerator.save_iteration - 1}"
         self._check_finite_weights()
         accelerator.wait_for_everyone()
+        task_state = self._save_task_state(folder)
         if accelerator.is_main_process:
             ema_state = {name: _save_ema(ema, folder, name) for name, ema in self.emas.items()}
-            write_json_atomic(
-                folder / STATE_FILE,
-                {
-                    "step": self.counters.step,
-                    "command": self.command,
-                    "counters": self.counters.state_dict(),
-                    "ema": ema_state,
-                },
-            )
+            payload = {
+                "step": self.counters.step,
+                "command": self.command,
+                "counters": self.counters.state_dict(),
+                "ema": ema_state,
+            }
+            if task_state is not None:
+                payload["task_state"] = task_state
+            write_json_atomic(folder / STATE_FILE, payload)
             self._rotate_checkpoints(keep=folder)
         self._checkpointed_step = self.counters.step
         accelerator.wait_for_everyone()
@@ -615,6 +645,38 @@ def _save_ema(ema: EMAModel, folder: Path, name: str) -> dict:
     shadow = {f"shadow.{i}": t.detach().cpu().contiguous() for i, t in enumerate(state.pop("shadow_params"))}
     save_file(shadow, str(folder / f"ema_{name}.safetensors"))
     return state
+
+
+def _task_state_file(process_index: int) -> str:
+    return TASK_STATE_FILE if process_index == 0 else f"task_state_{process_index}.safetensors"
+
+
+def _split_state(value, path: str, tensors: dict[str, torch.Tensor]):
+    """``value`` (nested dicts and lists of tensors and JSON scalars) as JSON, each tensor replaced by
+    ``{"__tensor__": its dotted path}`` and stored (a CPU copy) under that path in ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        if path in tensors:
+            raise ValueError(f"two entries of the task state are both named {path!r}")
+        tensors[path] = value.detach().to("cpu", copy=True).contiguous()
+        return {TENSOR_KEY: path}
+    if isinstance(value, dict):
+        return {str(k): _split_state(v, f"{path}.{k}" if path else str(k), tensors) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_split_state(v, f"{path}.{i}" if path else str(i), tensors) for i, v in enumerate(value)]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"task state entry {path!r} is a {type(value).__name__}: only tensors and JSON scalars are saved")
+
+
+def _join_state(value, tensors: dict[str, torch.Tensor]):
+    """The inverse of :func:`_split_state`."""
+    if isinstance(value, dict):
+        if set(value) == {TENSOR_KEY}:
+            return tensors[value[TENSOR_KEY]]
+        return {k: _join_state(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_state(v, tensors) for v in value]
+    return value
 
 
 def _load_ema(ema: EMAModel, folder: Path, name: str, scalars: dict) -> None:

@@ -79,8 +79,10 @@ def build_task(
     *,
     options: dict | None = None,
     eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    objectives: list | None = None,
 ) -> DFKDTask:
-    """The DFKD task of ``method`` (options override the method's config fields)."""
+    """The DFKD task of ``method`` (options override the method's config fields; ``objectives``: plug-in loss terms,
+    see ``DFKDTask``)."""
     cls = get_method(method)
     config = teacher.config
     synthesizer = cls(
@@ -89,7 +91,7 @@ def build_task(
         **(options or {}),
     )
     synthesizer.check_teacher(teacher)
-    return DFKDTask(teacher, student, synthesizer, eval_data=eval_data)
+    return DFKDTask(teacher, student, synthesizer, eval_data=eval_data, objectives=objectives or ())
 
 
 def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
@@ -147,14 +149,15 @@ def distill(
     output: str = "dfkd-student",
     eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     options: dict | None = None,
+    objectives: list | None = None,
     **recipe_fields,
 ) -> dict:
     """Distill ``teacher`` into ``student`` with ``method`` (Python API); trains ``student`` in place, exports it to
     ``output`` and returns the summary. ``recipe_fields`` are any ``DFKDRecipe`` fields (max_steps, batch_size, lr,
-    ...)."""
+    ...); ``objectives`` add terms to the losses (see ``DFKDTask``)."""
     recipe = DFKDRecipe(output=output, method=method, **recipe_fields)
     recipe.validate()
-    task = build_task(teacher, student, method, options=options, eval_data=eval_data)
+    task = build_task(teacher, student, method, options=options, eval_data=eval_data, objectives=objectives)
     return run(recipe, task)
 
 

@@ -134,10 +134,11 @@ def augment(x: torch.Tensor, *, padding: int = 4, flip: bool = True) -> torch.Te
 
 
 class ImagePool:
-    """A ring buffer of synthesized images (and optional labels) that a student samples from (Fast).
+    """A ring buffer of synthesized images (and optional per-image labels) that a student samples from (Fast).
 
     Stored detached on the device (and with the dtype) of the first :meth:`add`; later batches are moved there.
-    When full, the oldest entries are overwritten. Either every :meth:`add` has labels or none does.
+    When full, the oldest entries are overwritten. Either every :meth:`add` has labels or none does. Labels are
+    anything with one row per image: class indices (B,), or the teacher's logits (B, K) (a student memory).
     """
 
     def __init__(self, capacity: int):
@@ -145,23 +146,29 @@ class ImagePool:
             raise ValueError(f"capacity must be a positive number of images, got {capacity}")
         self.capacity = capacity
         self.images: torch.Tensor | None = None  # (capacity, C, H, W) once the first batch arrives
-        self.labels: torch.Tensor | None = None  # (capacity,) when the pool stores labels
+        self.labels: torch.Tensor | None = None  # (capacity, ...) when the pool stores labels
         self._size = 0
         self._next = 0  # index the next image is written to
 
     def __len__(self) -> int:
         return self._size
 
+    def to(self, device: torch.device) -> None:
+        """Move the storage to ``device`` (a run resumed on another device, a preview on the CPU)."""
+        if self.images is not None and self.images.device != device:
+            self.images = self.images.to(device)
+            self.labels = None if self.labels is None else self.labels.to(device)
+
     def add(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Store ``images`` (B, C, H, W) and ``labels`` (B,) if given."""
-        if labels is not None and labels.shape != images.shape[:1]:
+        """Store ``images`` (B, C, H, W) and ``labels`` (B, ...) if given."""
+        if labels is not None and labels.shape[:1] != images.shape[:1]:
             raise ValueError(
-                f"labels must be ({images.shape[0]},) for {images.shape[0]} images, got {tuple(labels.shape)}"
+                f"labels must have one row per image ({images.shape[0]}), got shape {tuple(labels.shape)}"
             )
         if self.images is None:
             self.images = images.new_empty((self.capacity, *images.shape[1:]))
             if labels is not None:
-                self.labels = torch.empty(self.capacity, dtype=labels.dtype, device=images.device)
+                self.labels = torch.empty((self.capacity, *labels.shape[1:]), dtype=labels.dtype, device=images.device)
         else:
             if images.shape[1:] != self.images.shape[1:]:
                 raise ValueError(
@@ -185,8 +192,34 @@ class ImagePool:
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``batch_size`` entries drawn uniformly with replacement (``torch.randint``, global RNG of the pool's
-        device): (images (batch_size, C, H, W), labels (batch_size,) or None)."""
+        device): (images (batch_size, C, H, W), labels (batch_size, ...) or None)."""
         if self._size == 0:
             raise ValueError("cannot sample from an empty ImagePool: add() images first")
         index = torch.randint(0, self._size, (batch_size,), device=self.images.device)
         return self.images[index], self.labels[index] if self.labels is not None else None
+
+    def state_dict(self) -> dict:
+        """The filled slots (the first ``len(self)``: a pool wraps only once full), write position and capacity."""
+        images, labels, size = self.images, self.labels, self._size
+        return {
+            "images": None if images is None else images[:size],
+            "labels": None if labels is None else labels[:size],
+            "size": size,
+            "next": self._next,
+            "capacity": self.capacity,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        size, next_slot, capacity = int(state["size"]), int(state["next"]), int(state["capacity"])
+        images, labels = state["images"], state["labels"]
+        filled = images is not None and len(images) == size and (size == capacity or next_slot == size)
+        if capacity != self.capacity or not 0 <= next_slot < capacity or not (filled or (images is None and not size)):
+            raise ValueError(
+                f"a pool state of capacity {capacity} (size {size}, next slot {next_slot}) does not fit this pool of "
+                f"capacity {self.capacity}"
+            )
+        self._size, self._next = size, next_slot
+        self.images, self.labels = (
+            None if t is None else torch.cat([t, t.new_empty((capacity - size, *t.shape[1:]))])
+            for t in (images, labels)
+        )

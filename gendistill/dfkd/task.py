@@ -4,10 +4,13 @@ The student always learns ``tau^2 KL(softmax(T(x)/tau) || softmax(S(x)/tau))`` o
 (spec/DFKD.md); what differs between methods is how ``x`` is made, which the synthesizer decides (one file per
 method in ``gendistill/dfkd/synthesizers``). Methods with a generator train it as a phase of its own ("generator"),
 before or after the student's steps of the same iteration; pure inversion methods have only the student phase and
-synthesize inside it.
+synthesize inside it. Plug-in ``objectives`` add terms to either phase's loss; the synthesizer's state (pools,
+banks, counters) is checkpointed through ``extra_state``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -30,6 +33,14 @@ class DFKDTask(nn.Module):
         student: the classifier to train; same number of classes and input shape.
         synthesizer: a ``Synthesizer`` from ``gendistill.dfkd.synthesizers``.
         eval_data: optional held-out real images (N, C, H, W) in [0, 1] and labels (N,): accuracy and agreement.
+        objectives: plug-in objects adding terms to the losses, each with either or both optional methods
+            ``student_terms(*, images, student_logits, teacher_logits, task)`` (every method's student phase) and
+            ``generator_terms(*, images, teacher_logits, student_logits, task)`` (the generator phase of the
+            generator methods: DAFL, DFAD, ZSKT, DFQ, CAE; with the images and logits the method's loss used, with
+            their graphs: CAE's are augmented views; the student's logits are computed when the method has none, as
+            in DAFL). Both return ``{name: scalar tensor}``; each term is added to the phase's ``"loss"`` and
+            returned, detached, under its name. Images are (B, C, H, W), logits (B, K). Objectives are not modules
+            of the task: they hold no trained or checkpointed state.
     """
 
     def __init__(
@@ -39,6 +50,7 @@ class DFKDTask(nn.Module):
         synthesizer,
         *,
         eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        objectives: Sequence = (),
     ):
         super().__init__()
         t, s = teacher.config, student.config
@@ -57,6 +69,14 @@ class DFKDTask(nn.Module):
         generator = synthesizer.build_generator()
         if generator is not None:
             self.generator = generator
+        self.objectives = list(objectives)
+        if generator is not None and not synthesizer.exposes_generator_tensors:
+            unsupported = [type(o).__name__ for o in self.objectives if hasattr(o, "generator_terms")]
+            if unsupported:
+                raise ValueError(
+                    f"objective(s) {', '.join(unsupported)} add generator terms, which method {synthesizer.name!r} "
+                    "does not support (its generator phase is not a loss on generated images); use student_terms"
+                )
         if eval_data is not None:
             images, labels = eval_data
             if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
@@ -79,22 +99,26 @@ class DFKDTask(nn.Module):
 
     # --- the training core's interface ----------------------------------------------------------------------
     def sample_batch(self, phase: str, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Student phase: synthesized images (B, C, H, W) in [0, 1]; generator phase: the synthesizer's inputs."""
+        """Student phase: synthesized ``"images"`` (B, C, H, W) in [0, 1], with ``"teacher_logits"`` (B, K) when the
+        synthesizer has them (a student memory); generator phase: the synthesizer's inputs."""
         generator = getattr(self, "generator", None)
         if phase == "student":
-            images = self.synthesizer.student_images(
+            batch = self.synthesizer.student_batch(
                 batch_size, device, teacher=self.teacher, student=unwrap(self.student), generator=generator
             )
-            return {"images": images.detach()}
+            return {k: v.detach() for k, v in batch.items()}
         return self.synthesizer.generator_batch(batch_size, device)
 
     def forward(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if phase == "student":
-            x = batch["images"]
-            with torch.no_grad():
-                teacher_logits = self.teacher(x)
-            loss = kd_loss(self.student(x), teacher_logits, tau=self.synthesizer.tau)
-            return {"loss": loss}
+            images, teacher_logits = batch["images"], batch.get("teacher_logits")
+            if teacher_logits is None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images)
+            student_logits = self.student(images)
+            losses = {"loss": kd_loss(student_logits, teacher_logits, tau=self.synthesizer.tau)}
+            tensors = {"images": images, "student_logits": student_logits, "teacher_logits": teacher_logits}
+            return self._add_terms(losses, "student_terms", tensors)
         # The student is called unwrapped and in eval mode: its gradients from this phase are never used (each
         # phase starts from zeroed gradients), must not trigger a DDP all-reduce, and synthetic batches must not move
         # its BatchNorm statistics.
@@ -102,11 +126,43 @@ class DFKDTask(nn.Module):
         was_training = student.training
         student.eval()
         try:
-            return self.synthesizer.generator_loss(
+            losses = self.synthesizer.generator_loss(
                 batch, generator=self.generator, teacher=self.teacher, student=student
             )
+            tensors = self.synthesizer.pop_generator_tensors()
+            if not any(hasattr(o, "generator_terms") for o in self.objectives):
+                return losses
+            if tensors["student_logits"] is None:  # a loss without the student (DAFL)
+                tensors = {**tensors, "student_logits": student(tensors["images"])}
+            return self._add_terms(losses, "generator_terms", tensors)
         finally:
             student.train(was_training)
+
+    def _add_terms(self, losses: dict, hook: str, tensors: dict) -> dict[str, torch.Tensor]:
+        """``losses`` with the terms of every objective's ``hook`` added to ``"loss"`` and, detached, by name."""
+        for objective in self.objectives:
+            if not hasattr(objective, hook):
+                continue
+            for name, term in getattr(objective, hook)(**tensors, task=self).items():
+                if name in losses:
+                    raise ValueError(f"{type(objective).__name__}.{hook} returns {name!r}, a name already in the loss")
+                losses["loss"] = losses["loss"] + term
+                losses[name] = term.detach()
+        return losses
+
+    # --- checkpointed state ---------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        """The synthesizer's state (pools, banks, counters, the student memory): JSON scalars and tensors, which the
+        training core checkpoints beside the modules."""
+        return {"method": self.synthesizer.name, "synthesizer": self.synthesizer.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state["method"] != self.synthesizer.name:
+            raise ValueError(f"the state is of method {state['method']!r}, this task's is {self.synthesizer.name!r}")
+        expected, saved = sorted(self.synthesizer.state_dict()), sorted(state["synthesizer"])
+        if saved != expected:
+            raise ValueError(f"the synthesizer state has entries {saved}, this method's are {expected}")
+        self.synthesizer.load_state_dict(state["synthesizer"])
 
     # --- quality signals ------------------------------------------------------------------------------------
     @torch.no_grad()

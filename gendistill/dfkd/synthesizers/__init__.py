@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import PoolSynthesizer, Synthesizer, SynthesizerConfig
+from .base import GeneratorSynthesizer, PoolSynthesizer, Synthesizer, SynthesizerConfig
 from .cae import CAE
 from .cmi import CMI
 from .dafl import DAFL
@@ -25,4 +25,4 @@ def get_method(name: str) -> type[Synthesizer]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "PoolSynthesizer", "Synthesizer", "SynthesizerConfig", "get_method"]
+__all__ = ["METHODS", "GeneratorSynthesizer", "PoolSynthesizer", "Synthesizer", "SynthesizerConfig", "get_method"]

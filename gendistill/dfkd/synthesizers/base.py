@@ -1,22 +1,33 @@
-"""What every DFKD synthesizer provides (one subclass per method, one file each).
+"""What every DFKD synthesizer provides (one subclass per method, one file each), and what the methods share.
 
 A synthesizer decides how the student's images are made. It owns the method's hyper-parameters (a dataclass
-``Config`` with one commented field per weight) and any state that outlives a step (an image pool, a feature bank);
-the modules it trains live on the task (``build_generator`` makes the generator the task holds as its "generator"
-phase), so the training core prepares, wraps and checkpoints them like any other.
+``Config`` with one commented field per weight) and the state that outlives a step (an image pool, a feature bank, a
+student memory, counters): ``state_dict()`` returns that state as JSON scalars and tensors, which the training core
+checkpoints (through ``DFKDTask.extra_state``), so a resumed run continues exactly. The modules it trains live on the
+task (``build_generator`` makes the generator the task holds as its "generator" phase), so the training core
+prepares, wraps and checkpoints them like any other.
+
+The methods come in three shapes: :class:`GeneratorSynthesizer` (DAFL, DFAD, ZSKT, DFQ, CAE-DFKD: a generator trained
+in its own phase, the student learns on its samples), :class:`PoolSynthesizer` (DeepInversion, CMI, NAYER: synthesis
+rounds inside the student phase fill an image pool the student samples from) and Fast (a meta-learned generator
+phase that fills a pool). The inversion methods share :func:`inversion_loss` and :func:`inner_optimize`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ...task import Phase
-from ..generators import ImagePool
+from ..generators import Generator, ImagePool, augment
+from ..losses import BNStatsLoss, adversarial_loss, one_hot_loss
+from ..models import FeatureHooks
 
 
 @dataclass
@@ -27,6 +38,44 @@ class SynthesizerConfig:
     nz: int = 256  # generator noise size
     ngf: int = 64  # generator width
 
+    # Valid values, checked at construction (subclasses extend them): the smallest of some int fields, and the fields
+    # that must be positive.
+    AT_LEAST = {}
+    POSITIVE = ()
+
+    def __post_init__(self):
+        for name, minimum in self.AT_LEAST.items():
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        for name in self.POSITIVE:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class GeneratorConfig(SynthesizerConfig):
+    generator_steps: int = 1  # generator steps per iteration
+    memory_batches: int = 0  # 0: the student learns on fresh samples; N: on the last N generator batches + logits
+    AT_LEAST = {"generator_steps": 1, "memory_batches": 0}
+
+
+@dataclass
+class PoolConfig(SynthesizerConfig):
+    synthesis_every: int = 400  # student batches between synthesis rounds (the first batch always synthesizes)
+    synthesis_batch_size: int = 0  # images per synthesis round (NAYER: per loop) (0: the student's batch size)
+    pool_size: int = 50_000  # capacity of the image pool (oldest images dropped first)
+    AT_LEAST = {"synthesis_every": 1, "synthesis_batch_size": 0, "pool_size": 1}
+
+
+def detached(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def image_generator(config: SynthesizerConfig, image_shape: tuple[int, int, int]) -> Generator:
+    """The DAFL / Fast :class:`Generator` of ``config.nz`` and ``config.ngf`` for ``image_shape`` (C, H, W) images."""
+    c, h, _ = image_shape
+    return Generator(nz=config.nz, ngf=config.ngf, img_size=h, channels=c)
+
 
 class Synthesizer(ABC):
     """Base class. Subclasses set ``name``, ``Config`` and ``needs_batchnorm`` and implement the methods below."""
@@ -34,6 +83,7 @@ class Synthesizer(ABC):
     name = ""
     Config = SynthesizerConfig
     needs_batchnorm = False  # True: the method's loss uses the teacher's BatchNorm statistics
+    exposes_generator_tensors = False  # True: generator_loss records its tensors (the task's generator terms)
 
     def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], config=None, **overrides):
         if config is None:
@@ -84,6 +134,13 @@ class Synthesizer(ABC):
     def student_images(self, batch_size: int, device: torch.device, *, teacher, student, generator) -> torch.Tensor:
         """Images (B, C, H, W) in [0, 1] for one student step."""
 
+    def student_batch(self, batch_size: int, device: torch.device, *, teacher, student, generator) -> dict:
+        """One student step's batch: ``"images"`` (B, C, H, W) in [0, 1] and, when the synthesizer already holds the
+        teacher's logits on them, ``"teacher_logits"`` (B, K) (the task then runs no teacher forward)."""
+        return {
+            "images": self.student_images(batch_size, device, teacher=teacher, student=student, generator=generator)
+        }
+
     @abstractmethod
     def preview(self, num_images: int, device: torch.device, *, generator, teacher=None, student=None) -> torch.Tensor:
         """Images (n, C, H, W) in [0, 1] for sample grids (inversion methods may synthesize with the networks)."""
@@ -91,19 +148,207 @@ class Synthesizer(ABC):
     def noise(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return torch.randn(batch_size, self.config.nz, device=device)
 
+    def pop_generator_tensors(self) -> dict[str, torch.Tensor | None] | None:
+        """The images and teacher/student logits (with their graphs) of the latest ``generator_loss``, forgotten
+        once read; None for methods that do not record them (``exposes_generator_tensors``)."""
+        return None
 
-def pool_to(pool: ImagePool, device: torch.device) -> None:
-    """Move a pool's storage to ``device`` (a run resumed on another device, a preview on the CPU)."""
-    if pool.images is not None and pool.images.device != device:
-        pool.images = pool.images.to(device)
-        if pool.labels is not None:
-            pool.labels = pool.labels.to(device)
+    def state_dict(self) -> dict:
+        """The state that outlives a step, as JSON scalars and tensors (nested dicts and lists)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (tensors may be on the CPU; they move to the device at use)."""
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, got {sorted(state)}")
+
+
+class GeneratorSynthesizer(Synthesizer):
+    """A generator (``build_generator``: a :class:`Generator` of ``nz``/``ngf``) trained in a "generator" phase of
+    ``generator_steps`` steps at ``generator_lr``, and a "student" phase of ``student_steps`` steps, the generator's
+    first unless ``student_first``. Subclasses set ``Config`` (a :class:`GeneratorConfig`) and implement
+    :meth:`generator_loss`, which calls :meth:`remember` with the images and logits it computed.
+
+    The student learns on fresh generator samples (B, C, H, W) of fresh noise (``generator_batch``: ``{"z": (B,
+    nz)}``). With ``memory_batches`` N > 0 it learns instead on images drawn from the last N generator batches with
+    the teacher's logits stored beside them: a student step then runs neither the generator nor the teacher. While
+    that memory is empty (DFAD's first student steps) the student takes fresh samples.
+
+    State: the student memory (``memory``: an :class:`ImagePool` of ``memory_batches`` batches with the teacher's
+    logits as labels, made at the first generator step; None before and when ``memory_batches`` is 0).
+    """
+
+    Config = GeneratorConfig
+    student_first = False  # True: each iteration runs the student's steps before the generator's (DFAD)
+    exposes_generator_tensors = True
+
+    def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], config=None, **overrides):
+        super().__init__(num_classes=num_classes, image_shape=image_shape, config=config, **overrides)
+        self.memory: ImagePool | None = None
+        self._generator_tensors: dict[str, torch.Tensor | None] | None = None
+
+    def build_generator(self) -> nn.Module:
+        return image_generator(self.config, self.image_shape)
+
+    def phases(self) -> list[Phase]:
+        cfg = self.config
+        generator = Phase("generator", steps=cfg.generator_steps, lr=cfg.generator_lr)
+        student = Phase("student", steps=cfg.student_steps)
+        return [student, generator] if self.student_first else [generator, student]
+
+    def generator_batch(self, batch_size, device):
+        return {"z": self.noise(batch_size, device)}
+
+    def remember(self, images, teacher_logits, student_logits=None, *, keep: bool = True) -> None:
+        """Record one generator step: ``images`` (B, C, H, W) and the ``teacher_logits``/``student_logits`` (B, K)
+        its loss used, with their graphs, for the task's generator terms; with ``keep`` and a student memory, the
+        images and teacher logits also join the memory, detached (``keep=False``: the images are augmented views;
+        the caller adds the raw images itself)."""
+        self._generator_tensors = {
+            "images": images,
+            "teacher_logits": teacher_logits,
+            "student_logits": student_logits,
+        }
+        if keep:
+            self.add_to_memory(images, teacher_logits)
+
+    def add_to_memory(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+        """With ``memory_batches``, store a generator batch and the teacher's logits on it, detached."""
+        if self.config.memory_batches and self.memory is None:
+            self.memory = ImagePool(self.config.memory_batches * len(images))
+        if self.memory is not None:
+            self.memory.to(images.device)  # a resumed memory is on the CPU
+            self.memory.add(images, teacher_logits)
+
+    def pop_generator_tensors(self):
+        tensors, self._generator_tensors = self._generator_tensors, None
+        return tensors
+
+    def student_batch(self, batch_size, device, *, teacher, student, generator):
+        if self.memory is None:
+            return super().student_batch(batch_size, device, teacher=teacher, student=student, generator=generator)
+        self.memory.to(torch.device(device))
+        images, logits = self.memory.sample(batch_size)
+        return {"images": images, "teacher_logits": logits}
+
+    @torch.no_grad()
+    def student_images(self, batch_size, device, *, teacher, student, generator):
+        return generator(self.noise(batch_size, device))
+
+    @torch.no_grad()
+    def preview(self, num_images, device, *, generator, teacher=None, student=None):
+        return generator(self.noise(num_images, device))
+
+    def state_dict(self) -> dict:
+        return {"memory": None if self.memory is None else self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved, self.memory = state["memory"], None
+        if saved is not None and not self.config.memory_batches:
+            raise ValueError("the state holds a student memory but memory_batches is 0")
+        if saved is not None:
+            self.memory = ImagePool(int(saved["capacity"]))
+            self.memory.load_state_dict(saved)
+
+
+@dataclass
+class Inversion:
+    """What :func:`inversion_loss` computed, with autograd history."""
+
+    loss: torch.Tensor  # bn * loss_bn + oh * loss_oh + adv * loss_adv (scalar)
+    terms: dict[str, torch.Tensor]  # "loss_bn", "loss_oh", "loss_adv" (scalars)
+    views: torch.Tensor  # the augmented images (B, C, H, W) both networks saw
+    teacher_logits: torch.Tensor  # (B, K)
+    student_logits: torch.Tensor | None  # (B, K); None when adv is 0 (no student forward)
+    features: dict[str, torch.Tensor]  # the inputs of the requested teacher modules
+
+
+def inversion_loss(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher: nn.Module,
+    student: nn.Module,
+    bn: float,
+    oh: float,
+    adv: float,
+    adv_kind: str = "kl",
+    adv_tau: float = 1.0,
+    mask_agreement: bool = False,
+    bn_stats: BNStatsLoss | None = None,
+    features: Sequence[str] = (),
+    padding: int | None = None,
+) -> Inversion:
+    """The loss the inversion methods share (DeepInversion, CMI, Fast, NAYER, CAE-DFKD), on one random crop + flip
+    (``augment``, global RNG) of ``images`` (B, C, H, W) in [0, 1] with target ``labels`` (B,):
+
+        bn * BN-statistics(T) + oh * CE(T(view), labels) + adv * adversarial_loss(S(view), T(view))
+
+    ``padding`` defaults to 1/8 of the image width (the references pad 4 pixels at 32 x 32). ``bn_stats``: a
+    :class:`BNStatsLoss` already installed on the teacher (Fast's momentum memory), else one is installed for the
+    forward. ``features``: teacher modules whose inputs are returned (the penultimate features by
+    ``teacher.feature_layer``). ``adv`` 0 skips the student forward (``loss_adv`` is then 0)."""
+    views = augment(images, padding=max(1, images.shape[-1] // 8) if padding is None else padding)
+    with contextlib.ExitStack() as hooks:
+        if bn_stats is None:
+            bn_stats = hooks.enter_context(BNStatsLoss(teacher))
+        hooked = hooks.enter_context(FeatureHooks(teacher, features, inputs=True)) if features else {}
+        teacher_logits = teacher(views)
+        loss_bn = bn_stats.loss()
+    loss_oh = one_hot_loss(teacher_logits, labels)
+    student_logits, loss_adv = None, torch.zeros((), device=images.device)
+    if adv:
+        student_logits = student(views)
+        loss_adv = adversarial_loss(
+            student_logits, teacher_logits, kind=adv_kind, tau=adv_tau, mask_agreement=mask_agreement
+        )
+    loss = bn * loss_bn + oh * loss_oh + adv * loss_adv
+    terms = {"loss_bn": loss_bn, "loss_oh": loss_oh, "loss_adv": loss_adv}
+    return Inversion(loss, terms, views, teacher_logits, student_logits, dict(hooked))
+
+
+def inner_optimize(
+    loss_fn: Callable[[], dict[str, torch.Tensor]],
+    params: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    student: nn.Module,
+    grad_sum: list[torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """The inner loop of a synthesis round: ``steps`` times, ``losses = loss_fn()``, the gradients of
+    ``losses["loss"]`` w.r.t. ``params`` alone (``torch.autograd.grad``: the teacher and the student get none) set
+    as their ``.grad`` and added to ``grad_sum`` (Fast's FOMAML: one buffer per leading parameter), ``optimizer``
+    steps, then ``after_step()`` (DeepInversion's clamp). Runs under ``enable_grad`` (previews run under no_grad)
+    with ``student`` in eval mode (it judges the images; its BN statistics must not move), restored after; the
+    parameters' gradients are cleared at the end. Returns the last step's ``losses`` (None when ``steps`` is 0)."""
+    losses = None
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                losses = loss_fn()
+                grads = torch.autograd.grad(losses["loss"], params)
+                for p, g in zip(params, grads):
+                    p.grad = g
+                for total, g in zip(grad_sum or [], grads):
+                    total.add_(g)
+                optimizer.step()
+                if after_step is not None:
+                    after_step()
+    finally:
+        student.train(was_training)
+        for p in params:
+            p.grad = None
+    return losses
 
 
 def sample_pool(pool: ImagePool, num_images: int, device: torch.device) -> torch.Tensor:
     """``num_images`` pool images on ``device`` for a sample grid, drawn without moving the training's random
     stream (runs with another ``sample_every`` must not diverge)."""
-    pool_to(pool, device)
+    pool.to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         images, _ = pool.sample(num_images)
     return images
@@ -115,8 +360,8 @@ class PoolSynthesizer(Synthesizer):
     batches (its config has ``synthesis_every``, ``synthesis_batch_size`` and ``pool_size``).
 
     State: ``pool``, ``calls`` (student batches served, which schedules the rounds), ``last_losses`` (the detached
-    loss terms of the latest synthesis step) and the teacher/student of the latest call (so ``preview`` can
-    synthesize when the pool is empty). Subclasses implement :meth:`synthesize`.
+    loss terms of the latest synthesis step, not checkpointed) and the teacher/student of the latest call (so
+    ``preview`` can synthesize when the pool is empty). Subclasses implement :meth:`synthesize`.
     """
 
     def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], config=None, **overrides):
@@ -134,7 +379,7 @@ class PoolSynthesizer(Synthesizer):
         """(B, C, H, W) in [0, 1] sampled from the pool, after a synthesis round every ``synthesis_every`` calls."""
         device = torch.device(device)
         self._models = (teacher, student)
-        pool_to(self.pool, device)
+        self.pool.to(device)
         if self.calls % self.config.synthesis_every == 0 or len(self.pool) == 0:
             size = self.config.synthesis_batch_size or batch_size
             self.pool.add(self.synthesize(size, device, teacher=teacher, student=student))
@@ -155,3 +400,10 @@ class PoolSynthesizer(Synthesizer):
                 )
             return self.synthesize(num_images, device, teacher=teacher, student=student)
         return sample_pool(self.pool, num_images, device)
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls, "pool": self.pool.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+        self.pool.load_state_dict(state["pool"])

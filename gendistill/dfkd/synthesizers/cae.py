@@ -27,15 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ...task import Phase
-from ..generators import EmbeddingGenerator, augment
-from ..losses import BNStatsLoss, adversarial_loss, one_hot_loss, prototype_contrastive_loss
-from ..models import FeatureHooks
-from .base import Synthesizer, SynthesizerConfig
+from ..generators import EmbeddingGenerator
+from ..losses import prototype_contrastive_loss
+from .base import GeneratorConfig, GeneratorSynthesizer, detached, inversion_loss
 
 
 @dataclass
-class CAEConfig(SynthesizerConfig):
+class CAEConfig(GeneratorConfig):
     tau: float = 20.0  # temperature of the student's KD loss
     bn: float = 10.0  # weight of the teacher's BatchNorm statistics matching (sum over its BN layers)
     oh: float = 0.4  # weight of the teacher's cross-entropy against the generator's class labels
@@ -45,17 +43,11 @@ class CAEConfig(SynthesizerConfig):
     embed_dim: int = 64  # size of the learned class embeddings
     student_steps: int = 5  # student steps per generator step
     generator_lr: float = 1e-3  # learning rate of the generator (the training core's AdamW)
-
-    def __post_init__(self):
-        if self.embed_dim < 1:
-            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
-        if self.cr_tau <= 0:
-            raise ValueError(f"cr_tau must be positive, got {self.cr_tau}")
-        if self.nz < 2:
-            raise ValueError(f"nz must be >= 2 (a Gaussian and a uniform half), got {self.nz}")
+    AT_LEAST = {**GeneratorConfig.AT_LEAST, "embed_dim": 1, "nz": 2}  # nz: a Gaussian and a uniform half
+    POSITIVE = ("cr_tau",)
 
 
-class CAE(Synthesizer):
+class CAE(GeneratorSynthesizer):
     name = "cae"
     Config = CAEConfig
     needs_batchnorm = True
@@ -66,9 +58,6 @@ class CAE(Synthesizer):
         return EmbeddingGenerator(
             self.num_classes, embed_dim=cfg.embed_dim, nz=cfg.nz, ngf=cfg.ngf, img_size=h, channels=c
         )
-
-    def phases(self) -> list[Phase]:
-        return [Phase("generator", lr=self.config.generator_lr), Phase("student", steps=self.config.student_steps)]
 
     def noise(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """Multi-source noise (B, nz): the first nz // 2 entries N(0, 1), the rest U(-1, 1) (global RNG)."""
@@ -86,27 +75,19 @@ class CAE(Synthesizer):
         cfg = self.config
         labels = batch["labels"]
         images = generator(batch["z"], labels)
-        x = augment(images, padding=max(1, images.shape[-1] // 8))
         layer = teacher.feature_layer
-        with BNStatsLoss(teacher) as bn_stats, FeatureHooks(teacher, [layer], inputs=True) as features:
-            teacher_logits = teacher(x)
-            loss_bn = bn_stats.loss()
-            embeddings = features[layer]
-        loss_oh = one_hot_loss(teacher_logits, labels)
-        loss_adv = torch.zeros((), device=images.device)
-        if cfg.adv:
-            loss_adv = adversarial_loss(student(x), teacher_logits, kind="kl", mask_agreement=True)
+        weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv}
+        inv = inversion_loss(
+            images, labels, teacher=teacher, student=student, **weights, mask_agreement=True, features=[layer]
+        )
         loss_cr = torch.zeros((), device=images.device)
         if cfg.cr:
-            loss_cr = prototype_contrastive_loss(embeddings, labels, tau=cfg.cr_tau)
-        loss = cfg.bn * loss_bn + cfg.oh * loss_oh + cfg.adv * loss_adv + cfg.cr * loss_cr
-        return {
-            "loss": loss,
-            "loss_bn": loss_bn.detach(),
-            "loss_oh": loss_oh.detach(),
-            "loss_adv": loss_adv.detach(),
-            "loss_cr": loss_cr.detach(),
-        }
+            loss_cr = prototype_contrastive_loss(inv.features[layer], labels, tau=cfg.cr_tau)
+        self.remember(inv.views, inv.teacher_logits, inv.student_logits, keep=False)
+        if cfg.memory_batches:  # the memory keeps the generator's images, not their augmented views
+            with torch.no_grad():
+                self.add_to_memory(images, teacher(images))
+        return {"loss": inv.loss + cfg.cr * loss_cr, **detached(inv.terms), "loss_cr": loss_cr.detach()}
 
     @torch.no_grad()
     def student_images(self, batch_size, device, *, teacher, student, generator):

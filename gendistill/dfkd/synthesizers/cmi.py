@@ -39,17 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generators import Generator, augment
-from ..losses import BNStatsLoss, adversarial_loss, one_hot_loss
+from ..generators import Generator, ImagePool, augment
 from ..models import FeatureHooks
-from .base import PoolSynthesizer, SynthesizerConfig
+from .base import PoolConfig, PoolSynthesizer, detached, image_generator, inner_optimize, inversion_loss
 
 GENERATOR_BETAS = (0.5, 0.999)  # the reference's optimizer of the generator and z
 LOCAL_SCALE = (0.25, 1.0)  # area fraction of the local view's crop (the reference's RandomResizedCrop scale)
 
 
 @dataclass
-class CMIConfig(SynthesizerConfig):
+class CMIConfig(PoolConfig):
     tau: float = 20.0  # temperature of the student's KD loss (the reference scripts' --T 20)
     adv: float = 0.5  # weight of the adversarial term: minus KL(T || S) on samples whose argmaxes agree
     bn: float = 1.0  # weight of the teacher's BatchNorm statistics matching (sum over its BN layers)
@@ -62,19 +61,8 @@ class CMIConfig(SynthesizerConfig):
     head_dim: int = 256  # output size of the contrastive MLP head
     bank_size: int = 40960  # capacity of the memory bank of global teacher features (oldest dropped first)
     n_neg: int = 4096  # bank features drawn (without replacement) as negatives per step
-    synthesis_every: int = 400  # student batches between synthesis rounds (the first batch always synthesizes)
-    synthesis_batch_size: int = 0  # images per synthesis round (0: the student's batch size)
-    pool_size: int = 50_000  # capacity of the image pool (oldest images dropped first)
-
-    def __post_init__(self):
-        for name in ("synthesis_steps", "synthesis_batch_size", "n_neg"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("synthesis_every", "pool_size", "bank_size", "head_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cr_tau <= 0:
-            raise ValueError(f"cr_tau must be positive, got {self.cr_tau}")
+    AT_LEAST = {**PoolConfig.AT_LEAST, "synthesis_steps": 0, "n_neg": 0, "bank_size": 1, "head_dim": 1}
+    POSITIVE = ("cr_tau",)
 
 
 def local_view(
@@ -87,8 +75,7 @@ def local_view(
     """Random resized crop of each image of ``x`` (B, C, H, W), resampled back to H x W (bilinear), in one batched
     ``grid_sample``. Per sample (global RNG of ``x``'s device): the crop's area fraction is uniform in ``scale``, its
     aspect ratio (width / height) log-uniform in ``ratio`` (torchvision's defaults; a side over the full size is cut
-    to it), its
-    position uniform inside the image, and it is mirrored left-right with probability 1/2 when ``flip``.
+    to it), its position uniform inside the image, and it is mirrored left-right with probability 1/2 when ``flip``.
     Differentiable with respect to ``x``. Returns (B, C, H, W)."""
     batch, device = x.shape[0], x.device
     area = scale[0] + (scale[1] - scale[0]) * torch.rand(batch, device=device)
@@ -128,39 +115,16 @@ def reset_weights(generator: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class FeatureBank:
-    """Ring buffer of feature vectors (capacity, D), on the device of the first :meth:`add` (moved by :meth:`to`)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.data: torch.Tensor | None = None
-        self._size = 0
-        self._next = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def add(self, features: torch.Tensor) -> None:
-        """Store ``features`` (B, D), detached; the newest ``capacity`` survive."""
-        features = features.detach()[-self.capacity :]
-        if self.data is None:
-            self.data = features.new_empty((self.capacity, features.shape[1]))
-        slots = (self._next + torch.arange(len(features), device=self.data.device)) % self.capacity
-        self.data[slots] = features.to(self.data.device, self.data.dtype)
-        self._next = (self._next + len(features)) % self.capacity
-        self._size = min(self._size + len(features), self.capacity)
+class FeatureBank(ImagePool):
+    """A ring buffer of feature vectors (capacity, D) (an :class:`ImagePool` of (B, D) rows, no labels) whose
+    :meth:`sample` draws without replacement."""
 
     def sample(self, k: int) -> torch.Tensor | None:
         """Up to ``k`` stored features (k', D) drawn without replacement (``torch.randperm``, global RNG of the
         bank's device); None while the bank is empty."""
-        if self._size == 0:
+        if len(self) == 0:
             return None
-        index = torch.randperm(self._size, device=self.data.device)[:k]
-        return self.data[index]
-
-    def to(self, device: torch.device) -> None:
-        if self.data is not None and self.data.device != device:
-            self.data = self.data.to(device)
+        return self.images[torch.randperm(len(self), device=self.images.device)[:k]]
 
 
 class MLPHead(nn.Module):
@@ -177,10 +141,11 @@ class MLPHead(nn.Module):
 class CMI(PoolSynthesizer):
     """Generator-per-round inversion with a contrastive memory bank; the student samples from the image pool.
 
-    State: ``pool`` (the synthesized images), ``bank`` (global teacher features of earlier rounds), ``head`` (the
-    projection head, built at the first round), ``synthesis_generator`` (the round generator), ``calls`` (student
-    batches served, which schedules the rounds), ``last_losses`` (the detached loss terms of the latest step) and
-    the teacher/student of the latest call (so ``preview`` can synthesize when the pool is empty).
+    State (checkpointed): ``pool`` (the synthesized images), ``bank`` (global teacher features of earlier rounds),
+    ``head`` (the projection head, built at the first round), ``synthesis_generator`` (the round generator) and
+    ``calls`` (student batches served, which schedules the rounds); besides, ``last_losses`` (the detached loss terms
+    of the latest step) and the teacher/student of the latest call (so ``preview`` can synthesize when the pool is
+    empty).
     """
 
     name = "cmi"
@@ -204,8 +169,7 @@ class CMI(PoolSynthesizer):
     def _generator(self, device: torch.device) -> Generator:
         """The round generator on ``device``, built at the first round."""
         if self.synthesis_generator is None:
-            c, h, _ = self.image_shape
-            self.synthesis_generator = Generator(nz=self.config.nz, ngf=self.config.ngf, img_size=h, channels=c)
+            self.synthesis_generator = image_generator(self.config, self.image_shape)
         return self.synthesis_generator.to(device).train()
 
     def synthesis_loss(self, images, labels, *, teacher, student) -> dict[str, torch.Tensor]:
@@ -214,33 +178,23 @@ class CMI(PoolSynthesizer):
         cfg = self.config
         head = self._head(teacher, images.device)
         self.bank.to(images.device)
-        global_view = augment(images, padding=max(1, images.shape[-1] // 8))  # the reference pads 4 at 32 x 32
         layer = teacher.feature_layer
-        with BNStatsLoss(teacher) as bn_stats, FeatureHooks(teacher, [layer], inputs=True) as features:
-            teacher_logits = teacher(global_view)
-            loss_bn = bn_stats.loss()
-            global_features = features[layer]
-        loss_oh = one_hot_loss(teacher_logits, labels)
-        loss_adv = loss_cr = torch.zeros((), device=images.device)
-        if cfg.adv:
-            loss_adv = adversarial_loss(student(global_view), teacher_logits, kind="kl", mask_agreement=True)
+        weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv}
+        inv = inversion_loss(
+            images, labels, teacher=teacher, student=student, **weights, mask_agreement=True, features=[layer]
+        )  # the global view: the reference pads 4 at 32 x 32
+        loss_cr = torch.zeros((), device=images.device)
         if cfg.cr:
             with FeatureHooks(teacher, [layer], inputs=True) as features:
                 teacher(local_view(images))
                 local_features = features[layer]
             negatives = self.bank.sample(cfg.n_neg)
+            global_features = inv.features[layer]
             with torch.no_grad():  # keys are detached, as in the reference
                 keys = head(global_features if negatives is None else torch.cat([global_features, negatives]))
             positives, bank_keys = keys[: len(images)], keys[len(images) :]
             loss_cr = contrastive_loss(head(local_features), positives, bank_keys, tau=cfg.cr_tau)
-        loss = cfg.bn * loss_bn + cfg.oh * loss_oh + cfg.adv * loss_adv + cfg.cr * loss_cr
-        return {
-            "loss": loss,
-            "loss_bn": loss_bn.detach(),
-            "loss_oh": loss_oh.detach(),
-            "loss_adv": loss_adv.detach(),
-            "loss_cr": loss_cr.detach(),
-        }
+        return {"loss": inv.loss + cfg.cr * loss_cr, **detached(inv.terms), "loss_cr": loss_cr.detach()}
 
     def synthesize(self, batch_size: int, device: torch.device, *, teacher, student) -> torch.Tensor:
         """One round: ``synthesis_steps`` Adam steps on (z, generator, head), then the final images' global
@@ -252,7 +206,6 @@ class CMI(PoolSynthesizer):
             reset_weights(generator)
         z = torch.randn(batch_size, cfg.nz, device=device, requires_grad=True)
         labels = torch.randint(0, self.num_classes, (batch_size,), device=device)
-        params = [z, *generator.parameters(), *head.parameters()]
         optimizer = torch.optim.Adam(
             [
                 {"params": [z, *generator.parameters()], "betas": GENERATOR_BETAS},
@@ -260,23 +213,38 @@ class CMI(PoolSynthesizer):
             ],
             lr=cfg.generator_lr,
         )
-        was_training = student.training
-        student.eval()  # the student judges the images; its BN statistics must not move
-        try:
-            with torch.enable_grad():  # previews run under no_grad
-                for _ in range(cfg.synthesis_steps):
-                    losses = self.synthesis_loss(generator(z), labels, teacher=teacher, student=student)
-                    for p, g in zip(params, torch.autograd.grad(losses["loss"], params)):
-                        p.grad = g
-                    optimizer.step()
-                    self.last_losses = {k: v.detach() for k, v in losses.items()}
-            with torch.no_grad():
-                images = generator(z)
-                with FeatureHooks(teacher, [teacher.feature_layer], inputs=True) as features:
-                    teacher(augment(images, padding=max(1, images.shape[-1] // 8)))
-                self.bank.add(features[teacher.feature_layer])
-        finally:
-            student.train(was_training)
-            for p in params:
-                p.grad = None
+
+        def step():
+            return self.synthesis_loss(generator(z), labels, teacher=teacher, student=student)
+
+        params = [z, *generator.parameters(), *head.parameters()]
+        losses = inner_optimize(step, params, optimizer, steps=cfg.synthesis_steps, student=student)
+        if losses is not None:
+            self.last_losses = detached(losses)
+        with torch.no_grad():
+            images = generator(z)
+            with FeatureHooks(teacher, [teacher.feature_layer], inputs=True) as features:
+                teacher(augment(images, padding=max(1, images.shape[-1] // 8)))
+            self.bank.add(features[teacher.feature_layer])
         return images
+
+    def state_dict(self) -> dict:
+        head, generator = self.head, self.synthesis_generator
+        return {
+            **super().state_dict(),
+            "bank": self.bank.state_dict(),
+            "head": None if head is None else head.state_dict(),
+            "generator": None if generator is None else generator.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.bank.load_state_dict(state["bank"])
+        head, generator = state["head"], state["generator"]
+        with torch.random.fork_rng(devices=[]):  # building the modules must not move the training's random stream
+            self.head = None if head is None else MLPHead(head["net.0.weight"].shape[1], self.config.head_dim)
+            self.synthesis_generator = None if generator is None else image_generator(self.config, self.image_shape)
+        if head is not None:
+            self.head.load_state_dict(head)
+        if generator is not None:
+            self.synthesis_generator.load_state_dict(generator)

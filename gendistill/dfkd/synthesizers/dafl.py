@@ -10,52 +10,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ...task import Phase
-from ..generators import Generator
 from ..losses import activation_loss, information_entropy_loss, one_hot_loss
 from ..models import FeatureHooks
-from .base import Synthesizer, SynthesizerConfig
+from .base import GeneratorConfig, GeneratorSynthesizer
 
 
 @dataclass
-class DAFLConfig(SynthesizerConfig):
+class DAFLConfig(GeneratorConfig):
     oh: float = 1.0  # weight of the teacher's cross-entropy against its own argmax
     act: float = 0.1  # weight of the activation loss (-mean |teacher penultimate features|)
     ie: float = 5.0  # weight of the information entropy (log10) of the batch-mean teacher prediction
     generator_lr: float = 0.2  # the reference's MNIST generator learning rate
 
 
-class DAFL(Synthesizer):
+class DAFL(GeneratorSynthesizer):
     name = "dafl"
     Config = DAFLConfig
     needs_batchnorm = False
-
-    def build_generator(self) -> Generator:
-        c, h, _ = self.image_shape
-        return Generator(nz=self.config.nz, ngf=self.config.ngf, img_size=h, channels=c)
-
-    def phases(self) -> list[Phase]:
-        return [Phase("generator", lr=self.config.generator_lr), Phase("student", steps=self.config.student_steps)]
-
-    def generator_batch(self, batch_size, device):
-        return {"z": self.noise(batch_size, device)}
 
     def generator_loss(self, batch, *, generator, teacher, student):
         x = generator(batch["z"])
         with FeatureHooks(teacher, [teacher.feature_layer], inputs=True) as features:
             logits = teacher(x)
+        self.remember(x, logits)
         loss_oh = one_hot_loss(logits)
         loss_act = activation_loss(features[teacher.feature_layer])
         loss_ie = information_entropy_loss(logits, base=10.0)
         loss = self.config.oh * loss_oh + self.config.act * loss_act + self.config.ie * loss_ie
         return {"loss": loss, "loss_oh": loss_oh.detach(), "loss_act": loss_act.detach(), "loss_ie": loss_ie.detach()}
-
-    @torch.no_grad()
-    def student_images(self, batch_size, device, *, teacher, student, generator):
-        return generator(self.noise(batch_size, device))
-
-    @torch.no_grad()
-    def preview(self, num_images, device, *, generator, teacher=None, student=None):
-        return generator(self.noise(num_images, device))

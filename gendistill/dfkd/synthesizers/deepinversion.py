@@ -34,16 +34,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generators import augment
-from ..losses import BNStatsLoss, adversarial_loss, image_prior_loss, one_hot_loss
-from .base import PoolSynthesizer, SynthesizerConfig
+from ..losses import image_prior_loss
+from .base import PoolConfig, PoolSynthesizer, detached, inner_optimize, inversion_loss
 
 INIT_STD = 0.25  # pixel noise of the initial batch: one normalized unit (a dataset std) of [0, 1] pixels
 ADAM_BETAS = (0.5, 0.99)  # Fast-Datafree's DeepInversion optimizer
 
 
 @dataclass
-class DeepInversionConfig(SynthesizerConfig):
+class DeepInversionConfig(PoolConfig):
     tau: float = 4.0  # temperature of the student's KD loss (spec: 4 for inversion methods)
     bn: float = 10.0  # weight of the teacher's BatchNorm statistics matching (sum over its BN layers)
     oh: float = 1.0  # weight of the teacher's cross-entropy against the batch's random target labels
@@ -53,27 +52,16 @@ class DeepInversionConfig(SynthesizerConfig):
     l2: float = 1e-5  # weight of the l2 prior (per-image norm of [0, 1] pixels, batch mean)
     inversion_steps: int = 2000  # Adam steps per synthesized batch
     inversion_lr: float = 0.025  # Adam learning rate of the pixels (the reference's 0.1 on normalized pixels)
-    synthesis_every: int = 400  # student batches between synthesis rounds (the first batch always synthesizes)
-    synthesis_batch_size: int = 0  # images per synthesis round (0: the student's batch size)
-    pool_size: int = 50_000  # capacity of the image pool (oldest images dropped first)
-
-    def __post_init__(self):
-        for name in ("inversion_steps", "synthesis_batch_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("synthesis_every", "pool_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.inversion_lr <= 0:
-            raise ValueError(f"inversion_lr must be positive, got {self.inversion_lr}")
+    AT_LEAST = {**PoolConfig.AT_LEAST, "inversion_steps": 0}
+    POSITIVE = ("inversion_lr",)
 
 
 class DeepInversion(PoolSynthesizer):
     """Batches of pixels optimized against the teacher's BN statistics; the student samples from their pool.
 
-    State: ``pool`` (the synthesized images), ``calls`` (student batches served, which schedules the rounds),
-    ``last_losses`` (the detached loss terms of the latest inversion step) and the teacher/student of the latest
-    call (so ``preview`` can synthesize when the pool is empty).
+    State: :class:`PoolSynthesizer`'s (``pool``, ``calls``; checkpointed), ``last_losses`` (the detached loss terms
+    of the latest inversion step) and the teacher/student of the latest call (so ``preview`` can synthesize when the
+    pool is empty).
     """
 
     name = "deepinversion"
@@ -85,24 +73,13 @@ class DeepInversion(PoolSynthesizer):
 
         One random jitter + flip of the batch (global RNG) goes through the teacher and the student."""
         cfg = self.config
-        x_aug = augment(x, padding=max(1, x.shape[-1] // 8))  # the reference jitters by up to 1/8 of the image size
-        with BNStatsLoss(teacher) as bn_stats:
-            teacher_logits = teacher(x_aug)
-            loss_bn = bn_stats.loss()
-        loss_oh = one_hot_loss(teacher_logits, labels)
-        loss_adv = torch.zeros((), device=x.device)
-        if cfg.adv:  # plain DeepInversion needs no student forward
-            loss_adv = adversarial_loss(student(x_aug), teacher_logits, kind="js", tau=cfg.adv_tau)
+        weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv}
+        inv = inversion_loss(
+            x, labels, teacher=teacher, student=student, **weights, adv_kind="js", adv_tau=cfg.adv_tau
+        )
         loss_tv, loss_l2 = image_prior_loss(x)
-        loss = cfg.bn * loss_bn + cfg.oh * loss_oh + cfg.adv * loss_adv + cfg.tv * loss_tv + cfg.l2 * loss_l2
-        return {
-            "loss": loss,
-            "loss_bn": loss_bn.detach(),
-            "loss_oh": loss_oh.detach(),
-            "loss_adv": loss_adv.detach(),
-            "loss_tv": loss_tv.detach(),
-            "loss_l2": loss_l2.detach(),
-        }
+        loss = inv.loss + cfg.tv * loss_tv + cfg.l2 * loss_l2
+        return {"loss": loss, **detached(inv.terms), "loss_tv": loss_tv.detach(), "loss_l2": loss_l2.detach()}
 
     def synthesize(self, batch_size: int, device: torch.device, *, teacher, student) -> torch.Tensor:
         """One inversion round: ``inversion_steps`` Adam steps on fresh pixels. Returns (B, C, H, W) in [0, 1],
@@ -112,17 +89,15 @@ class DeepInversion(PoolSynthesizer):
         x.requires_grad_(True)
         labels = torch.randint(0, self.num_classes, (batch_size,), device=device)
         optimizer = torch.optim.Adam([x], lr=cfg.inversion_lr, betas=ADAM_BETAS)
-        was_training = student.training
-        student.eval()  # ADI: the student judges the images; its BN statistics must not move
-        try:
-            with torch.enable_grad():  # previews run under no_grad
-                for _ in range(cfg.inversion_steps):
-                    losses = self.synthesis_loss(x, labels, teacher=teacher, student=student)
-                    (x.grad,) = torch.autograd.grad(losses["loss"], [x])
-                    optimizer.step()
-                    with torch.no_grad():
-                        x.clamp_(0, 1)
-                    self.last_losses = {k: v.detach() for k, v in losses.items()}
-        finally:
-            student.train(was_training)
+
+        def clamp():
+            with torch.no_grad():
+                x.clamp_(0, 1)
+
+        def step():
+            return self.synthesis_loss(x, labels, teacher=teacher, student=student)
+
+        losses = inner_optimize(step, [x], optimizer, steps=cfg.inversion_steps, student=student, after_step=clamp)
+        if losses is not None:
+            self.last_losses = detached(losses)
         return x.detach()

@@ -20,47 +20,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ...task import Phase
-from ..generators import Generator
 from ..losses import adversarial_loss
-from .base import Synthesizer, SynthesizerConfig
+from .base import GeneratorConfig, GeneratorSynthesizer
 
 
 @dataclass
-class DFADConfig(SynthesizerConfig):
+class DFADConfig(GeneratorConfig):
     adv: float = 1.0  # weight of the adversarial term: minus the mean |student logits - teacher logits| (L1)
     student_steps: int = 5  # student steps per generator step (the reference's inner loop of 5)
     generator_lr: float = 1e-3  # Adam learning rate of the generator (the reference's lr_G)
 
 
-class DFAD(Synthesizer):
+class DFAD(GeneratorSynthesizer):
     name = "dfad"
     Config = DFADConfig
     needs_batchnorm = False
-
-    def build_generator(self) -> Generator:
-        c, h, _ = self.image_shape
-        return Generator(nz=self.config.nz, ngf=self.config.ngf, img_size=h, channels=c)
-
-    def phases(self) -> list[Phase]:
-        # Student first, then the generator (the reference's order within one iteration).
-        return [Phase("student", steps=self.config.student_steps), Phase("generator", lr=self.config.generator_lr)]
-
-    def generator_batch(self, batch_size, device):
-        return {"z": self.noise(batch_size, device)}
+    student_first = True  # the reference's order within one iteration
 
     def generator_loss(self, batch, *, generator, teacher, student):
         """Loss of one generator step on noise ``batch["z"]`` (B, nz): ``adv * -mean |S(x) - T(x)|``."""
         x = generator(batch["z"])  # (B, C, H, W) in [0, 1]
-        loss_adv = adversarial_loss(student(x), teacher(x), kind="l1")
+        student_logits, teacher_logits = student(x), teacher(x)
+        self.remember(x, teacher_logits, student_logits)
+        loss_adv = adversarial_loss(student_logits, teacher_logits, kind="l1")
         return {"loss": self.config.adv * loss_adv, "loss_adv": loss_adv.detach()}
-
-    @torch.no_grad()
-    def student_images(self, batch_size, device, *, teacher, student, generator):
-        return generator(self.noise(batch_size, device))
-
-    @torch.no_grad()
-    def preview(self, num_images, device, *, generator, teacher=None, student=None):
-        return generator(self.noise(num_images, device))

@@ -20,16 +20,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-from ...task import Phase
-from ..generators import Generator
 from ..losses import BNStatsLoss, adversarial_loss, information_entropy_loss, one_hot_loss
-from .base import Synthesizer, SynthesizerConfig
+from .base import GeneratorConfig, GeneratorSynthesizer
 
 
 @dataclass
-class DFQConfig(SynthesizerConfig):
+class DFQConfig(GeneratorConfig):
     adv: float = 1.0  # weight of the adversarial term: minus adv_tau^2 KL(T || S) at temperature adv_tau
     adv_tau: float = 1.0  # temperature of the adversarial KL (the reference's KLDiv() default)
     bn: float = 1.0  # weight of the teacher's BatchNorm statistics matching (sum over its BN layers)
@@ -39,20 +35,10 @@ class DFQConfig(SynthesizerConfig):
     generator_lr: float = 1e-3  # Adam learning rate of the generator (Fast-Datafree's lr_g)
 
 
-class DFQ(Synthesizer):
+class DFQ(GeneratorSynthesizer):
     name = "dfq"
     Config = DFQConfig
     needs_batchnorm = True
-
-    def build_generator(self) -> Generator:
-        c, h, _ = self.image_shape
-        return Generator(nz=self.config.nz, ngf=self.config.ngf, img_size=h, channels=c)
-
-    def phases(self) -> list[Phase]:
-        return [Phase("generator", lr=self.config.generator_lr), Phase("student", steps=self.config.student_steps)]
-
-    def generator_batch(self, batch_size, device):
-        return {"z": self.noise(batch_size, device)}
 
     def generator_loss(self, batch, *, generator, teacher, student):
         """Loss of one generator step on noise ``batch["z"]`` (B, nz):
@@ -62,7 +48,9 @@ class DFQ(Synthesizer):
         with BNStatsLoss(teacher) as bn_stats:
             teacher_logits = teacher(x)
             loss_bn = bn_stats.loss()
-        loss_adv = adversarial_loss(student(x), teacher_logits, kind="kl", tau=cfg.adv_tau)
+        student_logits = student(x)
+        self.remember(x, teacher_logits, student_logits)
+        loss_adv = adversarial_loss(student_logits, teacher_logits, kind="kl", tau=cfg.adv_tau)
         loss_oh = one_hot_loss(teacher_logits)
         loss_balance = information_entropy_loss(teacher_logits, base=math.e)
         loss = cfg.adv * loss_adv + cfg.bn * loss_bn + cfg.oh * loss_oh + cfg.balance * loss_balance
@@ -73,11 +61,3 @@ class DFQ(Synthesizer):
             "loss_oh": loss_oh.detach(),
             "loss_balance": loss_balance.detach(),
         }
-
-    @torch.no_grad()
-    def student_images(self, batch_size, device, *, teacher, student, generator):
-        return generator(self.noise(batch_size, device))
-
-    @torch.no_grad()
-    def preview(self, num_images, device, *, generator, teacher=None, student=None):
-        return generator(self.noise(num_images, device))

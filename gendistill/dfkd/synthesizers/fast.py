@@ -31,7 +31,6 @@ for the inner loop, 5 student steps per synthesis, FOMAML. Changes from the refe
 - ``warmup`` counts iterations (the reference counts epochs of its outer loop).
 - Not included: the reference's one-off re-initialization of the generator's first layers at epoch 120
   (``reset_l0``), a schedule for long CIFAR runs.
-- State not checkpointed: the pool and the BN momentum memory (a resumed run refills the pool, see the README).
 
 The generator phase's logged ``loss`` is the last inner step's synthesis loss; the gradient it carries is the meta
 gradient (``loss = sum_p <p, g_p> - (same).detach() + synthesis_loss.detach()``).
@@ -45,9 +44,17 @@ from dataclasses import dataclass
 import torch
 
 from ...task import Phase
-from ..generators import Generator, ImagePool, augment
-from ..losses import BNStatsLoss, adversarial_loss, one_hot_loss
-from .base import Synthesizer, SynthesizerConfig, pool_to, sample_pool
+from ..generators import Generator, ImagePool
+from ..losses import BNStatsLoss
+from .base import (
+    Synthesizer,
+    SynthesizerConfig,
+    detached,
+    image_generator,
+    inner_optimize,
+    inversion_loss,
+    sample_pool,
+)
 
 INNER_BETAS = (0.5, 0.999)  # the reference's Adam betas of the fast generator and z
 META_RULES = ("fomaml", "reptile")
@@ -68,28 +75,22 @@ class FastConfig(SynthesizerConfig):
     student_steps: int = 5  # student steps per iteration (per synthesized batch)
     synthesis_batch_size: int = 0  # images per iteration (0: the recipe's batch size)
     pool_size: int = 50_000  # capacity of the image pool (oldest images dropped first)
+    AT_LEAST = {"g_steps": 1, "pool_size": 1, "warmup": 0, "synthesis_batch_size": 0}
+    POSITIVE = ("generator_lr", "lr_z")
 
     def __post_init__(self):
         if self.meta not in META_RULES:
             raise ValueError(f"meta must be one of {', '.join(META_RULES)}, got {self.meta!r}")
         if not 0.0 <= self.bn_mmt < 1.0:
             raise ValueError(f"bn_mmt must be in [0, 1), got {self.bn_mmt}")
-        for name in ("g_steps", "pool_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "synthesis_batch_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("generator_lr", "lr_z"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        super().__post_init__()
 
 
 class Fast(Synthesizer):
     """Meta-learned generator; the student samples from the pool of the fast generators' images.
 
-    State: ``pool``, ``bn_memory`` (the BN momentum memory), ``rounds`` (iterations synthesized, for ``warmup``) and
-    ``last_losses`` (the detached loss terms of the latest inner step).
+    State (checkpointed): ``pool``, ``bn_memory`` (the BN momentum memory) and ``rounds`` (iterations synthesized,
+    for ``warmup``); besides, ``last_losses`` (the detached loss terms of the latest inner step).
     """
 
     name = "fast"
@@ -104,8 +105,7 @@ class Fast(Synthesizer):
         self.last_losses: dict[str, torch.Tensor] = {}
 
     def build_generator(self) -> Generator:
-        c, h, _ = self.image_shape
-        return Generator(nz=self.config.nz, ngf=self.config.ngf, img_size=h, channels=c)
+        return image_generator(self.config, self.image_shape)
 
     def phases(self) -> list[Phase]:
         cfg = self.config
@@ -122,15 +122,11 @@ class Fast(Synthesizer):
         """Losses of ``images`` (B, C, H, W) in [0, 1] with target ``labels`` (B,), ``bn_stats`` a
         :class:`BNStatsLoss` installed on the teacher; ``"loss"`` is minimized. One random crop + flip (global RNG)."""
         cfg = self.config
-        x = augment(images, padding=max(1, images.shape[-1] // 8))  # the reference pads 4 at 32 x 32
-        teacher_logits = teacher(x)
-        loss_bn = bn_stats.loss()
-        loss_oh = one_hot_loss(teacher_logits, labels)
-        loss_adv = torch.zeros((), device=images.device)
-        if cfg.adv and self.rounds >= cfg.warmup:
-            loss_adv = adversarial_loss(student(x), teacher_logits, kind="kl", mask_agreement=True)
-        loss = cfg.bn * loss_bn + cfg.oh * loss_oh + cfg.adv * loss_adv
-        return {"loss": loss, "loss_bn": loss_bn.detach(), "loss_oh": loss_oh.detach(), "loss_adv": loss_adv.detach()}
+        weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv if self.rounds >= cfg.warmup else 0.0}
+        inv = inversion_loss(
+            images, labels, teacher=teacher, student=student, **weights, mask_agreement=True, bn_stats=bn_stats
+        )
+        return {"loss": inv.loss, **detached(inv.terms)}
 
     def inner_loop(self, base: torch.nn.Module, z, labels, *, teacher, student):
         """``g_steps`` Adam steps on a copy of ``base`` and on (a copy of) ``z`` (B, nz). Returns (images (B, C, H, W)
@@ -139,29 +135,28 @@ class Fast(Synthesizer):
         cfg = self.config
         fast = copy.deepcopy(base).train()
         z = z.detach().clone().requires_grad_(True)
-        params = list(fast.parameters())
+        params = [*fast.parameters(), z]
         optimizer = torch.optim.Adam(
-            [{"params": params}, {"params": [z], "lr": cfg.lr_z}], lr=cfg.generator_lr, betas=INNER_BETAS
+            [{"params": params[:-1]}, {"params": [z], "lr": cfg.lr_z}], lr=cfg.generator_lr, betas=INNER_BETAS
         )
-        meta = [torch.zeros_like(p) for p in params] if cfg.meta == "fomaml" else None
+        meta = [torch.zeros_like(p) for p in params[:-1]] if cfg.meta == "fomaml" else None
         momentum = cfg.bn_mmt or None
-        with BNStatsLoss(teacher, momentum=momentum, update="manual", memory=self.bn_memory) as bn_stats:
-            for _ in range(cfg.g_steps):
+        memory = {k: (m.to(z.device), v.to(z.device)) for k, (m, v) in self.bn_memory.items()}  # maybe resumed
+        with BNStatsLoss(teacher, momentum=momentum, update="manual", memory=memory) as bn_stats:
+
+            def step():
                 images = fast(z)
                 losses = self.synthesis_loss(images, labels, teacher=teacher, student=student, bn_stats=bn_stats)
-                grads = torch.autograd.grad(losses["loss"], [*params, z])
-                for p, g in zip([*params, z], grads):
-                    p.grad = g
-                if meta is not None:
-                    for m, g in zip(meta, grads):
-                        m.add_(g)
-                optimizer.step()
+                return {**losses, "images": images}
+
+            losses = inner_optimize(step, params, optimizer, steps=cfg.g_steps, student=student, grad_sum=meta)
             if momentum is not None:
                 bn_stats.commit()
                 self.bn_memory = {k: (m.detach(), v.detach()) for k, (m, v) in bn_stats.memory.items()}
+        images = losses.pop("images")
         if meta is None:  # Reptile: the meta gradient points from the adapted weights back to the base's
             meta = [b.detach() - p.detach() for b, p in zip(base.parameters(), params)]
-        self.last_losses = {k: v.detach() for k, v in losses.items()}
+        self.last_losses = detached(losses)
         return images.detach(), meta, losses
 
     def generator_loss(self, batch, *, generator, teacher, student):
@@ -169,6 +164,7 @@ class Fast(Synthesizer):
         whose gradient w.r.t. each generator parameter is the meta gradient."""
         base = getattr(generator, "module", generator)  # a DDP wrapper holds the same parameters
         images, meta, losses = self.inner_loop(base, batch["z"], batch["labels"], teacher=teacher, student=student)
+        self.pool.to(images.device)  # a resumed pool is on the CPU
         self.pool.add(images)
         self.rounds += 1
         surrogate = sum((p * g).sum() for p, g in zip(base.parameters(), meta))
@@ -180,7 +176,7 @@ class Fast(Synthesizer):
 
     def student_images(self, batch_size, device, *, teacher, student, generator):
         device = torch.device(device)
-        pool_to(self.pool, device)
+        self.pool.to(device)
         if len(self.pool) == 0:
             raise RuntimeError("fast: the pool is empty; the generator phase runs before the student's")
         images, _ = self.pool.sample(batch_size)
@@ -194,3 +190,12 @@ class Fast(Synthesizer):
         if len(self.pool) == 0:
             return generator(self.noise(num_images, device))
         return sample_pool(self.pool, num_images, device)
+
+    def state_dict(self) -> dict:
+        memory = {layer: list(stats) for layer, stats in self.bn_memory.items()}  # layer -> [mean, var]
+        return {"pool": self.pool.state_dict(), "rounds": self.rounds, "bn_memory": memory}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pool.load_state_dict(state["pool"])
+        self.rounds = int(state["rounds"])
+        self.bn_memory = {layer: (mean, var) for layer, (mean, var) in state["bn_memory"].items()}

@@ -26,26 +26,25 @@ from the reference, and why:
   ``NAYER.label_embeddings`` (a (num_classes, embed_dim) tensor) before training to use text embeddings.
 - The last loop's batch is kept, not the lowest-loss one (no host sync per step).
 - ``synthesis_every`` student batches per round instead of the reference's epoch of ``kd_steps`` student steps.
-- State not checkpointed: the pool and the round generator (a resumed run starts a new generator life).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-from ..generators import Generator, augment
-from ..losses import BNStatsLoss, adversarial_loss, one_hot_loss
-from .base import PoolSynthesizer, SynthesizerConfig
+from ..generators import Generator
+from .base import PoolConfig, PoolSynthesizer, detached, inner_optimize, inversion_loss
 
 GENERATOR_BETAS = (0.5, 0.999)  # the reference's Adam betas
 
 
 @dataclass
-class NAYERConfig(SynthesizerConfig):
+class NAYERConfig(PoolConfig):
     tau: float = 20.0  # temperature of the student's KD loss
     bn: float = 10.0  # weight of the teacher's BatchNorm statistics matching (sum over its BN layers)
     oh: float = 0.5  # weight of the teacher's cross-entropy against the loop's balanced labels
@@ -59,17 +58,11 @@ class NAYERConfig(SynthesizerConfig):
     embed_dim: int = 512  # size of the label embeddings (the paper: CLIP text embeddings)
     nz: int = 256  # output size of the noisy layer, the generator body's input
     noisy_group: int = 100  # samples sharing one noisy layer (the reference's nl)
-    synthesis_every: int = 400  # student batches between synthesis rounds (the first batch always synthesizes)
-    synthesis_batch_size: int = 0  # images per loop (0: the student's batch size)
-    pool_size: int = 50_000  # capacity of the image pool (oldest images dropped first)
-
-    def __post_init__(self):
-        for name in ("synthesis_steps", "loops", "g_life", "embed_dim", "noisy_group", "synthesis_every", "pool_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "warmup_loops", "synthesis_batch_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    AT_LEAST = {
+        **PoolConfig.AT_LEAST,
+        **dict.fromkeys(("synthesis_steps", "loops", "g_life", "embed_dim", "noisy_group"), 1),
+        **dict.fromkeys(("warmup", "warmup_loops"), 0),
+    }
 
 
 class NoisyLayerGenerator(nn.Module):
@@ -128,8 +121,9 @@ def balanced_labels(batch_size: int, num_classes: int, device: torch.device) -> 
 class NAYER(PoolSynthesizer):
     """Noisy-layer generator over fixed label embeddings; the student samples from the pool.
 
-    State (besides :class:`PoolSynthesizer`'s): ``label_embeddings`` (num_classes, embed_dim), ``synthesis_generator``
-    (the current life's generator) and ``rounds`` (synthesis rounds run).
+    State (checkpointed, besides :class:`PoolSynthesizer`'s): ``label_embeddings`` (num_classes, embed_dim),
+    ``synthesis_generator`` (the current life's generator, with its number of noisy layers) and ``rounds``
+    (synthesis rounds run).
     """
 
     name = "nayer"
@@ -142,35 +136,29 @@ class NAYER(PoolSynthesizer):
         self.synthesis_generator: NoisyLayerGenerator | None = None
         self.rounds = 0
 
-    def _new_generator(self, batch_size: int, device: torch.device) -> NoisyLayerGenerator:
+    def _new_generator(self, num_noisy: int) -> NoisyLayerGenerator:
         cfg = self.config
         shape = tuple(self.label_embeddings.shape)
         if shape != (self.num_classes, cfg.embed_dim):
             raise ValueError(f"label_embeddings must be ({self.num_classes}, {cfg.embed_dim}), got {shape}")
         c, h, _ = self.image_shape
+        embeddings = self.label_embeddings.float()
         return NoisyLayerGenerator(
-            self.label_embeddings.float(),
-            nz=cfg.nz,
-            ngf=cfg.ngf,
-            img_size=h,
-            channels=c,
-            group=cfg.noisy_group,
-            num_noisy=math.ceil(batch_size / cfg.noisy_group),
-        ).to(device)
+            embeddings, nz=cfg.nz, ngf=cfg.ngf, img_size=h, channels=c, group=cfg.noisy_group, num_noisy=num_noisy
+        )
 
     def synthesis_loss(self, images, labels, *, teacher, student, adversarial: bool) -> dict[str, torch.Tensor]:
         """Losses of ``images`` (B, C, H, W) in [0, 1] with target ``labels`` (B,); ``"loss"`` is minimized."""
         cfg = self.config
-        x = augment(images, padding=max(1, images.shape[-1] // 8))
-        with BNStatsLoss(teacher) as bn_stats:
-            teacher_logits = teacher(x)
-            loss_bn = bn_stats.loss()
-        loss_oh = one_hot_loss(teacher_logits, labels)
-        loss_adv = torch.zeros((), device=images.device)
-        if cfg.adv and adversarial:
-            loss_adv = adversarial_loss(student(x), teacher_logits, kind="kl", mask_agreement=True)
-        loss = cfg.bn * loss_bn + cfg.oh * loss_oh + cfg.adv * loss_adv
-        return {"loss": loss, "loss_bn": loss_bn.detach(), "loss_oh": loss_oh.detach(), "loss_adv": loss_adv.detach()}
+        weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv if adversarial else 0.0}
+        inv = inversion_loss(images, labels, teacher=teacher, student=student, **weights, mask_agreement=True)
+        return {"loss": inv.loss, **detached(inv.terms)}
+
+    def _loop_losses(self, generator, labels, *, teacher, student, adversarial: bool) -> dict[str, torch.Tensor]:
+        """One step's losses of ``generator(labels)``, and its images under ``"images"``."""
+        images = generator(labels)
+        losses = self.synthesis_loss(images, labels, teacher=teacher, student=student, adversarial=adversarial)
+        return {**losses, "images": images}
 
     def synthesize(self, batch_size: int, device: torch.device, *, teacher, student) -> torch.Tensor:
         """One round: (warmup_)loops loops of ``synthesis_steps`` steps. Returns every loop's last batch,
@@ -179,36 +167,42 @@ class NAYER(PoolSynthesizer):
         generator = self.synthesis_generator
         needed = math.ceil(batch_size / cfg.noisy_group)
         if generator is None or self.rounds % cfg.g_life == 0 or len(generator.noisy) < needed:
-            generator = self.synthesis_generator = self._new_generator(batch_size, device)
+            generator = self.synthesis_generator = self._new_generator(needed)
         generator.to(device).train()
         warm = self.rounds < cfg.warmup
-        loops = cfg.warmup_loops if warm else cfg.loops
         batches = []
-        was_training = student.training
-        student.eval()
-        try:
-            with torch.enable_grad():
-                for _ in range(loops):
-                    generator.redraw_noise()
-                    labels = balanced_labels(batch_size, self.num_classes, device)
-                    params = list(generator.parameters())
-                    optimizer = torch.optim.Adam(params, lr=cfg.generator_lr, betas=GENERATOR_BETAS)
-                    for _ in range(cfg.synthesis_steps):
-                        images = generator(labels)
-                        losses = self.synthesis_loss(
-                            images, labels, teacher=teacher, student=student, adversarial=not warm
-                        )
-                        for p, g in zip(params, torch.autograd.grad(losses["loss"], params)):
-                            p.grad = g
-                        optimizer.step()
-                        self.last_losses = {k: v.detach() for k, v in losses.items()}
-                    batches.append(images.detach())
-        finally:
-            student.train(was_training)
-            for p in generator.parameters():
-                p.grad = None
+        for _ in range(cfg.warmup_loops if warm else cfg.loops):
+            generator.redraw_noise()
+            labels = balanced_labels(batch_size, self.num_classes, device)
+            params = list(generator.parameters())
+            optimizer = torch.optim.Adam(params, lr=cfg.generator_lr, betas=GENERATOR_BETAS)
+            step = partial(
+                self._loop_losses, generator, labels, teacher=teacher, student=student, adversarial=not warm
+            )
+            losses = inner_optimize(step, params, optimizer, steps=cfg.synthesis_steps, student=student)
+            batches.append(losses.pop("images").detach())
+            self.last_losses = detached(losses)
         self.rounds += 1
         if not batches:  # warmup_loops = 0: one fresh batch so the pool is never empty
             with torch.no_grad():
                 batches.append(generator(balanced_labels(batch_size, self.num_classes, device)))
         return torch.cat(batches)
+
+    def state_dict(self) -> dict:
+        generator = self.synthesis_generator
+        saved = None if generator is None else {"num_noisy": len(generator.noisy), "weights": generator.state_dict()}
+        return {
+            **super().state_dict(),
+            "rounds": self.rounds,
+            "label_embeddings": self.label_embeddings,
+            "generator": saved,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.rounds, self.label_embeddings = int(state["rounds"]), state["label_embeddings"]
+        saved, self.synthesis_generator = state["generator"], None
+        if saved is not None:
+            with torch.random.fork_rng(devices=[]):  # building it must not move the training's random stream
+                self.synthesis_generator = self._new_generator(int(saved["num_noisy"]))
+            self.synthesis_generator.load_state_dict(saved["weights"])

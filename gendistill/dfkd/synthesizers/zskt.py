@@ -22,16 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ...task import Phase
-from ..generators import Generator
 from ..losses import adversarial_loss
-from .base import Synthesizer, SynthesizerConfig
+from .base import GeneratorConfig, GeneratorSynthesizer
 
 
 @dataclass
-class ZSKTConfig(SynthesizerConfig):
+class ZSKTConfig(GeneratorConfig):
     adv: float = 1.0  # weight of the adversarial term: minus adv_tau^2 KL(T || S) at temperature adv_tau
     adv_tau: float = 20.0  # temperature of the adversarial KL (the student's tau; the paper uses 1)
     generator_steps: int = 1  # generator steps per iteration (the paper's n_G)
@@ -39,34 +35,15 @@ class ZSKTConfig(SynthesizerConfig):
     generator_lr: float = 1e-3  # Adam learning rate of the generator (the paper's; Fast-Datafree's lr_g)
 
 
-class ZSKT(Synthesizer):
+class ZSKT(GeneratorSynthesizer):
     name = "zskt"
     Config = ZSKTConfig
     needs_batchnorm = False
 
-    def build_generator(self) -> Generator:
-        c, h, _ = self.image_shape
-        return Generator(nz=self.config.nz, ngf=self.config.ngf, img_size=h, channels=c)
-
-    def phases(self) -> list[Phase]:
-        return [
-            Phase("generator", steps=self.config.generator_steps, lr=self.config.generator_lr),
-            Phase("student", steps=self.config.student_steps),
-        ]
-
-    def generator_batch(self, batch_size, device):
-        return {"z": self.noise(batch_size, device)}
-
     def generator_loss(self, batch, *, generator, teacher, student):
         """Loss of one generator step on noise ``batch["z"]`` (B, nz): ``adv * -KL(T(x) || S(x))``."""
         x = generator(batch["z"])  # (B, C, H, W) in [0, 1]
-        loss_adv = adversarial_loss(student(x), teacher(x), kind="kl", tau=self.config.adv_tau)
+        student_logits, teacher_logits = student(x), teacher(x)
+        self.remember(x, teacher_logits, student_logits)
+        loss_adv = adversarial_loss(student_logits, teacher_logits, kind="kl", tau=self.config.adv_tau)
         return {"loss": self.config.adv * loss_adv, "loss_adv": loss_adv.detach()}
-
-    @torch.no_grad()
-    def student_images(self, batch_size, device, *, teacher, student, generator):
-        return generator(self.noise(batch_size, device))
-
-    @torch.no_grad()
-    def preview(self, num_images, device, *, generator, teacher=None, student=None):
-        return generator(self.noise(num_images, device))
