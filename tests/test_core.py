@@ -201,3 +201,28 @@ def test_task_extra_state_is_checkpointed_as_safetensors_and_json(tmp_path):
     (trainer.resume_from / "task_state.safetensors").unlink()
     with pytest.raises(ValueError, match=r"checkpoint '.*checkpoint_1' cannot be restored: the task's state"):
         Trainer(StatefulToyTask(), _recipe(tmp_path, max_steps=4, checkpoint_every=2, resume="latest"), command="toy")
+
+
+class SlowEvalToyTask(ToyTask):
+    """Evaluations that take far longer than the training steps."""
+
+    def evaluate(self, **_):
+        import time
+
+        time.sleep(0.2)
+        return {"metric": 1.0}
+
+
+def test_train_seconds_and_the_time_budget_leave_evaluations_out(tmp_path):
+    trainer = Trainer(SlowEvalToyTask(), _recipe(tmp_path, max_steps=5, eval_every=1), command="toy")
+    trainer.fit()
+    rows = _rows(tmp_path)
+    last = rows[-1]
+    assert last["elapsed_s"] > 6 * 0.2  # six evaluations (steps 0..5) of 0.2 s each
+    assert last["train_s"] < last["elapsed_s"] - 6 * 0.2 + 0.05
+    # A budget of training time is not used up by the evaluations: all 40 steps run well within 0.5 s of training.
+    budget = Trainer(
+        SlowEvalToyTask(), _recipe(tmp_path / "b", max_steps=40, eval_every=10, max_seconds=0.5), command="toy"
+    )
+    budget.fit()
+    assert budget.counters.step == 40

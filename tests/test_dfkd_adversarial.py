@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from gendistill.dfkd import synthesizers
+from gendistill.dfkd.losses import kd_loss
 from gendistill.dfkd.models import build_classifier
 from gendistill.dfkd.synthesizers.dfad import DFAD
 from gendistill.dfkd.synthesizers.dfq import DFQ
@@ -101,7 +103,40 @@ def test_student_images_and_preview_come_from_the_generator_without_grad(cls, te
     preview = synth.preview(4, CPU, generator=task.generator)
     assert images.shape == (8, 3, 32, 32) and preview.shape == (4, 3, 32, 32)
     for x in (images, preview):
-        assert not x.requires_grad and x.min() >= 0 and x.max() <= 1
+        assert not x.requires_grad
+        if cls is not DFAD:  # DFAD's images are standardized in the teacher's input space, not bounded pixels
+            assert x.min() >= 0 and x.max() <= 1
+
+
+def test_dfad_generator_output_is_standardized_in_the_teachers_input_space(teacher):
+    """DFAD's GeneratorA ends with tanh + BatchNorm(affine=False): in training mode every batch the teacher sees
+    (after its own normalization) has zero mean and unit variance per channel."""
+    mean, std = (0.2, 0.4, 0.6), (0.3, 0.25, 0.2)
+    synth = DFAD(num_classes=4, image_shape=(3, 32, 32), normalization=(mean, std), nz=16, ngf=8)
+    generator = synth.build_generator().train()
+    torch.manual_seed(0)
+    x = generator(torch.randn(32, 16)).detach()
+    seen = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    flat = seen.transpose(0, 1).reshape(3, -1).double().numpy()
+    np.testing.assert_allclose(flat.mean(axis=1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(flat.std(axis=1), 1.0, atol=1e-3)  # BatchNorm's eps makes it 1 - O(eps)
+    # Without a normalization (a teacher that takes raw pixels) the images themselves are standardized.
+    raw = DFAD(num_classes=4, image_shape=(1, 32, 32), nz=16, ngf=8).build_generator().train()(torch.randn(32, 16))
+    raw = raw.detach()
+    assert abs(float(raw.mean())) < 1e-5 and abs(float(raw.std(unbiased=False)) - 1) < 1e-3
+
+
+def test_dfad_student_learns_the_reference_l1_on_logits():
+    """The reference's ``F.l1_loss(s_logit, t_logit)``: the mean absolute logit difference, written out here."""
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    expected = float(np.abs(s.numpy().astype(np.float64) - t.numpy().astype(np.float64)).mean())
+    dfad = DFAD(num_classes=7, image_shape=(1, 32, 32))
+    assert abs(float(dfad.student_loss(s, t)) - expected) < 1e-6
+    kd = DFAD(num_classes=7, image_shape=(1, 32, 32), student_loss="kd")
+    torch.testing.assert_close(kd.student_loss(s, t), kd_loss(s, t, tau=20.0))
+    with pytest.raises(ValueError, match="student_loss must be one of l1, kd"):
+        DFAD(num_classes=7, image_shape=(1, 32, 32), student_loss="mse")
 
 
 def test_defaults_and_phases():

@@ -12,7 +12,8 @@ Run folder layout (``recipe.output``)::
                                  (``task_state.safetensors``: a DFKD synthesizer's pool, bank, counters) +
                                  ``trainer_state.json`` (counters, EMA and task scalars), which is written last: only
                                  then is the checkpoint complete
-    logs/metrics.jsonl           every logged scalar, one strict-JSON object per line (also sent to trackers)
+    logs/metrics.jsonl           every logged scalar, one strict-JSON object per line (also sent to trackers), with
+                                 "elapsed_s" (wall time) and "train_s" (without evaluations, grids, checkpoints)
     samples/step_<n>.png         sample grids of generative tasks
 
 What is guaranteed (the README's reliability section lists the tests):
@@ -28,6 +29,7 @@ What is guaranteed (the README's reliability section lists the tests):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -326,6 +328,9 @@ class Trainer:
         accelerator.init_trackers(command.replace(" ", "_"), config=_flat_config(recipe))
         self.metrics_file = self.output / "logs" / "metrics.jsonl"
         self._started = time.perf_counter()  # wall-clock origin of the logged "elapsed_s" (this process)
+        # Seconds spent in evaluations, sample grids and checkpoints: "train_s" and the time budget leave them out.
+        self._aside = 0.0
+        self._aside_since: float | None = None
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def _load(self, folder: Path) -> None:
@@ -468,7 +473,10 @@ class Trainer:
     def log(self, values: dict[str, float], step: int) -> None:
         """Send ``values`` to the trackers and append them to ``logs/metrics.jsonl`` as one strict-JSON line
         (non-finite numbers become ``null``)."""
-        values = {**values, "elapsed_s": time.perf_counter() - self._started}
+        now = time.perf_counter()
+        # Inside an evaluation (which logs its own results), training time stopped when it began.
+        trained_until = now if self._aside_since is None else self._aside_since
+        values = {**values, "elapsed_s": now - self._started, "train_s": trained_until - self._started - self._aside}
         self.accelerator.log(values, step=step)
         if self.accelerator.is_main_process:
             self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
@@ -550,7 +558,8 @@ class Trainer:
         recipe, accelerator, counters = self.recipe, self.accelerator, self.counters
         self.task.train()
         if counters.step == 0:
-            self.evaluate(0)
+            with self._set_aside():
+                self.evaluate(0)
         progress = tqdm(
             total=recipe.max_steps,
             initial=counters.step,
@@ -562,7 +571,7 @@ class Trainer:
         images_per_step = recipe.batch_size * recipe.gradient_accumulation_steps * accelerator.num_processes
         tic, window, losses = time.perf_counter(), 0, {}
         metrics: dict[str, float] = {}
-        fit_start = time.perf_counter()
+        fit_start = time.perf_counter() - self._aside  # so that now - fit_start - _aside is this fit's training
         while counters.step < recipe.max_steps:
             if recipe.max_seconds and self._over_budget(fit_start):
                 logger.info("time budget of %.0f s reached at step %d", recipe.max_seconds, counters.step)
@@ -612,22 +621,39 @@ class Trainer:
                 )
                 tic, window, losses = time.perf_counter(), 0, {}
             if recipe.eval_every and step % recipe.eval_every == 0 and step != recipe.max_steps:
-                metrics = self.evaluate(step) or metrics
+                with self._set_aside():
+                    metrics = self.evaluate(step) or metrics
             if recipe.sample_every and step % recipe.sample_every == 0 and step != recipe.max_steps:
-                self.write_samples(step)
+                with self._set_aside():
+                    self.write_samples(step)
             if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step != recipe.max_steps:
-                self.save_checkpoint()
+                with self._set_aside():
+                    self.save_checkpoint()
         progress.close()
-        metrics = self.evaluate(counters.step) or metrics
-        self.write_samples(counters.step)
-        if self._checkpointed_step != counters.step:
-            self.save_checkpoint()
+        with self._set_aside():
+            metrics = self.evaluate(counters.step) or metrics
+            self.write_samples(counters.step)
+            if self._checkpointed_step != counters.step:
+                self.save_checkpoint()
         accelerator.wait_for_everyone()
         return metrics
 
+    @contextlib.contextmanager
+    def _set_aside(self):
+        """Time spent inside is not training time (``train_s``, ``max_seconds``)."""
+        if self._aside_since is not None:  # nested: the outer section counts the time
+            yield
+            return
+        self._aside_since = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._aside += time.perf_counter() - self._aside_since
+            self._aside_since = None
+
     def _over_budget(self, fit_start: float) -> bool:
         """Whether any process has trained longer than ``max_seconds`` (all processes stop at the same step)."""
-        over = float(time.perf_counter() - fit_start > self.recipe.max_seconds)
+        over = float(time.perf_counter() - fit_start - self._aside > self.recipe.max_seconds)
         flag = torch.tensor([over], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="max").item())
 

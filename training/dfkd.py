@@ -28,7 +28,7 @@ COMMAND = "dfkd"
 @dataclass
 class DFKDRecipe(TrainRecipe):
     output: str = "dfkd-student"  # run folder; also the exported student (model.safetensors + config.json)
-    method: str = "fast"  # synthesizer: dafl | dfad | zskt | dfq | deepinversion | cmi | fast | nayer | cae
+    method: str = "dfq"  # synthesizer: dafl | dfad | zskt | dfq | deepinversion | cmi | fast | nayer | cae
     teacher: str | None = None  # classifier folder (model.safetensors + config.json) (required)
     student_arch: str = "lenet5_half"  # model zoo architecture of the student
     method_options: list[str] | None = None  # method weights as key=value (e.g. oh=0.5,adv=1.33); see the spec
@@ -36,9 +36,9 @@ class DFKDRecipe(TrainRecipe):
     data_root: str | None = None  # torchvision's CIFAR files for --eval-data cifar10/cifar100
     iterations: int | None = None  # alias of max_steps (one iteration runs every phase's steps)
     max_steps: int = 1000  # iterations
-    batch_size: int = 256  # synthetic images per student step (per process)
-    lr: float = 1e-3  # the student's AdamW learning rate (the generator's is a method option)
-    ema_decay: float = 0.0  # EMA of the trainable weights (0: export the trained student)
+    batch_size: int = 64  # synthetic images per student step (per process)
+    lr: float = 2e-3  # the student's AdamW learning rate (the generator's is a method option)
+    ema_decay: float = 0.99  # EMA of the student weights; the EMA student is evaluated and exported (0: the live one)
     eval_every: int = 100  # held-out accuracy and teacher agreement every N iterations (with --eval-data)
     sample_every: int = 500  # PNG grid of synthesized images every N iterations
 
@@ -88,6 +88,7 @@ def build_task(
     synthesizer = cls(
         num_classes=config.num_classes,
         image_shape=(config.in_channels, config.image_size, config.image_size),
+        normalization=None if config.mean is None else (tuple(config.mean), tuple(config.std)),
         **(options or {}),
     )
     synthesizer.check_teacher(teacher)

@@ -31,7 +31,7 @@ class TrainRecipe:
 
     output: str = "gendistill-run"  # run folder: checkpoints/, logs/, samples/ and the exported artefact
     max_steps: int = 1000  # training iterations (each runs every phase's optimizer steps)
-    max_seconds: float = 0.0  # also stop at the first iteration after this many seconds of training (0: no limit)
+    max_seconds: float = 0.0  # also stop after this many seconds of training, evaluations not counted (0: no limit)
     batch_size: int = 128  # per-process batch size
     lr: float = 1e-4  # AdamW learning rate
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit AdamW: less optimizer memory, CUDA)

@@ -1,11 +1,16 @@
 """Image generators of data-free distillation, batch augmentation and the synthetic image pool (spec/DFKD.md,
-"Generators"). Generators end with a sigmoid: images are in [0, 1], the classifiers' input range."""
+"Generators"). Generators end with a sigmoid (images in [0, 1], the classifiers' input range), or with DFAD's
+standardized output."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+GENERATOR_OUTPUTS = ("sigmoid", "standardized")
 
 
 class Generator(nn.Module):
@@ -16,18 +21,33 @@ class Generator(nn.Module):
     weights load unchanged. With ``num_classes`` the generator is class-conditional: a learned label embedding
     (num_classes, nz) is multiplied into the noise.
 
-    forward(z (B, nz), labels (B,) or None) -> images (B, channels, img_size, img_size) in [0, 1].
+    ``output``: ``"sigmoid"`` (images in [0, 1]) or ``"standardized"`` (DFAD's output: tanh, then per-channel batch
+    standardization in the classifier's normalized space, mapped to pixels with ``normalization`` = (mean, std) of
+    the classifier's input normalization; such images are not confined to [0, 1]).
+
+    forward(z (B, nz), labels (B,) or None) -> images (B, channels, img_size, img_size).
     """
 
     def __init__(
-        self, nz: int = 256, ngf: int = 64, img_size: int = 32, channels: int = 3, num_classes: int | None = None
+        self,
+        nz: int = 256,
+        ngf: int = 64,
+        img_size: int = 32,
+        channels: int = 3,
+        num_classes: int | None = None,
+        *,
+        output: str = "sigmoid",
+        normalization: tuple[Sequence[float], Sequence[float]] | None = None,
     ):
         super().__init__()
         if img_size % 4 != 0 or img_size <= 0:
             raise ValueError(f"img_size must be a positive multiple of 4 (two x2 upsamplings), got {img_size}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be positive or None (unconditional), got {num_classes}")
+        if output not in GENERATOR_OUTPUTS:
+            raise ValueError(f"generator output {output!r} is not valid; valid: {', '.join(GENERATOR_OUTPUTS)}")
         self.nz, self.ngf, self.img_size, self.channels, self.num_classes = nz, ngf, img_size, channels, num_classes
+        self.output = output
         self.init_size = img_size // 4
         self.label_embedding = nn.Embedding(num_classes, nz) if num_classes is not None else None
         self.l1 = nn.Sequential(nn.Linear(nz, ngf * 2 * self.init_size**2))
@@ -42,8 +62,18 @@ class Generator(nn.Module):
             nn.BatchNorm2d(ngf),
             nn.LeakyReLU(0.2),
             nn.Conv2d(ngf, channels, 3, stride=1, padding=1),
-            nn.Sigmoid(),
+            nn.Sigmoid() if output == "sigmoid" else nn.Tanh(),
         )
+        if output == "standardized":
+            # DFAD's GeneratorA: tanh, then a BatchNorm without affine parameters, so every batch has zero mean and
+            # unit variance per channel in the classifier's normalized input space; mapped back to pixels with the
+            # classifier's normalization, so that the classifier sees exactly that batch.
+            self.output_norm = nn.BatchNorm2d(channels, affine=False)
+            mean, std = normalization if normalization is not None else ((0.0,) * channels, (1.0,) * channels)
+            if len(mean) != channels or len(std) != channels:
+                raise ValueError(f"normalization needs {channels} means and stds, got {mean} and {std}")
+            self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), False)
+            self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), False)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.nz:
@@ -55,8 +85,10 @@ class Generator(nn.Module):
             if labels is None:
                 raise ValueError(f"this Generator is class-conditional (num_classes={self.num_classes}): pass labels")
             z = z * self.label_embedding(labels)
-        out = self.l1(z).view(z.shape[0], self.ngf * 2, self.init_size, self.init_size)
-        return self.conv_blocks(out)
+        out = self.conv_blocks(self.l1(z).view(z.shape[0], self.ngf * 2, self.init_size, self.init_size))
+        if self.output == "standardized":
+            return self.output_norm(out) * self.pixel_std + self.pixel_mean
+        return out
 
 
 class EmbeddingGenerator(nn.Module):

@@ -1,11 +1,11 @@
 """The DFKD task: a frozen teacher, a student and a synthesizer that makes the student's images from nothing.
 
-The student always learns ``tau^2 KL(softmax(T(x)/tau) || softmax(S(x)/tau))`` on synthesized images ``x``
-(spec/DFKD.md); what differs between methods is how ``x`` is made, which the synthesizer decides (one file per
-method in ``gendistill/dfkd/synthesizers``). Methods with a generator train it as a phase of its own ("generator"),
-before or after the student's steps of the same iteration; pure inversion methods have only the student phase and
-synthesize inside it. Plug-in ``objectives`` add terms to either phase's loss; the synthesizer's state (pools,
-banks, counters) is checkpointed through ``extra_state``.
+The student learns ``tau^2 KL(softmax(T(x)/tau) || softmax(S(x)/tau))`` on synthesized images ``x`` (the
+synthesizer's ``student_loss``; DFAD keeps its reference's L1 on logits); what differs between methods is how ``x`` is
+made, which the synthesizer decides (one file per method in ``gendistill/dfkd/synthesizers``). Methods with a
+generator train it as a phase of its own ("generator"), before or after the student's steps of the same iteration;
+pure inversion methods have only the student phase and synthesize inside it. Plug-in ``objectives`` add terms to
+either phase's loss; the synthesizer's state (pools, banks, counters) is checkpointed through ``extra_state``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..task import Phase
-from .losses import kd_loss
 from .models import Classifier
 
 
@@ -116,7 +115,7 @@ class DFKDTask(nn.Module):
                 with torch.no_grad():
                     teacher_logits = self.teacher(images)
             student_logits = self.student(images)
-            losses = {"loss": kd_loss(student_logits, teacher_logits, tau=self.synthesizer.tau)}
+            losses = {"loss": self.synthesizer.student_loss(student_logits, teacher_logits)}
             tensors = {"images": images, "student_logits": student_logits, "teacher_logits": teacher_logits}
             return self._add_terms(losses, "student_terms", tensors)
         # The student is called unwrapped and in eval mode: its gradients from this phase are never used (each

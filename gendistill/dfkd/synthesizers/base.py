@@ -26,7 +26,7 @@ from torch import nn
 
 from ...task import Phase
 from ..generators import Generator, ImagePool, augment
-from ..losses import BNStatsLoss, adversarial_loss, one_hot_loss
+from ..losses import BNStatsLoss, adversarial_loss, kd_loss, one_hot_loss
 from ..models import FeatureHooks
 
 
@@ -71,10 +71,12 @@ def detached(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in losses.items()}
 
 
-def image_generator(config: SynthesizerConfig, image_shape: tuple[int, int, int]) -> Generator:
+def image_generator(
+    config: SynthesizerConfig, image_shape: tuple[int, int, int], *, output: str = "sigmoid", normalization=None
+) -> Generator:
     """The DAFL / Fast :class:`Generator` of ``config.nz`` and ``config.ngf`` for ``image_shape`` (C, H, W) images."""
     c, h, _ = image_shape
-    return Generator(nz=config.nz, ngf=config.ngf, img_size=h, channels=c)
+    return Generator(nz=config.nz, ngf=config.ngf, img_size=h, channels=c, output=output, normalization=normalization)
 
 
 class Synthesizer(ABC):
@@ -85,7 +87,17 @@ class Synthesizer(ABC):
     needs_batchnorm = False  # True: the method's loss uses the teacher's BatchNorm statistics
     exposes_generator_tensors = False  # True: generator_loss records its tensors (the task's generator terms)
 
-    def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], config=None, **overrides):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        config=None,
+        normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+        **overrides,
+    ):
+        """``normalization``: the teacher's input normalization (mean, std), for generators whose output lives in
+        the normalized space (DFAD's); None: the teacher takes its pixels as they are."""
         if config is None:
             config = self.Config()
         valid = [f.name for f in dataclasses.fields(self.Config)]
@@ -97,10 +109,15 @@ class Synthesizer(ABC):
         self.config = dataclasses.replace(config, **overrides)
         self.num_classes = num_classes
         self.image_shape = tuple(image_shape)
+        self.normalization = normalization
 
     @property
     def tau(self) -> float:
         return self.config.tau
+
+    def student_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The student's distillation loss on logits (B, K): ``tau^2 KL`` at ``tau`` (methods may override)."""
+        return kd_loss(student_logits, teacher_logits, tau=self.tau)
 
     def check_teacher(self, teacher: nn.Module) -> None:
         """Raise ``ValueError`` when the method needs BatchNorm statistics and the teacher has none."""
@@ -180,6 +197,7 @@ class GeneratorSynthesizer(Synthesizer):
 
     Config = GeneratorConfig
     student_first = False  # True: each iteration runs the student's steps before the generator's (DFAD)
+    generator_output = "sigmoid"  # the Generator's output: "sigmoid" or DFAD's "standardized"
     exposes_generator_tensors = True
 
     def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], config=None, **overrides):
@@ -188,7 +206,9 @@ class GeneratorSynthesizer(Synthesizer):
         self._generator_tensors: dict[str, torch.Tensor | None] | None = None
 
     def build_generator(self) -> nn.Module:
-        return image_generator(self.config, self.image_shape)
+        return image_generator(
+            self.config, self.image_shape, output=self.generator_output, normalization=self.normalization
+        )
 
     def phases(self) -> list[Phase]:
         cfg = self.config
