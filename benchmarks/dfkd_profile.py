@@ -5,9 +5,10 @@ and the MNIST benchmark's CPU settings (batch 64, generator width 16, the shorte
 ``dfkd_mnist.py``). After ``--warmup`` iterations, ``--iterations`` more are timed phase by phase with wall-clock
 timers (CPU work is synchronous, so a timer around a call measures that call):
 
-- forward and backward of the generator, the teacher and the student: forward pre/post hooks on the three modules
-  (the teacher's forward includes the BatchNorm-statistics hooks of the loss), and for backward a hook on each
-  module's output (see ``instrument``);
+- forward and backward of the generators (the task's, and the inner or round generators of Fast, CMI and NAYER),
+  the teacher and the student: global module forward hooks (the teacher's forward includes the BatchNorm-statistics
+  hooks of the loss), and for backward a hook on each module's output (see ``instrument``); the hooks themselves
+  add a few microseconds per module call;
 - augmentation (``augment``, CMI's ``local_view``) and pool I/O (``ImagePool.add``/``sample``);
 - optimizer steps (every optimizer, the core's and the synthesizers' inner ones, through torch's global optimizer
   hooks);
@@ -33,11 +34,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from gendistill.dfkd import generators
 from gendistill.dfkd.models import build_classifier, load_classifier
 from gendistill.dfkd.synthesizers import METHODS
+from gendistill.dfkd.synthesizers.nayer import NoisyLayerGenerator
 from gendistill.eval.report import device_description
 from gendistill.training.core import Trainer
 from gendistill.training.demo import CLASSIFIER_TEACHER, shipped_teacher
@@ -115,24 +118,29 @@ def instrument(task, trainer: Trainer, timer: PhaseTimer) -> list:
     """
     undo = []
 
-    def after_forward(role):
-        def hook(module, args, output):
-            timer.pop()
-            if isinstance(output, torch.Tensor) and output.requires_grad and timer.enabled:
-                output.register_hook(lambda grad: timer.switch_backward(f"{role} backward"))
+    # Global module hooks: the task's teacher and student by identity, and every generator (the task's, Fast's inner
+    # copies, CMI's and NAYER's round generators) by class; nested calls of the same role count once.
+    roles = {id(task.teacher): "teacher", id(trainer.accelerator.unwrap_model(task.student)): "student"}
+    generator_classes = (generators.Generator, generators.EmbeddingGenerator, NoisyLayerGenerator)
 
-        return hook
+    def role_of(module):
+        return roles.get(id(module)) or ("generator" if isinstance(module, generator_classes) else None)
 
-    for role in ("generator", "teacher", "student"):
-        module = getattr(task, role, None)
-        if module is None:
-            continue
-        module = trainer.accelerator.unwrap_model(module)
-        handles = [
-            module.register_forward_pre_hook(lambda *_, r=role: timer.push(f"{r} forward")),
-            module.register_forward_hook(after_forward(role)),
-        ]
-        undo += [h.remove for h in handles]
+    def before_forward(module, args):
+        role = role_of(module)
+        if role is not None:
+            timer.push(f"{role} forward")
+
+    def after_forward(module, args, output):
+        role = role_of(module)
+        if role is None:
+            return
+        timer.pop()
+        if isinstance(output, torch.Tensor) and output.requires_grad and timer.enabled:
+            output.register_hook(lambda grad: timer.switch_backward(f"{role} backward"))
+
+    handles = [register_module_forward_pre_hook(before_forward), register_module_forward_hook(after_forward)]
+    undo += [h.remove for h in handles]
     handles = [
         register_optimizer_step_pre_hook(lambda *_: timer.push("optimizer steps")),
         register_optimizer_step_post_hook(lambda *_: timer.pop()),

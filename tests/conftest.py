@@ -44,6 +44,29 @@ BOOT_FAST = [
 ]
 
 
+class ToyTask(torch.nn.Module):
+    """Training-core tests: fit y = 2x with one linear layer; ``poison`` lists the calls whose loss is NaN."""
+
+    def __init__(self, poison=()):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(4, 4)
+        self.poison, self.calls = set(poison), 0
+
+    def phases(self):
+        from gendistill.task import Phase
+
+        return [Phase("model")]
+
+    def sample_batch(self, phase, batch_size, device):
+        return torch.randn(batch_size, 4, device=device)
+
+    def forward(self, phase, x):
+        self.calls += 1
+        loss = ((self.model(x) - 2 * x) ** 2).mean()
+        return {"loss": loss * float("nan") if self.calls in self.poison else loss}
+
+
 def run_fresh_python(script: str, *args, cwd) -> subprocess.CompletedProcess:
     """``python -c script args`` in a fresh interpreter, as a stock-diffusers user would run it: hub offline, an
     empty HF cache, the repository checkout not on the path, one thread. Fails the test with its stderr."""
@@ -199,6 +222,23 @@ def teacher():
         for _ in range(3):
             model(torch.rand(16, 3, 32, 32) * 0.5 + 0.25)
     return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def bn_teacher(tmp_path_factory):
+    """DFKD CLI tests: a LeNet-5-BN classifier folder with non-trivial running statistics (untrained: those runs test
+    plumbing, not accuracy)."""
+    from gendistill.dfkd.models import build_classifier, save_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier("lenet5_bn", num_classes=10, in_channels=1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(32, 1, 32, 32))
+    out = tmp_path_factory.mktemp("bn_teacher") / "lenet5_bn"
+    save_classifier(model.eval(), out)
+    return out
 
 
 @pytest.fixture

@@ -7,32 +7,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import ToyTask
 from torch import nn
 
 from gendistill.task import Phase
 from gendistill.training.core import NonFiniteLossError, Trainer, complete_checkpoints
 from gendistill.training.recipes import TrainRecipe
-
-
-class ToyTask(nn.Module):
-    """Fit y = 2x; ``poison`` lists the calls whose loss is NaN."""
-
-    def __init__(self, poison=()):
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = nn.Linear(4, 4)
-        self.poison, self.calls = set(poison), 0
-
-    def phases(self):
-        return [Phase("model")]
-
-    def sample_batch(self, phase, batch_size, device):
-        return torch.randn(batch_size, 4, device=device)
-
-    def forward(self, phase, x):
-        self.calls += 1
-        loss = ((self.model(x) - 2 * x) ** 2).mean()
-        return {"loss": loss * float("nan") if self.calls in self.poison else loss}
 
 
 def _recipe(tmp_path, **kw):

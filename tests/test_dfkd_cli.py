@@ -184,20 +184,6 @@ def test_api_refuses_mismatched_teacher_and_student(tmp_path):
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
-@pytest.fixture(scope="module")
-def bn_teacher(tmp_path_factory):
-    """A LeNet-5-BN with non-trivial running statistics (untrained: the runs below test plumbing, not accuracy)."""
-    torch.manual_seed(0)
-    model = build_classifier("lenet5_bn", num_classes=10, in_channels=1)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(32, 1, 32, 32))
-    out = tmp_path_factory.mktemp("bn_teacher") / "lenet5_bn"
-    save_classifier(model.eval(), out)
-    return out
-
-
 def _student_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

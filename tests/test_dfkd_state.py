@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from gendistill.cli import main
 from gendistill.dfkd.losses import kd_loss
-from gendistill.dfkd.models import build_classifier, save_classifier
+from gendistill.dfkd.models import build_classifier
 from gendistill.dfkd.synthesizers import METHODS
 from gendistill.dfkd.synthesizers.deepinversion import DeepInversion
 from gendistill.dfkd.synthesizers.dfad import DFAD
@@ -34,20 +34,6 @@ TINY = {
     "fast": ["g_steps=2", "warmup=1", "student_steps=2"],
     "nayer": ["synthesis_steps=2", "warmup=1", "warmup_loops=2", "loops=1", "embed_dim=16", "synthesis_every=3"],
 }
-
-
-@pytest.fixture(scope="module")
-def bn_teacher(tmp_path_factory) -> Path:
-    """A LeNet-5-BN with non-trivial running statistics (untrained: the runs below test plumbing, not accuracy)."""
-    torch.manual_seed(0)
-    model = build_classifier("lenet5_bn", num_classes=10, in_channels=1)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(32, 1, 32, 32))
-    out = tmp_path_factory.mktemp("bn_teacher") / "lenet5_bn"
-    save_classifier(model.eval(), out)
-    return out
 
 
 def straight_and_resumed(teacher: Path, tmp_path: Path, method: str, options: list[str]) -> tuple[dict, dict]:

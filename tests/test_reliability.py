@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ToyTask
 from PIL import Image
 from safetensors.torch import load_file
-from torch import nn
 
 from gendistill.cli import main
-from gendistill.task import Phase
 from gendistill.training.core import Trainer, complete_checkpoints, logged_values
 from gendistill.training.recipes import TrainRecipe
 
@@ -195,28 +194,19 @@ def test_a_diverged_run_exits_non_zero_with_one_line(tmp_path, capsys):
 
 
 # --- 8. non-finite gradients are skipped; numbers must be finite ----------------------------------------------------
-class _InfGradTask(nn.Module):
+class _InfGradTask(ToyTask):
     """A finite loss whose gradient is infinite on ``bad_calls``: sqrt(w - w) is 0 with gradient 1/(2*0)."""
 
     def __init__(self, bad_calls=()):
         super().__init__()
-        torch.manual_seed(0)
-        self.model = nn.Linear(4, 4)
-        self.bad_calls, self.calls = set(bad_calls), 0
-
-    def phases(self):
-        return [Phase("model")]
-
-    def sample_batch(self, phase, batch_size, device):
-        return torch.randn(batch_size, 4, device=device)
+        self.bad_calls = set(bad_calls)
 
     def forward(self, phase, x):
-        self.calls += 1
-        loss = ((self.model(x) - 2 * x) ** 2).mean()
+        losses = super().forward(phase, x)
         if self.calls in self.bad_calls:
             w = self.model.weight[0, 0]
-            loss = loss + torch.sqrt(w - w)
-        return {"loss": loss}
+            losses["loss"] = losses["loss"] + torch.sqrt(w - w)
+        return losses
 
 
 def _toy_recipe(tmp_path, **kw) -> TrainRecipe:
