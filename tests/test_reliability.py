@@ -111,8 +111,8 @@ def test_resuming_an_older_checkpoint_keeps_it_and_is_exact(tmp_path):
     assert [p.name for p in complete_checkpoints(run)] == ["checkpoint_2", "checkpoint_3"]
     older = run / "checkpoints" / "checkpoint_2"
     assert json.loads((older / "trainer_state.json").read_text())["step"] == 3
-    # Three more steps from step 3, each checkpointed: rotation runs three times.
-    assert _teach(run, "--max-steps", "6", "--resume", str(older), *limit) == 0
+    # Three more steps from step 3, each checkpointed: rotation runs three times. The path may be relative to the run.
+    assert _teach(run, "--max-steps", "6", "--resume", "checkpoints/checkpoint_2", *limit) == 0
     assert (older / "trainer_state.json").is_file()  # the checkpoint resumed from is still there, complete
     assert _same_weights(tmp_path / "straight", run)  # and the continuation from it is exact
     kept = [p.name for p in complete_checkpoints(run)]

@@ -126,7 +126,8 @@ def complete_checkpoints(output: str | Path) -> list[Path]:
 
 
 def resolve_resume(recipe: TrainRecipe) -> Path | None:
-    """The checkpoint folder ``recipe.resume`` points to; ``ValueError`` when there is nothing to resume."""
+    """The checkpoint folder ``recipe.resume`` points to (a relative path that does not exist from the working folder
+    is read relative to the run folder); ``ValueError`` when there is nothing to resume."""
     if recipe.resume is None:
         return None
     if recipe.resume == "latest":
@@ -135,6 +136,8 @@ def resolve_resume(recipe: TrainRecipe) -> Path | None:
             raise ValueError(f"--resume latest: no complete checkpoint in {recipe.output!r}/checkpoints to resume")
         return found[-1]
     path = Path(recipe.resume)
+    if not path.is_absolute() and not path.exists() and (Path(recipe.output) / path).exists():
+        path = Path(recipe.output) / path  # "checkpoints/checkpoint_3", relative to the run folder
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"--resume {recipe.resume!r} is not a complete gendistill checkpoint (no {STATE_FILE})")
     return path
