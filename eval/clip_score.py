@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gendistill.files import error_summary
+
 from . import sources
 from .features import load_feature_extractor, read_state_dict, sha256_of
 from .fid import FeatureStats, StatsAccumulator, frechet_distance
@@ -85,7 +87,7 @@ def load_clip(
         try:
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except RuntimeError as err:
-            raise ValueError(f"{path} is not a readable TorchScript archive ({_first_line(err)})") from err
+            raise ValueError(f"{path} is not a readable TorchScript archive ({error_summary(err)})") from err
     else:
         state = read_state_dict(path)
     try:
@@ -97,11 +99,6 @@ def load_clip(
     model = model.to(device).eval()
     preprocess = clip.clip._transform(model.visual.input_resolution)
     return model, preprocess, f"{path.name} (sha256 {sha256_of(path)[:12]})"
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 class ClipScorer:
