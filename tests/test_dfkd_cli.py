@@ -260,3 +260,19 @@ def test_shipped_dfkd_recipes_parse_and_build(name):
     teacher_arch = "lenet5" if recipe.student_arch == "lenet5_half" else "resnet34"
     synthesizer.check_teacher(build_classifier(teacher_arch, num_classes=10))
     assert recipe.max_steps > 0 and options
+
+
+def test_the_student_lr_defaults_to_the_methods_own():
+    from gendistill.training.dfkd import DFKDRecipe
+
+    def lr(**fields):
+        recipe = DFKDRecipe(teacher="t", **fields)
+        recipe.validate()
+        return recipe.lr
+
+    assert lr() == METHODS["dfq"].Config().student_lr == 5e-3  # the default method's tuned rate
+    assert lr(method="dafl") == 2e-3
+    assert lr(method="dfq", method_options=["student_lr=1e-3"]) == 1e-3
+    assert lr(method="dfq", lr=1e-4) == 1e-4  # --lr wins
+    with pytest.raises(ValueError, match="lr must be positive"):
+        lr(method="dfq", method_options=["student_lr=0"])

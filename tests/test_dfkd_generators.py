@@ -182,3 +182,16 @@ def test_image_pool_sampling_rng_detach_and_errors():
         pool.add(torch.rand(2, 3, 5, 5))
     with pytest.raises(ValueError, match="capacity"):
         ImagePool(0)
+
+
+def test_image_pool_sampling_without_replacement():
+    pool = ImagePool(8)
+    x = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 2, 2).contiguous()
+    pool.add(x, torch.arange(5) * 10)
+    torch.manual_seed(0)
+    images, labels = pool.sample(5, replace=False)
+    assert sorted(images[:, 0, 0, 0].tolist()) == [0.0, 1.0, 2.0, 3.0, 4.0]  # every stored image once
+    assert torch.equal(labels, images[:, 0, 0, 0].long() * 10)  # each with its own label
+    assert len(set(pool.sample(3, replace=False)[0][:, 0, 0, 0].tolist())) == 3
+    with pytest.raises(ValueError, match="cannot draw 6 distinct entries from a pool holding 5"):
+        pool.sample(6, replace=False)

@@ -15,6 +15,7 @@ from gendistill.dfkd.losses import (
     BNStatsLoss,
     activation_loss,
     adversarial_loss,
+    gaussian_kl,
     has_batchnorm,
     image_prior_loss,
     info_nce,
@@ -297,6 +298,60 @@ def test_bn_stats_loss_golden_and_gradient():
     assert x.grad is not None and x.grad.abs().sum() > 0
     # The running statistics are buffers of an eval-mode teacher: untouched.
     assert not net.bn1.running_mean.requires_grad
+
+
+def np_gaussian_kl(mean_p, var_p, mean_q, var_q) -> np.ndarray:
+    """KL(N(mean_p, var_p) || N(mean_q, var_q)) by numerical integration of p ln(p/q) on a fine grid."""
+    out = []
+    for mp, vp, mq, vq in zip(mean_p, var_p, mean_q, var_q):
+        sd = math.sqrt(vp)
+        grid = np.linspace(mp - 12 * sd, mp + 12 * sd, 200_001)
+        log_p = -0.5 * np.log(2 * np.pi * vp) - (grid - mp) ** 2 / (2 * vp)
+        log_q = -0.5 * np.log(2 * np.pi * vq) - (grid - mq) ** 2 / (2 * vq)
+        out.append(np.trapezoid(np.exp(log_p) * (log_p - log_q), grid))
+    return np.array(out)
+
+
+def test_bn_stats_loss_kl_is_the_gaussian_kl_per_channel_averaged():
+    net = tiny_net()
+    x = torch.rand(5, 3, 6, 6, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    expected = 0.0
+    for a, bn in zip(bn_inputs(net, x), (net.bn1, net.bn2)):
+        mean, var = np_stats(a)
+        rm, rv = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
+        expected += np_gaussian_kl(rm, rv + bn.eps, mean, var + bn.eps).mean()
+    with BNStatsLoss(net, kind="kl") as bn_loss:
+        net(x)
+        loss = bn_loss.loss()
+    assert abs(loss.item() - expected) < 1e-5 * max(1.0, expected)
+    loss.backward()
+    assert x.grad.abs().sum() > 0
+    # Scale-free, unlike "norm": inputs and running statistics in units 10x larger give the same "kl" loss.
+    bn = nn.BatchNorm1d(4, eps=1e-12).eval()
+    bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    bn.running_var.copy_(torch.tensor([0.5, 1.0, 2.0, 0.7]))
+    h = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for scale in (1.0, 10.0):
+        for kind in ("kl", "norm"):
+            with BNStatsLoss(bn, kind=kind) as bn_loss:
+                bn(h * scale)
+                losses[kind, scale] = bn_loss.loss().item()
+        bn.running_mean.mul_(10)
+        bn.running_var.mul_(100)
+    assert losses["kl", 1.0] == pytest.approx(losses["kl", 10.0], rel=1e-5)
+    assert losses["norm", 10.0] > 9 * losses["norm", 1.0]
+    with pytest.raises(ValueError, match="kind 'l2' is not valid; valid: norm, kl"):
+        BNStatsLoss(net, kind="l2")
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    mp, vp = torch.tensor([0.0, 1.5, -2.0]), torch.tensor([1.0, 0.3, 4.0])
+    mq, vq = torch.tensor([0.5, 1.0, 0.0]), torch.tensor([2.0, 0.3, 0.5])
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mp, vp.sqrt()), torch.distributions.Normal(mq, vq.sqrt())
+    )
+    assert torch.allclose(gaussian_kl(mp, vp, mq, vq), reference, atol=1e-6)
 
 
 def test_bn_stats_loss_momentum_is_an_ema_of_the_batch_stats():

@@ -14,6 +14,7 @@ from gendistill.cli import main
 from gendistill.dfkd.losses import kd_loss
 from gendistill.dfkd.models import build_classifier
 from gendistill.dfkd.synthesizers import METHODS
+from gendistill.dfkd.synthesizers.dafl import DAFL
 from gendistill.dfkd.synthesizers.deepinversion import DeepInversion
 from gendistill.dfkd.synthesizers.dfad import DFAD
 from gendistill.dfkd.synthesizers.dfq import DFQ
@@ -135,8 +136,33 @@ def test_student_memory_keeps_the_last_generator_batches_and_their_teacher_logit
     torch.testing.assert_close(losses["loss"], expected)
 
 
+def test_dfq_student_steps_reuse_the_shifted_generator_batch(teacher):
+    task = make_task(DFQ, teacher)  # the defaults: memory_batches 1, padding 4
+    synth = task.synthesizer
+    torch.manual_seed(0)
+    z = synth.generator_batch(6, CPU)
+    task("generator", z)
+    views, logits = synth.memory.images.clone(), synth.memory.labels.clone()
+    with torch.no_grad():
+        raw = task.generator(z["z"])
+    assert not torch.allclose(views, raw)  # the networks saw shifted copies of the generator's images
+    for _ in range(2):  # every student step of the iteration: the same six views, shuffled, with their logits
+        batch = task.sample_batch("student", 6, CPU)
+        order = [int(((views - x).abs().flatten(1).sum(1) == 0).nonzero()[0]) for x in batch["images"]]
+        assert sorted(order) == list(range(6))
+        assert torch.equal(batch["teacher_logits"], logits[order])
+    unshifted = make_task(DFQ, teacher, padding=0, memory_batches=0)
+    torch.manual_seed(0)
+    z = unshifted.synthesizer.generator_batch(6, CPU)
+    unshifted("generator", z)
+    assert unshifted.synthesizer.memory is None
+    with pytest.raises(ValueError, match="bn_kind 'l2' is not valid; valid: norm, kl"):
+        DFQ(num_classes=4, image_shape=(3, 32, 32), bn_kind="l2")
+
+
 def test_student_memory_off_by_default_and_fresh_samples_while_empty(teacher):
-    assert make_task(DFQ, teacher).synthesizer.memory is None
+    assert make_task(DFQ, teacher).synthesizer.memory is None  # until the first generator step
+    assert make_task(DAFL, teacher).synthesizer.config.memory_batches == 0
     task = make_task(DFAD, teacher, memory_batches=3)  # DFAD's student steps come first: the memory is empty
     assert [p.name for p in task.phases()] == ["student", "generator"]
     batch = task.sample_batch("student", 4, CPU)
@@ -157,7 +183,8 @@ class L2Logits:
 
 
 def test_objective_terms_are_added_to_a_generator_method(teacher):
-    plain, extended = make_task(DFQ, teacher), make_task(DFQ, teacher, objectives=[L2Logits()])
+    # padding 0: no random shift, so both tasks see the same images
+    plain, extended = make_task(DFQ, teacher, padding=0), make_task(DFQ, teacher, padding=0, objectives=[L2Logits()])
     torch.manual_seed(2)
     batch = plain.synthesizer.generator_batch(8, CPU)
     base = plain("generator", batch)

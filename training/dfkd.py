@@ -37,7 +37,7 @@ class DFKDRecipe(TrainRecipe):
     iterations: int | None = None  # alias of max_steps (one iteration runs every phase's steps)
     max_steps: int = 1000  # iterations
     batch_size: int = 64  # synthetic images per student step (per process)
-    lr: float = 2e-3  # the student's AdamW learning rate (the generator's is a method option)
+    lr: float | None = None  # the student's AdamW learning rate (default: the method's student_lr option)
     ema_decay: float = 0.99  # EMA of the student weights; the EMA student is evaluated and exported (0: the live one)
     eval_every: int = 100  # held-out accuracy and teacher agreement every N iterations (with --eval-data)
     sample_every: int = 500  # PNG grid of synthesized images every N iterations
@@ -48,8 +48,10 @@ class DFKDRecipe(TrainRecipe):
     def validate(self) -> None:
         if self.iterations is not None:
             self.max_steps = self.iterations
+        cls = get_method(self.method)
+        if self.lr is None:
+            self.lr = float(self.options().get("student_lr", cls.Config().student_lr))
         super().validate()
-        get_method(self.method)
         if self.student_arch not in ARCHITECTURES:
             raise ValueError(f"unknown student architecture {self.student_arch!r}; valid: {', '.join(ARCHITECTURES)}")
         self.options()

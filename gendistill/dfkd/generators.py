@@ -222,12 +222,18 @@ class ImagePool:
         self._next = (self._next + count) % self.capacity
         self._size = min(self._size + count, self.capacity)
 
-    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``batch_size`` entries drawn uniformly with replacement (``torch.randint``, global RNG of the pool's
-        device): (images (batch_size, C, H, W), labels (batch_size, ...) or None)."""
+    def sample(self, batch_size: int, *, replace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``batch_size`` entries drawn uniformly (global RNG of the pool's device), with replacement
+        (``torch.randint``) or without (``torch.randperm``; then at most ``len(self)``): (images (batch_size, C, H,
+        W), labels (batch_size, ...) or None)."""
         if self._size == 0:
             raise ValueError("cannot sample from an empty ImagePool: add() images first")
-        index = torch.randint(0, self._size, (batch_size,), device=self.images.device)
+        if replace:
+            index = torch.randint(0, self._size, (batch_size,), device=self.images.device)
+        elif batch_size > self._size:
+            raise ValueError(f"cannot draw {batch_size} distinct entries from a pool holding {self._size}")
+        else:
+            index = torch.randperm(self._size, device=self.images.device)[:batch_size]
         return self.images[index], self.labels[index] if self.labels is not None else None
 
     def state_dict(self) -> dict:

@@ -34,6 +34,7 @@ from ..models import FeatureHooks
 class SynthesizerConfig:
     tau: float = 20.0  # temperature of the student's KD loss (tau^2-scaled KL)
     student_steps: int = 1  # student optimizer steps per iteration
+    student_lr: float = 2e-3  # the student's AdamW learning rate when the recipe gives none (--lr)
     generator_lr: float = 1e-3  # Adam learning rate of the generator (the recipe's lr is the student's)
     nz: int = 256  # generator noise size
     ngf: int = 64  # generator width
@@ -56,6 +57,7 @@ class SynthesizerConfig:
 class GeneratorConfig(SynthesizerConfig):
     generator_steps: int = 1  # generator steps per iteration
     memory_batches: int = 0  # 0: the student learns on fresh samples; N: on the last N generator batches + logits
+    # (1: every student step of an iteration reuses that iteration's generator batch)
     AT_LEAST = {"generator_steps": 1, "memory_batches": 0}
 
 
@@ -188,8 +190,10 @@ class GeneratorSynthesizer(Synthesizer):
 
     The student learns on fresh generator samples (B, C, H, W) of fresh noise (``generator_batch``: ``{"z": (B,
     nz)}``). With ``memory_batches`` N > 0 it learns instead on images drawn from the last N generator batches with
-    the teacher's logits stored beside them: a student step then runs neither the generator nor the teacher. While
-    that memory is empty (DFAD's first student steps) the student takes fresh samples.
+    the teacher's logits stored beside them: a student step then runs neither the generator nor the teacher. Draws
+    are without replacement while the memory holds a batch's worth (so with N = 1 and the generator's batch size,
+    every student step sees the latest generator batch, shuffled). While that memory is empty (DFAD's first student
+    steps) the student takes fresh samples.
 
     State: the student memory (``memory``: an :class:`ImagePool` of ``memory_batches`` batches with the teacher's
     logits as labels, made at the first generator step; None before and when ``memory_batches`` is 0).
@@ -248,7 +252,7 @@ class GeneratorSynthesizer(Synthesizer):
         if self.memory is None:
             return super().student_batch(batch_size, device, teacher=teacher, student=student, generator=generator)
         self.memory.to(torch.device(device))
-        images, logits = self.memory.sample(batch_size)
+        images, logits = self.memory.sample(batch_size, replace=batch_size > len(self.memory))
         return {"images": images, "teacher_logits": logits}
 
     @torch.no_grad()
