@@ -10,7 +10,7 @@ that step's images.
 DFQ is the recommended method (the ``gendistill dfkd`` default): it is the fastest and steadiest method of the CPU
 MNIST benchmark (``benchmarks/dfkd_mnist.py``).
 
-Defaults: adv 1, oh 1, balance 20, tau 20 (spec/DFKD.md), 5 student steps per generator step. Changes from the
+Defaults: adv 1, oh 1, balance 20, tau 20 (the reference's), 5 student steps per generator step. Changes from the
 reference, each measured on the CPU MNIST benchmark (LeNet-5-BN -> LeNet-5-half, ``benchmarks/dfkd_mnist.py``), and
 why:
 
