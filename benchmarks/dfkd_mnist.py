@@ -18,6 +18,9 @@ first crossing 95% fell back under it.
     python benchmarks/dfkd_mnist.py --out benchmarks/results/dfkd_mnist_cpu_<date>.json
     # the recommended method (the CLI default, with its defaults) on both setups, three seeds
     python benchmarks/dfkd_mnist.py --methods default --setups lenet resnet --seeds 0 1 2 --out ...
+    # DFQ set up for the deep teacher: Gaussian-KL BN loss, faster generator, 2 student steps, bf16 autocast
+    python benchmarks/dfkd_mnist.py --methods default --setups resnet --mixed-precision bf16 \
+        --option dfq:bn_kind=kl --option dfq:bn=1 --option dfq:generator_lr=3e-2 --option dfq:student_steps=2
 
 ``--recipe-defaults`` (the default for ``--methods default``) runs each method with the CLI's defaults; otherwise
 every method gets the shared CPU budget of earlier versions of this benchmark (batch 64, student lr 2e-3, EMA 0.99,
@@ -169,13 +172,13 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
         checkpoint_every=0,
         seed=seed,
         method_options=[f"{k}={v}" for k, v in options.items()] or None,
+        mixed_precision=args.mixed_precision,
         **fields,
     )
     run(recipe)
     summary = curve_summary(output, info["heldout_accuracy"], ema=recipe.ema_decay > 0)
-    settings = {
-        k: v for k, v in recipe_dict(recipe).items() if k in ("batch_size", "lr", "ema_decay", "method_options")
-    }
+    reported = ("batch_size", "lr", "ema_decay", "method_options", "mixed_precision")
+    settings = {k: v for k, v in recipe_dict(recipe).items() if k in reported}
     return {"setup": setup, "method": method, "seed": seed, "teacher": arch, "settings": settings, **summary}
 
 
@@ -215,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
         "budget (batch 64, lr 2e-3, EMA 0.99, ngf 16, shortened rounds)",
     )
     parser.add_argument("--option", action="append", default=[], help="METHOD:key=value, added last (wins)")
+    parser.add_argument(
+        "--mixed-precision", default="auto", help="the recipe's mixed_precision (auto: bf16 on CUDA, fp32 on CPU)"
+    )
     parser.add_argument("--teacher-cache", default=None, help="folder keeping the trained teachers between runs")
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", action="store_true", help="also print the README table")

@@ -206,3 +206,57 @@ def test_train_seconds_and_the_time_budget_leave_evaluations_out(tmp_path):
     )
     budget.fit()
     assert budget.counters.step == 40
+
+
+class BatchNormToyTask(ToyTask):
+    """A linear layer after a BatchNorm; records the live running statistics after each step's forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4))
+        self.live_stats = []
+
+    def sample_batch(self, phase, batch_size, device):
+        return 3.0 + 2.0 * torch.randn(batch_size, 4, device=device)
+
+    def forward(self, phase, x):
+        losses = super().forward(phase, x)
+        bn = self.model[0]
+        self.live_stats.append((bn.running_mean.clone(), bn.running_var.clone()))
+        return losses
+
+
+def test_the_ema_averages_batchnorm_running_statistics_with_the_weights_decay(tmp_path):
+    decay = 0.9
+    task = BatchNormToyTask()
+    initial = (task.model[0].running_mean.clone(), task.model[0].running_var.clone())
+    trainer = Trainer(task, _recipe(tmp_path, max_steps=5, ema_decay=decay, checkpoint_every=2), command="toy")
+    trainer.fit()
+    # Independently: diffusers' EMAModel decay at optimization step n is min(decay, (1 + k) / (10 + k)), k = n - 1
+    # (0 at the first step: a copy); the statistics follow the same recursion from their initial values.
+    mean, var = initial
+    for n, (live_mean, live_var) in enumerate(task.live_stats, start=1):
+        k = n - 1
+        d = 0.0 if k <= 0 else min(decay, (1 + k) / (10 + k))
+        mean, var = d * mean + (1 - d) * live_mean, d * var + (1 - d) * live_var
+    exported = trainer.export_module("model")[0]
+    torch.testing.assert_close(exported.running_mean, mean)
+    torch.testing.assert_close(exported.running_var, var)
+    # The averaged statistics differ from the live ones, which the export used to copy.
+    assert not torch.allclose(exported.running_mean, task.model[0].running_mean)
+
+    # They are checkpointed: 2 steps + resume to 5 export the same statistics as 5 straight steps.
+    straight = exported
+    shutil.rmtree(tmp_path / "run")
+    first = _recipe(tmp_path, max_steps=2, ema_decay=decay, checkpoint_every=2)
+    Trainer(BatchNormToyTask(), first, command="toy").fit()
+    resumed = Trainer(
+        BatchNormToyTask(),
+        _recipe(tmp_path, max_steps=5, ema_decay=decay, checkpoint_every=2, resume="latest"),
+        command="toy",
+    )
+    resumed.fit()
+    again = resumed.export_module("model")[0]
+    assert torch.equal(again.running_mean, straight.running_mean)
+    assert torch.equal(again.running_var, straight.running_var)

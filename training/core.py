@@ -298,6 +298,7 @@ class Trainer:
         task.to(accelerator.device)
         self.phases = task.phases()
         self.optimizers, self.schedulers, self.emas = {}, {}, {}
+        self.ema_stats: dict[str, RunningStatsEMA] = {}
         for phase in self.phases:
             module = getattr(task, phase.name)
             params = [p for p in module.parameters() if p.requires_grad]
@@ -317,11 +318,11 @@ class Trainer:
             self.optimizers[phase.name], self.schedulers[phase.name] = optimizer, scheduler
             if recipe.ema_decay > 0:
                 # Over the trainable parameters only (a LoRA student's frozen base needs no average).
-                ema = EMAModel(
-                    _trainable(accelerator.unwrap_model(module, keep_torch_compile=False)), decay=recipe.ema_decay
-                )
+                live = accelerator.unwrap_model(module, keep_torch_compile=False)
+                ema = EMAModel(_trainable(live), decay=recipe.ema_decay)
                 ema.to(accelerator.device)
                 self.emas[phase.name] = ema
+                self.ema_stats[phase.name] = RunningStatsEMA(live)
         self.counters = Counters()
         self._kept_checkpoint: Path | None = None  # an explicitly resumed checkpoint, kept through this run
         self._abandoned: set[int] = set()  # later checkpoints of the continuation that resume left behind
@@ -364,7 +365,7 @@ class Trainer:
         try:
             self.counters.load_state_dict(state["counters"])
             for name, ema in self.emas.items():
-                _load_ema(ema, folder, name, state["ema"][name])
+                _load_ema(ema, self.ema_stats[name], folder, name, state["ema"][name])
                 ema.to(accelerator.device)
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
@@ -423,7 +424,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         task_state = self._save_task_state(folder)
         if accelerator.is_main_process:
-            ema_state = {name: _save_ema(ema, folder, name) for name, ema in self.emas.items()}
+            ema_state = {name: _save_ema(ema, self.ema_stats[name], folder, name) for name, ema in self.emas.items()}
             payload = {
                 "step": self.counters.step,
                 "command": self.command,
@@ -443,7 +444,7 @@ class Trainer:
             module = self.accelerator.unwrap_model(getattr(self.task, phase.name), keep_torch_compile=False)
             tensors = [*_trainable(module)]
             if phase.name in self.emas:
-                tensors += self.emas[phase.name].shadow_params
+                tensors += self.emas[phase.name].shadow_params + self.ema_stats[phase.name].shadow
             if not all(bool(torch.isfinite(t).all()) for t in tensors):
                 raise NonFiniteLossError(
                     f"the weights of {phase.name!r} are not finite at step {self.counters.step}; this checkpoint is "
@@ -470,6 +471,7 @@ class Trainer:
         module = copy.deepcopy(self.accelerator.unwrap_model(getattr(self.task, phase), keep_torch_compile=False))
         if phase in self.emas:
             self.emas[phase].copy_to(_trainable(module))
+            self.ema_stats[phase].copy_to(module)
         return module.eval()
 
     # --- logging -------------------------------------------------------------------------------------------
@@ -550,9 +552,9 @@ class Trainer:
                     optimizer.step()
                     self.schedulers[phase.name].step()
                     if phase.name in self.emas:
-                        self.emas[phase.name].step(
-                            _trainable(accelerator.unwrap_model(module, keep_torch_compile=False))
-                        )
+                        live = accelerator.unwrap_model(module, keep_torch_compile=False)
+                        self.emas[phase.name].step(_trainable(live))
+                        self.ema_stats[phase.name].step(live, self.emas[phase.name].cur_decay_value)
                 optimizer.zero_grad(set_to_none=True)
         return total, not skipped
 
@@ -668,10 +670,46 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _save_ema(ema: EMAModel, folder: Path, name: str) -> dict:
-    """The EMA's shadow weights as ``ema_<name>.safetensors`` in ``folder``; returns its scalars (for JSON)."""
+class RunningStatsEMA:
+    """The exponential moving average of a module's normalization running statistics (``running_mean`` and
+    ``running_var`` of its BatchNorm/InstanceNorm layers that track them), kept beside diffusers' ``EMAModel``,
+    which averages parameters only.
+
+    Without it the EMA module would normalize with the live module's statistics: activations of the averaged
+    weights divided by the statistics of other weights. A ResNet-8 student distilled from a ResNet-20 teacher on
+    real digits scored 96% of the teacher with its live weights after 125 steps while its EMA with live statistics
+    stayed at chance for 300 steps; with averaged statistics the EMA follows the live student. timm's ``ModelEmaV2``
+    averages buffers the same way. :meth:`step` uses the decay ``EMAModel`` just used, so both averages weigh the
+    steps alike."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.shadow = [t.detach().clone() for t in _running_stats(module)]
+
+    @torch.no_grad()
+    def step(self, module: torch.nn.Module, decay: float) -> None:
+        for shadow, live in zip(self.shadow, _running_stats(module), strict=True):
+            shadow.lerp_(live.detach(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for shadow, live in zip(self.shadow, _running_stats(module), strict=True):
+            live.copy_(shadow)
+
+
+def _running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
+    stats = []
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._NormBase) and layer.running_mean is not None:
+            stats += [layer.running_mean, layer.running_var]
+    return stats
+
+
+def _save_ema(ema: EMAModel, stats: RunningStatsEMA, folder: Path, name: str) -> dict:
+    """The EMA's shadow weights (``shadow.<i>``) and running statistics (``stats.<i>``) as
+    ``ema_<name>.safetensors`` in ``folder``; returns its scalars (for JSON)."""
     state = ema.state_dict()
     shadow = {f"shadow.{i}": t.detach().cpu().contiguous() for i, t in enumerate(state.pop("shadow_params"))}
+    shadow.update({f"stats.{i}": t.detach().cpu().contiguous() for i, t in enumerate(stats.shadow)})
     save_file(shadow, str(folder / f"ema_{name}.safetensors"))
     return state
 
@@ -708,10 +746,15 @@ def _join_state(value, tensors: dict[str, torch.Tensor]):
     return value
 
 
-def _load_ema(ema: EMAModel, folder: Path, name: str, scalars: dict) -> None:
+def _load_ema(ema: EMAModel, stats: RunningStatsEMA, folder: Path, name: str, scalars: dict) -> None:
     shadow = read_safetensors(folder / f"ema_{name}.safetensors", what="EMA weights")
-    params = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
+    params = [shadow[f"shadow.{i}"] for i in range(sum(key.startswith("shadow.") for key in shadow))]
+    saved_stats = [shadow[f"stats.{i}"] for i in range(sum(key.startswith("stats.") for key in shadow))]
     expected = [tuple(p.shape) for p in ema.shadow_params]
     if [tuple(p.shape) for p in params] != expected:
         raise ValueError(f"the EMA weights of {name!r} do not match the model")
+    if [tuple(t.shape) for t in saved_stats] != [tuple(t.shape) for t in stats.shadow]:
+        raise ValueError(f"the EMA running statistics of {name!r} do not match the model")
     ema.load_state_dict({**scalars, "shadow_params": params})
+    for target, saved in zip(stats.shadow, saved_stats, strict=True):
+        target.copy_(saved)
