@@ -72,6 +72,22 @@ def test_lenet_half_is_the_dafl_student():
     assert widths == [3, 8, 60, 42]
 
 
+def test_architecture_names_take_hyphens_for_underscores(tmp_path):
+    from gendistill.training.dfkd import DFKDRecipe
+    from gendistill.training.teach_classifier import TeachClassifierRecipe
+
+    assert build_classifier("lenet5-half", num_classes=10, in_channels=1).config.arch == "lenet5_half"
+    # The recipes store the zoo name, so a run started with either spelling is the same run.
+    recipe = DFKDRecipe(output=str(tmp_path / "a"), teacher=str(tmp_path / "t"), student_arch="lenet5-half")
+    recipe.validate()
+    assert recipe.student_arch == "lenet5_half"
+    teach = TeachClassifierRecipe(output=str(tmp_path / "b"), arch="lenet5-bn")
+    teach.validate()
+    assert teach.arch == "lenet5_bn"
+    with pytest.raises(ValueError, match="unknown architecture 'lenet-5'; valid: lenet5, .* \\(hyphens work too\\)"):
+        build_classifier("lenet-5")
+
+
 def test_normalization_is_applied_inside_the_classifier():
     torch.manual_seed(0)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)

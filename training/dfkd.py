@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from gendistill.data.classification import load_classification_data
-from gendistill.dfkd.models import ARCHITECTURES, Classifier, build_classifier, load_classifier, save_classifier
+from gendistill.dfkd.models import Classifier, build_classifier, canonical_arch, load_classifier, save_classifier
 from gendistill.dfkd.synthesizers import METHODS, get_method
 from gendistill.dfkd.task import DFKDTask
 
@@ -52,8 +52,7 @@ class DFKDRecipe(TrainRecipe):
         if self.lr is None:
             self.lr = float(self.options().get("student_lr", cls.Config().student_lr))
         super().validate()
-        if self.student_arch not in ARCHITECTURES:
-            raise ValueError(f"unknown student architecture {self.student_arch!r}; valid: {', '.join(ARCHITECTURES)}")
+        self.student_arch = canonical_arch(self.student_arch, what="student architecture")
         self.options()
 
     def options(self) -> dict[str, object]:

@@ -24,7 +24,7 @@ from torch import nn
 from gendistill.data.classification import load_classification_data
 from gendistill.dfkd.backdoor import TRIGGERS, Trigger, make_trigger, poison
 from gendistill.dfkd.generators import augment
-from gendistill.dfkd.models import ARCHITECTURES, Classifier, build_classifier, save_classifier
+from gendistill.dfkd.models import Classifier, build_classifier, canonical_arch, save_classifier
 from gendistill.task import Phase
 
 from .core import Trainer, check_output_folder, write_json_atomic
@@ -60,8 +60,7 @@ class TeachClassifierRecipe(TrainRecipe):
 
     def validate(self) -> None:
         super().validate()
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.arch!r}; valid: {', '.join(ARCHITECTURES)}")
+        self.arch = canonical_arch(self.arch)
         if self.channels not in (None, 1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.backdoor is not None and self.backdoor not in TRIGGERS:

@@ -301,9 +301,17 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 FIXED_32 = ("lenet5", "lenet5_half", "lenet5_bn")  # the third 5x5 conv reduces exactly a 32x32 input to 1x1
 
 
+def canonical_arch(arch: str, *, what: str = "architecture") -> str:
+    """The zoo name of ``arch``, with hyphens read as underscores (``lenet5-half`` is ``lenet5_half``); a
+    ``ValueError`` naming it as ``what`` lists the valid names otherwise."""
+    name = arch.replace("-", "_") if isinstance(arch, str) else arch
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown {what} {arch!r}; valid: {', '.join(ARCHITECTURES)} (hyphens work too)")
+    return name
+
+
 def _check_arch(arch: str) -> None:
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+    canonical_arch(arch)
 
 
 def check_image_size(arch: str, image_size: int) -> None:
@@ -401,6 +409,7 @@ def build_classifier(
 
     A ``ValueError`` says so before allocating when the parameters would not fit in the memory available now.
     """
+    arch = canonical_arch(arch)
     config = ClassifierConfig(
         arch=arch,
         num_classes=num_classes,
