@@ -552,9 +552,10 @@ class Trainer:
                     optimizer.step()
                     self.schedulers[phase.name].step()
                     if phase.name in self.emas:
-                        live = accelerator.unwrap_model(module, keep_torch_compile=False)
-                        self.emas[phase.name].step(_trainable(live))
-                        self.ema_stats[phase.name].step(live, self.emas[phase.name].cur_decay_value)
+                        self.emas[phase.name].step(
+                            _trainable(accelerator.unwrap_model(module, keep_torch_compile=False))
+                        )
+                        self.ema_stats[phase.name].step(self.emas[phase.name].cur_decay_value)
                 optimizer.zero_grad(set_to_none=True)
         return total, not skipped
 
@@ -680,15 +681,16 @@ class RunningStatsEMA:
     real digits scored 96% of the teacher with its live weights after 125 steps while its EMA with live statistics
     stayed at chance for 300 steps; with averaged statistics the EMA follows the live student. timm's ``ModelEmaV2``
     averages buffers the same way. :meth:`step` uses the decay ``EMAModel`` just used, so both averages weigh the
-    steps alike."""
+    steps alike. The live statistics are found once: the module's layers are not walked on every step."""
 
     def __init__(self, module: torch.nn.Module):
-        self.shadow = [t.detach().clone() for t in _running_stats(module)]
+        self.live = _running_stats(module)  # updated in place by the forwards and by load_state_dict
+        self.shadow = [t.detach().clone() for t in self.live]
 
     @torch.no_grad()
-    def step(self, module: torch.nn.Module, decay: float) -> None:
-        for shadow, live in zip(self.shadow, _running_stats(module), strict=True):
-            shadow.lerp_(live.detach(), 1.0 - decay)
+    def step(self, decay: float) -> None:
+        for shadow, live in zip(self.shadow, self.live, strict=True):
+            shadow.lerp_(live, 1.0 - decay)
 
     @torch.no_grad()
     def copy_to(self, module: torch.nn.Module) -> None:
