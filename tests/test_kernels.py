@@ -17,8 +17,10 @@ import textwrap
 
 import pytest
 import torch
+from conftest import BOOT_FAST
 
 from gendistill import kernels
+from gendistill.cli import main
 from gendistill.kernels import reference
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -154,8 +156,39 @@ def test_backend_selection_and_bad_input(monkeypatch):
         kernels.boot_guided_loss(s, s, s, s, None, one, one, one, torch.ones(3), "epsilon")
     with pytest.raises(ValueError, match="unknown prediction type 'x0'"):
         kernels.boot_guided_loss(s, s, s, s, None, one, one, one, one, "x0")
-    kernels.set_fused(False)
-    try:
-        assert not kernels.fused_enabled()
-    finally:
-        kernels.set_fused(True)
+    assert kernels.backend_for(True) is None and kernels.backend_for(False) == "torch"
+
+
+def test_two_runs_in_one_process_each_use_their_recipes_kernel_backend(
+    monkeypatch, bn_teacher, class_teacher_dir, tmp_path
+):
+    # The recipes' fused_kernels flag reaches the kernels as an argument (no process-wide switch): fused, then not,
+    # then fused again in one process, each run's kernel calls carry its own recipe's backend.
+    import gendistill.dfkd.losses as losses
+    import gendistill.diffusion.boot as boot
+
+    seen = []
+
+    def recording(name, kernel):
+        def wrapped(*args, backend=None):
+            seen.append((name, backend))
+            return kernel(*args, backend=backend)
+
+        return wrapped
+
+    monkeypatch.setattr(losses, "channel_stats", recording("dfkd", losses.channel_stats))
+    monkeypatch.setattr(boot, "boot_guided_loss", recording("boot", boot.boot_guided_loss))
+    dfkd = ["dfkd", "--teacher", str(bn_teacher), "--batch-size", "4", "--max-steps", "1", "--eval-every", "0"]
+    dfkd += ["--sample-every", "0", "--checkpoint-every", "0", "--method-options", "ngf=8,nz=16,student_steps=1"]
+    boot_argv = ["boot", "--teacher", class_teacher_dir, *BOOT_FAST, "--max-steps", "1", "--checkpoint-every", "0"]
+    expected = []
+    for i, fused in enumerate((True, False, True)):
+        seen.clear()
+        flag = ["--fused-kernels", str(fused).lower()]
+        assert main([*dfkd, *flag, "--output", str(tmp_path / f"dfkd{i}")]) == 0
+        assert main([*boot_argv, *flag, "--output", str(tmp_path / f"boot{i}")]) == 0
+        backend = None if fused else "torch"
+        assert {name for name, _ in seen} == {"dfkd", "boot"}
+        assert {b for _, b in seen} == {backend}, (fused, seen)
+        expected.append(backend)
+    assert expected == [None, "torch", None]

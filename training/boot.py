@@ -21,6 +21,7 @@ from diffusers import DDIMScheduler
 from gendistill.data.prompts import PromptEmbeddings, load_prompts, prompts_fingerprint
 from gendistill.diffusion.boot import BootConfig, BootTask
 from gendistill.diffusion.teacher import load_teacher
+from gendistill.kernels import backend_for
 from gendistill.pipelines import BootImagePipeline, BootPipeline
 
 from .core import (
@@ -146,7 +147,9 @@ def build_task(recipe: BootRecipe) -> BootTask:
             raise ValueError(f"class ids {list(recipe.class_ids)} were given but the teacher is unconditional")
         if guidance is None:
             guidance = DEFAULT_CLASS_GUIDANCE if teacher.is_class_conditional else 1.0
-    task = BootTask(teacher, recipe.boot_config(guidance), prompts=prompts)
+    task = BootTask(
+        teacher, recipe.boot_config(guidance), prompts=prompts, kernel_backend=backend_for(recipe.fused_kernels)
+    )
     if recipe.attention == "xformers":
         task.student.enable_xformers_memory_efficient_attention()
         teacher.unet.enable_xformers_memory_efficient_attention()

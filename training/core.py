@@ -53,7 +53,6 @@ from tqdm.auto import tqdm
 
 from gendistill.errors import DivergedError
 from gendistill.files import check_output_not_input, read_json, read_jsonl, read_safetensors
-from gendistill.kernels import set_fused
 
 from .recipes import TrainRecipe, recipe_dict
 
@@ -268,7 +267,6 @@ class Trainer:
         self.recipe, self.command, self.task = recipe, command, task
         self.output = Path(recipe.output)
         mixed = resolve_mixed_precision(recipe)
-        set_fused(recipe.fused_kernels)  # the kernels' automatic choice on CUDA; CPU always runs the reference
         self.accelerator = accelerator = Accelerator(
             mixed_precision=mixed,
             gradient_accumulation_steps=recipe.gradient_accumulation_steps,

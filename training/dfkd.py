@@ -18,6 +18,7 @@ from gendistill.data.classification import load_classification_data
 from gendistill.dfkd.models import Classifier, build_classifier, canonical_arch, load_classifier, save_classifier
 from gendistill.dfkd.synthesizers import METHODS, get_method
 from gendistill.dfkd.task import DFKDTask
+from gendistill.kernels import backend_for
 
 from .core import Trainer, check_output_folder, write_json_atomic
 from .recipes import TrainRecipe, parse_recipe
@@ -81,15 +82,17 @@ def build_task(
     options: dict | None = None,
     eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     objectives: list | None = None,
+    kernel_backend: str | None = None,
 ) -> DFKDTask:
     """The DFKD task of ``method`` (options override the method's config fields; ``objectives``: plug-in loss terms,
-    see ``DFKDTask``)."""
+    see ``DFKDTask``; ``kernel_backend``: the BN-statistics kernel's, ``gendistill.kernels.backend_for``)."""
     cls = get_method(method)
     config = teacher.config
     synthesizer = cls(
         num_classes=config.num_classes,
         image_shape=(config.in_channels, config.image_size, config.image_size),
         normalization=None if config.mean is None else (tuple(config.mean), tuple(config.std)),
+        kernel_backend=kernel_backend,
         **(options or {}),
     )
     synthesizer.check_teacher(teacher)
@@ -128,7 +131,14 @@ def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
             mean=None if config.mean is None else tuple(config.mean),
             std=None if config.std is None else tuple(config.std),
         )
-        task = build_task(teacher, student, recipe.method, options=recipe.options(), eval_data=eval_data)
+        task = build_task(
+            teacher,
+            student,
+            recipe.method,
+            options=recipe.options(),
+            eval_data=eval_data,
+            kernel_backend=backend_for(recipe.fused_kernels),
+        )
     trainer = Trainer(task, recipe, command=COMMAND)
     resumed_at = trainer.counters.step
     metrics = trainer.fit()
@@ -147,7 +157,7 @@ def distill(
     teacher: Classifier,
     student: Classifier,
     *,
-    method: str = "fast",
+    method: str = DFKDRecipe.method,
     output: str = "dfkd-student",
     eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     options: dict | None = None,
@@ -159,7 +169,15 @@ def distill(
     ...); ``objectives`` add terms to the losses (see ``DFKDTask``)."""
     recipe = DFKDRecipe(output=output, method=method, **recipe_fields)
     recipe.validate()
-    task = build_task(teacher, student, method, options=options, eval_data=eval_data, objectives=objectives)
+    task = build_task(
+        teacher,
+        student,
+        method,
+        options=options,
+        eval_data=eval_data,
+        objectives=objectives,
+        kernel_backend=backend_for(recipe.fused_kernels),
+    )
     return run(recipe, task)
 
 

@@ -230,6 +230,9 @@ class BNStatsLoss:
     ``prev = momentum * prev + (1 - momentum) * cur`` (``prev = cur`` when empty). ``memory`` seeds ``prev`` (a
     previous instance's :attr:`memory`: layer name -> detached (mean, var)), so it outlives the hooks.
 
+    ``backend``: the statistics kernel's (``gendistill.kernels.channel_stats``): None picks the fused Triton
+    kernel for CUDA tensors, ``"torch"`` the reference.
+
     The hooks stay until :meth:`remove` (or the end of the ``with`` block).
     """
 
@@ -242,10 +245,12 @@ class BNStatsLoss:
         update: str = "forward",
         memory: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         kind: str = "norm",
+        backend: str | None = None,
     ):
         if kind not in BN_LOSS_KINDS:
             raise ValueError(f"BN statistics loss kind {kind!r} is not valid; valid: {', '.join(BN_LOSS_KINDS)}")
         self.kind = kind
+        self.backend = backend
         if momentum is not None and not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1) or None, got {momentum}")
         if update not in ("forward", "manual"):
@@ -270,7 +275,7 @@ class BNStatsLoss:
 
     def _hook(self, name: str):
         def hook(module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor, ...], output) -> None:
-            mean, var = channel_stats(inputs[0])  # one fused pass on CUDA (gendistill.kernels), float32
+            mean, var = channel_stats(inputs[0], backend=self.backend)  # float32; one fused pass on CUDA
             if self.momentum is not None:
                 self._latest[name] = (mean.detach(), var.detach())
                 if name in self._previous:

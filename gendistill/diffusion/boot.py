@@ -155,6 +155,8 @@ class BootTask(nn.Module):
         prompts: the prompts a text teacher is distilled on (required for text teachers, refused otherwise).
         prompt_embeddings: their encoder hidden states, computed once (``PromptEmbeddings``); without them each batch
             runs the text encoder.
+        kernel_backend: the loss kernel's backend (``gendistill.kernels``): None picks the fused Triton kernel for
+            CUDA tensors, ``"torch"`` the reference (the recipes' ``fused_kernels: false``).
     """
 
     def __init__(
@@ -164,8 +166,10 @@ class BootTask(nn.Module):
         *,
         prompts: Sequence[str] | None = None,
         prompt_embeddings: PromptEmbeddings | None = None,
+        kernel_backend: str | None = None,
     ):
         super().__init__()
+        self.kernel_backend = kernel_backend
         self.config = config = config or BootConfig()
         config.validate()
         self.teacher = teacher
@@ -338,6 +342,7 @@ class BootTask(nn.Module):
             sigma.flatten().expand(eps.shape[0]),
             d.flatten().expand(eps.shape[0]),
             self.teacher.prediction_type,
+            backend=self.kernel_backend,
         )
         regular, bound = per_sample[~boundary], per_sample[boundary]
         loss_regular = regular.mean() if regular.numel() else per_sample.new_zeros(())

@@ -8,11 +8,13 @@
 
 Backends: ``"triton"`` (CUDA tensors; on CPU only under Triton's interpreter, ``TRITON_INTERPRET=1`` set before
 this package is imported) and ``"torch"`` (the reference). ``None`` picks Triton for CUDA tensors when Triton is
-installed and fused kernels are enabled (:func:`set_fused`, the recipes' ``fused_kernels`` flag), else torch.
+installed, else torch. Callers pass the backend explicitly (the recipes' ``fused_kernels`` flag becomes
+:func:`backend_for`'s value, handed to the task that calls the kernels): there is no process-wide switch, so two
+runs in one process each get what their recipe says.
 """
 
 from __future__ import annotations
 
-from .api import BACKENDS, boot_guided_loss, channel_stats, fused_enabled, set_fused, triton_available
+from .api import BACKENDS, backend_for, boot_guided_loss, channel_stats, triton_available
 
-__all__ = ["BACKENDS", "boot_guided_loss", "channel_stats", "fused_enabled", "set_fused", "triton_available"]
+__all__ = ["BACKENDS", "backend_for", "boot_guided_loss", "channel_stats", "triton_available"]

@@ -11,17 +11,12 @@ import torch
 from . import reference
 
 BACKENDS = ("triton", "torch")
-_state = {"fused": True}
 
 
-def set_fused(enabled: bool) -> None:
-    """Enable (default) or disable the automatic choice of fused kernels for CUDA tensors (the recipes'
-    ``fused_kernels`` flag); an explicit ``backend=`` argument always wins."""
-    _state["fused"] = bool(enabled)
-
-
-def fused_enabled() -> bool:
-    return _state["fused"]
+def backend_for(fused: bool) -> str | None:
+    """The ``backend`` argument for a recipe's ``fused_kernels`` flag: None (automatic: Triton for CUDA tensors when
+    it is installed) when fused kernels are wanted, ``"torch"`` (the reference everywhere) when they are not."""
+    return None if fused else "torch"
 
 
 @functools.cache
@@ -35,7 +30,7 @@ def _interpreting() -> bool:
 
 def _resolve(backend: str | None, tensor: torch.Tensor) -> str:
     if backend is None:
-        return "triton" if tensor.is_cuda and _state["fused"] and triton_available() else "torch"
+        return "triton" if tensor.is_cuda and triton_available() else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; valid: {', '.join(BACKENDS)} (or None: automatic)")
     if backend == "triton":

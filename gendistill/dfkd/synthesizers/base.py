@@ -96,10 +96,12 @@ class Synthesizer(ABC):
         image_shape: tuple[int, int, int],
         config=None,
         normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+        kernel_backend: str | None = None,
         **overrides,
     ):
         """``normalization``: the teacher's input normalization (mean, std), for generators whose output lives in
-        the normalized space (DFAD's); None: the teacher takes its pixels as they are."""
+        the normalized space (DFAD's); None: the teacher takes its pixels as they are. ``kernel_backend``: the
+        BN-statistics kernel's backend (``gendistill.kernels``; None: fused on CUDA, ``"torch"``: the reference)."""
         if config is None:
             config = self.Config()
         valid = [f.name for f in dataclasses.fields(self.Config)]
@@ -112,6 +114,7 @@ class Synthesizer(ABC):
         self.num_classes = num_classes
         self.image_shape = tuple(image_shape)
         self.normalization = normalization
+        self.kernel_backend = kernel_backend
 
     @property
     def tau(self) -> float:
@@ -302,6 +305,7 @@ def inversion_loss(
     bn_stats: BNStatsLoss | None = None,
     features: Sequence[str] = (),
     padding: int | None = None,
+    kernel_backend: str | None = None,
 ) -> Inversion:
     """The loss the inversion methods share (DeepInversion, CMI, Fast, NAYER, CAE-DFKD), on one random crop + flip
     (``augment``, global RNG) of ``images`` (B, C, H, W) in [0, 1] with target ``labels`` (B,):
@@ -310,12 +314,12 @@ def inversion_loss(
 
     ``padding`` defaults to 1/8 of the image width (the references pad 4 pixels at 32 x 32). ``bn_stats``: a
     :class:`BNStatsLoss` already installed on the teacher (Fast's momentum memory), else one is installed for the
-    forward. ``features``: teacher modules whose inputs are returned (the penultimate features by
-    ``teacher.feature_layer``). ``adv`` 0 skips the student forward (``loss_adv`` is then 0)."""
+    forward (on ``kernel_backend``). ``features``: teacher modules whose inputs are returned (the penultimate
+    features by ``teacher.feature_layer``). ``adv`` 0 skips the student forward (``loss_adv`` is then 0)."""
     views = augment(images, padding=max(1, images.shape[-1] // 8) if padding is None else padding)
     with contextlib.ExitStack() as hooks:
         if bn_stats is None:
-            bn_stats = hooks.enter_context(BNStatsLoss(teacher))
+            bn_stats = hooks.enter_context(BNStatsLoss(teacher, backend=kernel_backend))
         hooked = hooks.enter_context(FeatureHooks(teacher, features, inputs=True)) if features else {}
         teacher_logits = teacher(views)
         loss_bn = bn_stats.loss()

@@ -78,7 +78,14 @@ class CAE(GeneratorSynthesizer):
         layer = teacher.feature_layer
         weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv}
         inv = inversion_loss(
-            images, labels, teacher=teacher, student=student, **weights, mask_agreement=True, features=[layer]
+            images,
+            labels,
+            teacher=teacher,
+            student=student,
+            **weights,
+            mask_agreement=True,
+            features=[layer],
+            kernel_backend=self.kernel_backend,
         )
         loss_cr = torch.zeros((), device=images.device)
         if cfg.cr:

@@ -181,7 +181,14 @@ class CMI(PoolSynthesizer):
         layer = teacher.feature_layer
         weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv}
         inv = inversion_loss(
-            images, labels, teacher=teacher, student=student, **weights, mask_agreement=True, features=[layer]
+            images,
+            labels,
+            teacher=teacher,
+            student=student,
+            **weights,
+            mask_agreement=True,
+            features=[layer],
+            kernel_backend=self.kernel_backend,
         )  # the global view: the reference pads 4 at 32 x 32
         loss_cr = torch.zeros((), device=images.device)
         if cfg.cr:

@@ -75,7 +75,14 @@ class DeepInversion(PoolSynthesizer):
         cfg = self.config
         weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv}
         inv = inversion_loss(
-            x, labels, teacher=teacher, student=student, **weights, adv_kind="js", adv_tau=cfg.adv_tau
+            x,
+            labels,
+            teacher=teacher,
+            student=student,
+            **weights,
+            adv_kind="js",
+            adv_tau=cfg.adv_tau,
+            kernel_backend=self.kernel_backend,
         )
         loss_tv, loss_l2 = image_prior_loss(x)
         loss = inv.loss + cfg.tv * loss_tv + cfg.l2 * loss_l2

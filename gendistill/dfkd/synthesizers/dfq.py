@@ -78,7 +78,7 @@ class DFQ(GeneratorSynthesizer):
         x = generator(batch["z"])  # (B, C, H, W) in [0, 1]
         if cfg.padding:
             x = augment(x, padding=cfg.padding, flip=False)
-        with BNStatsLoss(teacher, kind=cfg.bn_kind) as bn_stats:
+        with BNStatsLoss(teacher, kind=cfg.bn_kind, backend=self.kernel_backend) as bn_stats:
             teacher_logits = teacher(x)
             loss_bn = bn_stats.loss()
         student_logits = student(x)

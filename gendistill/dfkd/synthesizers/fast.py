@@ -142,7 +142,9 @@ class Fast(Synthesizer):
         meta = [torch.zeros_like(p) for p in params[:-1]] if cfg.meta == "fomaml" else None
         momentum = cfg.bn_mmt or None
         memory = {k: (m.to(z.device), v.to(z.device)) for k, (m, v) in self.bn_memory.items()}  # maybe resumed
-        with BNStatsLoss(teacher, momentum=momentum, update="manual", memory=memory) as bn_stats:
+        with BNStatsLoss(
+            teacher, momentum=momentum, update="manual", memory=memory, backend=self.kernel_backend
+        ) as bn_stats:
 
             def step():
                 images = fast(z)

@@ -151,7 +151,15 @@ class NAYER(PoolSynthesizer):
         """Losses of ``images`` (B, C, H, W) in [0, 1] with target ``labels`` (B,); ``"loss"`` is minimized."""
         cfg = self.config
         weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv if adversarial else 0.0}
-        inv = inversion_loss(images, labels, teacher=teacher, student=student, **weights, mask_agreement=True)
+        inv = inversion_loss(
+            images,
+            labels,
+            teacher=teacher,
+            student=student,
+            **weights,
+            mask_agreement=True,
+            kernel_backend=self.kernel_backend,
+        )
         return {"loss": inv.loss, **detached(inv.terms)}
 
     def _loop_losses(self, generator, labels, *, teacher, student, adversarial: bool) -> dict[str, torch.Tensor]:
