@@ -20,6 +20,7 @@ from torch import nn
 from gendistill.data.classification import _channels, _per_class_split, _resize, load_classification_data
 from gendistill.dfkd.backdoor import TRIGGERS, Trigger, make_trigger
 from gendistill.dfkd.models import Classifier, FeatureHooks, load_classifier
+from gendistill.errors import UsageError
 
 from .report import Report, check_report_folder, device_description
 
@@ -66,13 +67,13 @@ def _eval_mode(*models: nn.Module) -> Iterator[None]:
 def _check_inputs(images: torch.Tensor, labels: torch.Tensor | None = None, *, batch_size: int) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a tensor (N, C, H, W) in [0, 1], got {shape}")
+        raise UsageError(f"images must be a tensor (N, C, H, W) in [0, 1], got {shape}")
     if len(images) == 0:
-        raise ValueError("no images to evaluate")
+        raise UsageError("no images to evaluate")
     if labels is not None and (labels.dim() != 1 or len(labels) != len(images)):
-        raise ValueError(f"labels must be (N,) with N = {len(images)} images, got shape {tuple(labels.shape)}")
+        raise UsageError(f"labels must be (N,) with N = {len(images)} images, got shape {tuple(labels.shape)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _batches(images: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -107,7 +108,7 @@ def topk_accuracy(
     _check_inputs(images, labels, batch_size=batch_size)
     ks = sorted(set(topk))
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-        raise ValueError(f"topk must be positive integers, got {tuple(topk)}")
+        raise UsageError(f"topk must be positive integers, got {tuple(topk)}")
     device = _device_of(model)
     correct: dict[int, int] = {}
     with _eval_mode(model):
@@ -116,7 +117,7 @@ def topk_accuracy(
             num_classes = logits.shape[1]
             kept = [k for k in ks if k <= num_classes]
             if not kept:
-                raise ValueError(f"topk {tuple(topk)}: every k exceeds the model's {num_classes} classes")
+                raise UsageError(f"topk {tuple(topk)}: every k exceeds the model's {num_classes} classes")
             ranked = logits.topk(max(kept), dim=1).indices  # (B, kmax), best first
             hits = ranked == y.to(logits.device)[:, None]
             for k in kept:
@@ -156,17 +157,17 @@ def attack_success_rate(
     _check_inputs(images, labels, batch_size=batch_size)
     trigger = _trigger(trigger)
     if isinstance(target, bool) or not isinstance(target, int) or target < 0:
-        raise ValueError(f"backdoor target must be a class index >= 0, got {target!r}")
+        raise UsageError(f"backdoor target must be a class index >= 0, got {target!r}")
     keep = labels.cpu() != target
     if not keep.any():
-        raise ValueError(f"every image has label {target}: ASR needs images of other classes")
+        raise UsageError(f"every image has label {target}: ASR needs images of other classes")
     device = _device_of(model)
     hits = 0
     with _eval_mode(model):
         for x in _batches(images[keep.to(images.device)], batch_size, device):
             logits = model(trigger.apply(x))
             if target >= logits.shape[1]:
-                raise ValueError(
+                raise UsageError(
                     f"backdoor target {target} is not a class of the model; valid: 0 to {logits.shape[1] - 1}"
                 )
             hits += int((logits.argmax(1) == target).sum())
@@ -183,7 +184,7 @@ def features(
     _check_inputs(images, batch_size=batch_size)
     layer = layer if layer is not None else getattr(model, "feature_layer", None)
     if layer is None:
-        raise ValueError(f"{type(model).__name__} has no feature_layer; pass layer= (the final linear layer's name)")
+        raise UsageError(f"{type(model).__name__} has no feature_layer; pass layer= (the final linear layer's name)")
     device, out = _device_of(model), []
     with _eval_mode(model), FeatureHooks(model, [layer], inputs=True) as feats:
         for x in _batches(images, batch_size, device):
@@ -239,17 +240,17 @@ def probe_features(
     """``linear_probe`` on given features (N, D): standardize with train statistics, fit by L-BFGS, test."""
     for name, x, y in (("train", train_features, train_labels), ("test", test_features, test_labels)):
         if x.dim() != 2 or y.dim() != 1 or len(x) != len(y) or len(x) == 0:
-            raise ValueError(
+            raise UsageError(
                 f"{name} features must be (N, D) with N >= 1 labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}"
             )
     if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
+        raise UsageError(
             f"train and test features differ in dimension: {train_features.shape[1]} vs {test_features.shape[1]}"
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise UsageError(f"steps must be a positive integer, got {steps!r}")
     if lr <= 0 or weight_decay < 0:
-        raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+        raise UsageError(f"lr must be > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
     train_x, test_x = train_features.double().cpu(), test_features.double().cpu()
     train_y, test_y = train_labels.long().cpu(), test_labels.long().cpu()
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
@@ -292,7 +293,7 @@ def load_probe_data(
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ValueError("probe data 'digits' needs scikit-learn: pip install scikit-learn") from None
+        raise UsageError("probe data 'digits' needs scikit-learn: pip install scikit-learn") from None
     bunch = load_digits()
     images = torch.from_numpy(bunch.images).float().div(16.0)[:, None]  # (N, 1, 8, 8), values 0..16
     labels = torch.from_numpy(bunch.target).long()
@@ -308,9 +309,9 @@ def _device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; valid: cpu, cuda, cuda:N") from None
+        raise UsageError(f"unknown device {name!r}; valid: cpu, cuda, cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
+        raise UsageError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
     return device
 
 
@@ -329,7 +330,7 @@ def _load_data(args, model: Classifier) -> tuple[torch.Tensor, torch.Tensor, lis
         args.data, split=args.split, image_size=image_size, channels=channels, data_root=args.data_root
     )
     if int(labels.max()) >= model.config.num_classes:
-        raise ValueError(
+        raise UsageError(
             f"data {args.data!r} has {int(labels.max()) + 1} classes but the classifier only "
             f"{model.config.num_classes}"
         )
@@ -360,11 +361,11 @@ def _spread(count: int, wanted: int) -> torch.Tensor:
 
 def _check_common(args) -> None:
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if args.channels not in (None, 1, 3):
-        raise ValueError(f"--channels must be 1 or 3, got {args.channels}")
+        raise UsageError(f"--channels must be 1 or 3, got {args.channels}")
     if args.limit < 0 or args.num_images < 1:
-        raise ValueError(f"--limit must be >= 0 and --num-images >= 1, got {args.limit} and {args.num_images}")
+        raise UsageError(f"--limit must be >= 0 and --num-images >= 1, got {args.limit} and {args.num_images}")
 
 
 def main_accuracy(argv: list[str] | None = None) -> int:
@@ -389,7 +390,7 @@ def main_accuracy(argv: list[str] | None = None) -> int:
     _check_common(args)
     check_report_folder(args.output)  # refuse a folder we may not write before loading anything
     if args.probe_steps < 1 or args.probe_weight_decay < 0:
-        raise ValueError(
+        raise UsageError(
             f"--probe-steps must be positive and --probe-weight-decay >= 0, got {args.probe_steps} and "
             f"{args.probe_weight_decay}"
         )
@@ -397,7 +398,7 @@ def main_accuracy(argv: list[str] | None = None) -> int:
     student = _load_model(args.student, "student", device)
     teacher = _load_model(args.teacher, "teacher", device) if args.teacher else None
     if teacher is not None and teacher.config.num_classes != student.config.num_classes:
-        raise ValueError(
+        raise UsageError(
             f"the teacher has {teacher.config.num_classes} classes but the student {student.config.num_classes}"
         )
     images, labels, names, image_size, channels = _load_data(args, student)
@@ -554,7 +555,7 @@ def main_asr(argv: list[str] | None = None) -> int:
     folders = [(Path(f).name or f, f) for f in args.model]
     folders += [(role, getattr(args, role)) for role in ("teacher", "student") if getattr(args, role)]
     if not folders:
-        raise ValueError("give at least one classifier: --model DIR (repeatable), --teacher DIR or --student DIR")
+        raise UsageError("give at least one classifier: --model DIR (repeatable), --teacher DIR or --student DIR")
     labels_seen: dict[str, int] = {}
     named = []
     for label, folder in folders:  # unique labels for folders with the same name
@@ -570,13 +571,13 @@ def main_asr(argv: list[str] | None = None) -> int:
             first.config.in_channels,
             first.config.num_classes,
         ):
-            raise ValueError(
+            raise UsageError(
                 f"the classifiers must take the same images and classes; {label} differs: "
                 f"{c.in_channels}x{c.image_size}x{c.image_size}, {c.num_classes} classes"
             )
     num_classes = first.config.num_classes
     if not 0 <= args.target < num_classes:
-        raise ValueError(f"--target {args.target} is not a class of the classifiers; valid: 0 to {num_classes - 1}")
+        raise UsageError(f"--target {args.target} is not a class of the classifiers; valid: 0 to {num_classes - 1}")
     images, labels, names, image_size, channels = _load_data(args, first)
     settings = {
         "data": args.data,
@@ -595,7 +596,7 @@ def main_asr(argv: list[str] | None = None) -> int:
     # 1. the picture first: clean non-target images above the same images triggered
     others = torch.nonzero(labels != args.target).flatten()
     if len(others) == 0:
-        raise ValueError(f"every image of {args.data!r} {args.split} has label {args.target}: nothing to trigger")
+        raise UsageError(f"every image of {args.data!r} {args.split} has label {args.target}: nothing to trigger")
     shown = others[_spread(len(others), args.num_images)]
     clean, triggered = images[shown], trigger.apply(images[shown])
     report.add_grid(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from gendistill.errors import UsageError
+
 # metric -> (module of gendistill.eval, entry point, one-line help)
 METRICS = {
     "fid": ("generative", "main_fid", "FID of student samples / image folders against real images or statistics"),
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     if argv[0] not in METRICS:
-        raise ValueError(f"unknown metric {argv[0]!r}; valid: {', '.join(METRICS)}")
+        raise UsageError(f"unknown metric {argv[0]!r}; valid: {', '.join(METRICS)}")
     module, function, _ = METRICS[argv[0]]
     entry = getattr(importlib.import_module(f"gendistill.eval.{module}"), function)
     return entry(argv[1:])

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gendistill.errors import UsageError
 from gendistill.files import error_summary
 
 from . import sources
@@ -40,7 +41,7 @@ def _clip():
     try:
         import clip
     except ImportError as err:  # clip-anytorch imports pkg_resources (setuptools < 81)
-        raise ValueError(
+        raise UsageError(
             f"CLIP score needs clip-anytorch: pip install 'gendistill[clip]' (clip-anytorch, setuptools<81); {err}"
         ) from err
     return clip
@@ -79,7 +80,7 @@ def load_clip(
         )
     if _is_torchscript(path):
         if not allow_torchscript:
-            raise ValueError(
+            raise UsageError(
                 f"CLIP model {str(path)!r} is a TorchScript archive, and loading one runs code from the archive; "
                 "pass --allow-torchscript (allow_torchscript=True) only for a file you trust, or convert it once to "
                 "a .safetensors file or a plain torch.save-d state dict, which load without running code"
@@ -87,13 +88,13 @@ def load_clip(
         try:
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except RuntimeError as err:
-            raise ValueError(f"{path} is not a readable TorchScript archive ({error_summary(err)})") from err
+            raise UsageError(f"{path} is not a readable TorchScript archive ({error_summary(err)})") from err
     else:
         state = read_state_dict(path)
     try:
         model = clip.model.build_model(dict(state))
     except (KeyError, RuntimeError, IndexError) as err:
-        raise ValueError(f"{path} is not an OpenAI CLIP state dict ({type(err).__name__}: {err})") from err
+        raise UsageError(f"{path} is not an OpenAI CLIP state dict ({type(err).__name__}: {err})") from err
     if device.type == "cpu":
         model = model.float()  # build_model converts to fp16, as OpenAI's release runs on GPUs
     model = model.to(device).eval()
@@ -129,7 +130,7 @@ class ClipScorer:
     def update(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Scores (B,) of one batch; also kept for :meth:`compute`."""
         if images.dim() != 4 or len(images) != len(texts):
-            raise ValueError(f"need images (B, C, H, W) and B texts, got {tuple(images.shape)} and {len(texts)} texts")
+            raise UsageError(f"need images (B, C, H, W) and B texts, got {tuple(images.shape)} and {len(texts)} texts")
         clip = _clip()
         dtype = self.model.visual.conv1.weight.dtype
         pixels = torch.stack([self.preprocess(img) for img in self._pil(images)]).to(self.device, dtype)
@@ -145,7 +146,7 @@ class ClipScorer:
 
     def compute(self) -> dict[str, float]:
         if not self.scores:
-            raise ValueError("no samples were scored")
+            raise UsageError("no samples were scored")
         values = np.asarray(self.scores, dtype=np.float64)
         return {"mean": float(values.mean()), "std": float(values.std()), "count": len(values)}
 
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
     captions = load_prompts(args.captions)
     n = len(captions) if args.num_samples is None else args.num_samples
     if not 1 <= n <= len(captions):
-        raise ValueError(f"--num-samples must be in 1..{len(captions)} (the captions in the file), got {n}")
+        raise UsageError(f"--num-samples must be in 1..{len(captions)} (the captions in the file), got {n}")
     captions = captions[:n]
     check_report_folder(args.output)  # refuse a folder we may not write before loading or sampling anything
     device = torch.device(args.device)
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
     if (fake / "model_index.json").is_file():
         pipe = sources.load_student_pipeline(fake, device=device)
         if not isinstance(pipe, sources.BootPipeline):
-            raise ValueError(f"{args.fake} is not a text-to-image student; CLIP score needs prompts")
+            raise UsageError(f"{args.fake} is not a text-to-image student; CLIP score needs prompts")
         settings = sources.SampleSettings(
             num_samples=n,
             batch_size=args.batch_size,
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> dict:
     elif fake.is_dir():
         count = sources.count_images(fake)
         if count < n:
-            raise ValueError(f"{args.fake} holds {count} images for {n} captions; give one image per caption")
+            raise UsageError(f"{args.fake} holds {count} images for {n} captions; give one image per caption")
         batches = sources.iter_image_folder(fake, batch_size=args.batch_size, limit=n)
         sampling = {"num_samples": n, "images": str(fake)}
     else:
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> dict:
         if Path(args.real).suffix == ".npz":
             real = FeatureStats.load(args.real)
             if real.extractor != extractor.name:
-                raise ValueError(f"{args.real} was computed with {real.extractor!r}, not {extractor.name!r}")
+                raise UsageError(f"{args.real} was computed with {real.extractor!r}, not {extractor.name!r}")
         else:
             from .fid import compute_stats
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from gendistill.data.classification import load_classification_data
 from gendistill.dfkd.models import load_classifier
 from gendistill.diffusion.teacher import DiffusionTeacher
+from gendistill.errors import UsageError
 
 from .classifier import topk_accuracy
 from .features import classifier_features
@@ -39,7 +40,7 @@ def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
     if (h, w) == (size, size):
         return images
     if h > size or w > size:
-        raise ValueError(f"samples of {h}x{w} do not fit the judge's {size}x{size} input")
+        raise UsageError(f"samples of {h}x{w} do not fit the judge's {size}x{size} input")
     top, left = (size - h) // 2, (size - w) // 2
     return F.pad(images, (left, size - w - left, top, size - h - top))
 
@@ -95,7 +96,7 @@ def boot_samplers(
     out.append(Sampler("student", "BOOT student, 1 step", "student", 1, 1, student_fn(0)))
     for k in refine:
         if not 0 < k < k_steps:
-            raise ValueError(f"refine steps {k} out of range: valid 1..{k_steps - 1} for this student (K={k_steps})")
+            raise UsageError(f"refine steps {k} out of range: valid 1..{k_steps - 1} for this student (K={k_steps})")
         label = f"BOOT student + {k} teacher step{'s' * (k > 1)}"
         out.append(Sampler(f"student_refine{k}", label, "student", 1 + k, 1 + k * per_step, student_fn(k)))
     return out

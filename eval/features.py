@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gendistill.errors import UsageError
 from gendistill.files import read_safetensors
 
 INCEPTION_ENV = "GENDISTILL_INCEPTION_WEIGHTS"
@@ -55,11 +56,11 @@ def read_state_dict(path: str | os.PathLike, *, what: str = "weights file") -> d
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors have many types; name the file and what is accepted
-        raise ValueError(
+        raise UsageError(
             f"{what} {str(path)!r} is not a safetensors file or a plain torch state dict ({type(err).__name__}: {err})"
         ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{what} {str(path)!r} does not hold a state dict (a mapping of names to tensors)")
+        raise UsageError(f"{what} {str(path)!r} does not hold a state dict (a mapping of names to tensors)")
     return state
 
 
@@ -120,7 +121,7 @@ def save_random_inception(path: str | os.PathLike, *, seed: int = 0) -> Path:
 def _to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) in [0, 1] with C = 1 or 3 -> (B, 3, H, W) uint8, rounded as when saving a PNG."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images (B, 1 or 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+        raise UsageError(f"expected images (B, 1 or 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -139,7 +140,7 @@ class InceptionFeatures(nn.Module):
         path = find_inception_weights(weights, download=download)
         digest = sha256_of(path)
         if check_sha256 and digest != INCEPTION_SHA256:
-            raise ValueError(
+            raise UsageError(
                 f"{path} has sha256 {digest}, not the official FID Inception weights' {INCEPTION_SHA256}; {HOW_TO_GET}"
             )
         state = read_state_dict(path, what="Inception weights")
@@ -150,7 +151,7 @@ class InceptionFeatures(nn.Module):
             try:
                 self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(clean))
             except RuntimeError as err:  # load_state_dict: missing/unexpected keys or shapes
-                raise ValueError(f"{path} is not an FID Inception-v3 state dict: {str(err)[:300]}") from err
+                raise UsageError(f"{path} is not an FID Inception-v3 state dict: {str(err)[:300]}") from err
         self.sha256 = digest
         self.official = digest == INCEPTION_SHA256
         tag = "official" if self.official else "UNOFFICIAL weights"
@@ -185,7 +186,7 @@ class ModuleFeatures(nn.Module):
         self.name, self.channels, self.size, self.layer = name, channels, size, layer
         self.resize = "none" if size is None else f"bilinear antialias to {size}x{size}"
         if layer is not None and layer not in dict(module.named_modules()):
-            raise ValueError(f"layer {layer!r} is not a submodule of {name}")
+            raise UsageError(f"layer {layer!r} is not a submodule of {name}")
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -230,6 +231,6 @@ def load_feature_extractor(
     path = Path(spec)
     if path.is_dir() and (path / "model.safetensors").is_file():
         return classifier_features(path)
-    raise ValueError(
+    raise UsageError(
         f"feature extractor {spec!r} is neither 'inception' nor a classifier folder (model.safetensors + config.json)"
     )

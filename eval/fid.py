@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gendistill.errors import UsageError
 from gendistill.files import open_npz
 
 KID_SUBSETS = 100  # torch-fidelity's and the KID paper's defaults
@@ -39,7 +40,7 @@ class FeatureStats:
         """Write ``path`` (``.npz``) through a temporary file."""
         path = Path(path)
         if path.suffix != ".npz":
-            raise ValueError(f"statistics files end in .npz, got {str(path)!r}")
+            raise UsageError(f"statistics files end in .npz, got {str(path)!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {
             "mu": self.mu,
@@ -64,7 +65,7 @@ class FeatureStats:
         with open_npz(path, what="statistics file") as data:
             missing = {"mu", "sigma", "count", "extractor", "resize"} - set(data.files)
             if missing:
-                raise ValueError(f"{path} lacks {', '.join(sorted(missing))}; expected a gendistill statistics file")
+                raise UsageError(f"{path} lacks {', '.join(sorted(missing))}; expected a gendistill statistics file")
             features = data["features"] if "features" in data.files else None
             return cls(
                 mu=data["mu"].astype(np.float64),
@@ -87,13 +88,13 @@ class StatsAccumulator:
 
     def update(self, features: torch.Tensor) -> None:
         if features.dim() != 2:
-            raise ValueError(f"features must be (B, D), got shape {tuple(features.shape)}")
+            raise UsageError(f"features must be (B, D), got shape {tuple(features.shape)}")
         f = features.detach().to(torch.float64)
         if self.total is None:
             self.total = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
             self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
         elif f.shape[1] != self.total.shape[0]:
-            raise ValueError(f"features of dimension {f.shape[1]} after {self.total.shape[0]}-d ones")
+            raise UsageError(f"features of dimension {f.shape[1]} after {self.total.shape[0]}-d ones")
         self.total += f.sum(0)
         self.outer += f.T @ f
         self.count += f.shape[0]
@@ -102,7 +103,7 @@ class StatsAccumulator:
 
     def stats(self, *, extractor: str, resize: str) -> FeatureStats:
         if self.count < 2:
-            raise ValueError(f"statistics need at least 2 samples, got {self.count}")
+            raise UsageError(f"statistics need at least 2 samples, got {self.count}")
         mu = self.total / self.count
         sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
         features = torch.cat(self.kept).numpy() if self.kept is not None else None
@@ -130,9 +131,9 @@ def compute_stats(
 
 def _check_comparable(a: FeatureStats, b: FeatureStats) -> None:
     if a.extractor != b.extractor:
-        raise ValueError(f"statistics come from different feature extractors: {a.extractor!r} vs {b.extractor!r}")
+        raise UsageError(f"statistics come from different feature extractors: {a.extractor!r} vs {b.extractor!r}")
     if a.mu.shape != b.mu.shape:
-        raise ValueError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
+        raise UsageError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
 
 
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
@@ -154,10 +155,10 @@ def kernel_inception_distance(
     _check_comparable(a, b)
     for side in (a, b):
         if side.features is None:
-            raise ValueError("KID needs the features themselves; statistics saved without features cannot give KID")
+            raise UsageError("KID needs the features themselves; statistics saved without features cannot give KID")
     size = min(subset_size, a.count, b.count)
     if size < 2:
-        raise ValueError(f"KID needs at least 2 samples on each side, got {a.count} and {b.count}")
+        raise UsageError(f"KID needs at least 2 samples on each side, got {a.count} and {b.count}")
     out = kid_features_to_metric(
         torch.from_numpy(np.asarray(a.features, dtype=np.float64)),
         torch.from_numpy(np.asarray(b.features, dtype=np.float64)),

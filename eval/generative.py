@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from gendistill.errors import UsageError, as_usage_errors
+
 from . import sources
 from .features import ModuleFeatures, load_feature_extractor
 from .fid import KID_SUBSET_SIZE, KID_SUBSETS, FeatureStats, compute_stats, frechet_distance, kernel_inception_distance
@@ -121,12 +123,12 @@ def _stats_of_source(path, kind, extractor, args, *, keep, grid=None, limit=None
     if kind == "stats":
         stats = FeatureStats.load(path)
         if stats.extractor != extractor.name:
-            raise ValueError(
+            raise UsageError(
                 f"{path} was computed with {stats.extractor!r}, not with this run's {extractor.name!r}; "
                 "recompute it from the images with the same feature extractor"
             )
         if keep and stats.features is None:
-            raise ValueError(f"{path} holds no features; KID needs the images or a file saved by gendistill eval kid")
+            raise UsageError(f"{path} holds no features; KID needs the images or a file saved by gendistill eval kid")
         return stats
     batches = sources.iter_image_folder(path, batch_size=args.batch_size, limit=limit)
     return compute_stats(batches, extractor, device=args.device, keep_features=keep, on_batch=grid)
@@ -191,14 +193,14 @@ def run(args: argparse.Namespace, *, kid: bool) -> dict:
     command = "eval kid" if kid else "eval fid"
     fake_kind, real_kind = _kind(args.fake), _kind(args.real)
     if real_kind == "pipeline":
-        raise ValueError(f"--real {args.real!r} is a pipeline folder; give real images or their statistics .npz")
+        raise UsageError(f"--real {args.real!r} is a pipeline folder; give real images or their statistics .npz")
     for name in ("num_samples", "batch_size", "trajectory_samples"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.num_real is not None and args.num_real < 2:
-        raise ValueError(f"--num-real must be at least 2, got {args.num_real}")
+        raise UsageError(f"--num-real must be at least 2, got {args.num_real}")
     if fake_kind != "pipeline" and args.refine_steps != ["0"]:
-        raise ValueError("--refine-steps applies to a BOOT student folder given as --fake")
+        raise UsageError("--refine-steps applies to a BOOT student folder given as --fake")
     check_report_folder(args.output)  # refuse a folder we may not write before loading or sampling anything
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -210,7 +212,8 @@ def run(args: argparse.Namespace, *, kid: bool) -> dict:
         k = sources.num_intervals(pipe)
         refine = sorted({k if v == "K" else int(v) for v in args.refine_steps})
         for value in refine:
-            pipe._check_refine_steps(value)
+            with as_usage_errors():
+                pipe._check_refine_steps(value)
         base = sources.SampleSettings(
             num_samples=args.num_samples,
             batch_size=args.batch_size,
@@ -221,7 +224,7 @@ def run(args: argparse.Namespace, *, kid: bool) -> dict:
         )
         sources.check_sample_settings(pipe, base)
     elif args.teacher or args.classifier:
-        raise ValueError("--teacher and --classifier apply to a BOOT student folder given as --fake")
+        raise UsageError("--teacher and --classifier apply to a BOOT student folder given as --fake")
     classifier = _classifier(args.classifier, device) if args.classifier else None
     extractor = load_feature_extractor(
         args.feature_extractor, inception_weights=args.inception_weights, check_sha256=args.check_sha256

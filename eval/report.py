@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from gendistill.errors import UsageError
 from gendistill.files import read_jsonl
 
 MARKER = "gendistill_report.json"  # written first into every report folder: later runs may write there again
@@ -47,7 +48,7 @@ def check_report_folder(output: str | os.PathLike) -> Path:
     a report gendistill wrote (``MARKER``); otherwise a ``ValueError`` naming it. Reads only, writes nothing."""
     output = Path(output)
     if output.exists() and not output.is_dir():
-        raise ValueError(f"output {str(output)!r} exists and is not a folder")
+        raise UsageError(f"output {str(output)!r} exists and is not a folder")
     if not output.is_dir() or not any(output.iterdir()):
         return output
     refusal = (
@@ -57,13 +58,13 @@ def check_report_folder(output: str | os.PathLike) -> Path:
     )
     marker = output / MARKER
     if not marker.is_file() or marker.is_symlink():
-        raise ValueError(refusal)
+        raise UsageError(refusal)
     try:
         content = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         content = None
     if not isinstance(content, dict) or content.get("written_by") != "gendistill":
-        raise ValueError(refusal)
+        raise UsageError(refusal)
     return output
 
 

@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from gendistill.diffusion.teacher import DiffusionTeacher
+from gendistill.errors import UsageError
 
 SOLVERS = ("ddim", "dpmsolver++")
 
@@ -37,7 +38,7 @@ def make_scheduler(teacher: DiffusionTeacher, solver: str):
             lower_order_final=True,
             thresholding=False,
         )
-    raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
+    raise UsageError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
 
 
 def solver_settings(solver: str) -> dict:
@@ -68,10 +69,10 @@ def teacher_sample(
     """Images (B, C, H, W) in [-1, 1] from ``noise`` (B, C, H, W) with ``num_steps`` steps of ``solver``; one UNet
     call per step (batch 2B with guidance). ``class_labels`` (B,) for a class-conditional teacher."""
     if num_steps < 1:
-        raise ValueError(f"num_steps must be positive, got {num_steps}")
+        raise UsageError(f"num_steps must be positive, got {num_steps}")
     teacher.check_class_labels(class_labels)
     if teacher.is_class_conditional and class_labels is None:
-        raise ValueError("a class-conditional teacher needs class_labels")
+        raise UsageError("a class-conditional teacher needs class_labels")
     device = noise.device
     scheduler = make_scheduler(teacher, solver)
     scheduler.set_timesteps(num_steps, device=device)

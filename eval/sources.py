@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from gendistill.data.images import list_image_files
+from gendistill.errors import UsageError, as_usage_errors
 from gendistill.files import error_summary, open_image
 from gendistill.pipelines import BootImagePipeline, BootPipeline, load_boot_pipeline
 
@@ -49,7 +50,7 @@ def iter_tensors(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
     """Check and pass through user batches (B, C, H, W) in [0, 1]."""
     for i, batch in enumerate(batches):
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-            raise ValueError(f"batch {i} is not a tensor (B, C, H, W): {type(batch).__name__}")
+            raise UsageError(f"batch {i} is not a tensor (B, C, H, W): {type(batch).__name__}")
         yield batch.float()
 
 
@@ -58,7 +59,8 @@ def load_student_pipeline(
 ) -> BootImagePipeline | BootPipeline:
     """A BOOT student folder (no folder code is run), optionally with the teacher UNet of a teacher folder attached
     (for teacher samples, ``refine_steps`` and trajectory errors when the student was saved without it)."""
-    pipe = load_boot_pipeline(folder)
+    with as_usage_errors():
+        pipe = load_boot_pipeline(folder)
     if teacher is not None:
         unet_cls = type(pipe.unet)
         teacher_path = Path(teacher)
@@ -68,7 +70,7 @@ def load_student_pipeline(
         try:
             teacher_unet = unet_cls.from_pretrained(teacher_path, subfolder=subfolder)
         except Exception as err:  # diffusers raises OSError, ValueError, safetensors errors... for bad weights
-            raise ValueError(
+            raise UsageError(
                 f"teacher {str(teacher)!r}: its UNet could not be loaded ({error_summary(err)}); "
                 "expected a diffusers pipeline folder as save_pretrained writes it"
             ) from None
@@ -106,26 +108,26 @@ class SampleSettings:
 
 def check_sample_settings(pipe, settings: SampleSettings) -> None:
     if settings.num_samples < 1:
-        raise ValueError(f"--num-samples must be positive, got {settings.num_samples}")
+        raise UsageError(f"--num-samples must be positive, got {settings.num_samples}")
     if settings.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {settings.batch_size}")
+        raise UsageError(f"--batch-size must be positive, got {settings.batch_size}")
     if isinstance(pipe, BootPipeline):
         if not settings.prompts:
-            raise ValueError("this student is text-to-image: give prompts (--prompts FILE)")
+            raise UsageError("this student is text-to-image: give prompts (--prompts FILE)")
         if settings.class_labels is not None:
-            raise ValueError("--class-labels apply to class-conditional students; this one takes prompts")
+            raise UsageError("--class-labels apply to class-conditional students; this one takes prompts")
     else:
         if settings.prompts:
-            raise ValueError("prompts apply to text-to-image students; this one is not")
+            raise UsageError("prompts apply to text-to-image students; this one is not")
         if settings.guidance_scale is not None:
-            raise ValueError("--guidance-scale applies to guidance-range text-to-image students only")
+            raise UsageError("--guidance-scale applies to guidance-range text-to-image students only")
         valid = pipe.valid_class_ids()
         if settings.class_labels is not None:
             if not valid:
-                raise ValueError("--class-labels were given but this student is unconditional")
+                raise UsageError("--class-labels were given but this student is unconditional")
             bad = [c for c in settings.class_labels if c not in valid]
             if bad:
-                raise ValueError(f"class labels {bad} are not valid for this student; {pipe._valid_ids_message()}")
+                raise UsageError(f"class labels {bad} are not valid for this student; {pipe._valid_ids_message()}")
 
 
 def batch_conditions(pipe, settings: SampleSettings, start: int, size: int) -> dict:
@@ -159,7 +161,8 @@ def iter_pipeline(
             generator = torch.Generator(pipe.device).manual_seed(settings.seed + i)
             conditions = batch_conditions(pipe, settings, start, size)
             began = time.perf_counter()
-            images = pipe(**conditions, generator=generator, refine_steps=settings.refine_steps, output_type="pt")
+            with as_usage_errors():
+                images = pipe(**conditions, generator=generator, refine_steps=settings.refine_steps, output_type="pt")
             if cuda:
                 torch.cuda.synchronize(pipe.device)
             if timing is not None:

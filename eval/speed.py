@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from gendistill.errors import UsageError
+
 from . import sources
 from .report import Report, check_report_folder, device_description
 
@@ -117,7 +119,7 @@ def _classifier_runners(args, device, dtype):
 @torch.no_grad()
 def run(args: argparse.Namespace) -> list[dict]:
     if args.warmup < 0 or args.repeats < 1:
-        raise ValueError(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
+        raise UsageError(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
     check_report_folder(args.output)  # refuse a folder we may not write before loading anything
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = Path(args.model)

@@ -1,9 +1,9 @@
 """The ``gendistill`` command. Each subcommand's ``main(argv)`` lives in ``gendistill.training`` (``eval``: in
 ``gendistill.eval``).
 
-Bad input (a ``ValueError`` or ``FileNotFoundError`` raised while validating it) is printed as one line and
-exits with code 2; a diverged training run (``gendistill.errors.DivergedError``) is one line and exit code 3;
-``GENDISTILL_DEBUG=1`` shows the traceback instead.
+Bad input (``gendistill.errors.UsageError``, or a ``FileNotFoundError`` for a path the user gave) is printed as one
+line and exits with code 2; a diverged training run (``gendistill.errors.DivergedError``) is one line and exit code
+3; ``GENDISTILL_DEBUG=1`` shows the traceback instead. Any other exception is a defect: its traceback is shown.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from gendistill.errors import EXIT_DIVERGED, EXIT_USAGE, DivergedError
+from gendistill.errors import EXIT_DIVERGED, EXIT_USAGE, DivergedError, UsageError
 
 COMMANDS = {
     "boot": "distill a diffusers teacher into a one-step BOOT student pipeline",
@@ -38,7 +38,7 @@ def _dispatch(command: str, argv: list[str]) -> int:
     elif command == "teach":
         if not argv or argv[0] not in TEACH_METHODS:
             got = argv[0] if argv else "nothing"
-            raise ValueError(f"unknown teach method {got!r}; valid: {', '.join(TEACH_METHODS)}")
+            raise UsageError(f"unknown teach method {got!r}; valid: {', '.join(TEACH_METHODS)}")
         if argv[0] == "diffusion":
             from gendistill.training.teach_diffusion import main
         else:
@@ -56,7 +56,7 @@ def _dispatch(command: str, argv: list[str]) -> int:
     elif command == "eval":
         from gendistill.eval.cli import main
     else:
-        raise ValueError(f"unknown command {command!r}; valid: {', '.join(COMMANDS)}")
+        raise UsageError(f"unknown command {command!r}; valid: {', '.join(COMMANDS)}")
     return main(argv)
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gendistill {argv[0]}: training diverged: {err}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (ValueError, FileNotFoundError) as err:
+    except (UsageError, FileNotFoundError) as err:
         if os.environ.get("GENDISTILL_DEBUG"):
             raise
         print(f"gendistill {argv[0]}: error: {err}", file=sys.stderr)

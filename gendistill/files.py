@@ -25,6 +25,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from .errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,7 +35,7 @@ def _existing_file(path: str | os.PathLike, what: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     if not path.is_file():
-        raise ValueError(f"{what} {str(path)!r} is not a file")
+        raise UsageError(f"{what} {str(path)!r} is not a file")
     return path
 
 
@@ -43,7 +45,7 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} {str(path)!r} is not valid JSON ({err})") from None
+        raise UsageError(f"{what} {str(path)!r} is not valid JSON ({err})") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
@@ -83,9 +85,9 @@ def read_yaml(path: str | os.PathLike, *, what: str = "YAML file") -> object:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"{what} {str(path)!r} is not valid YAML{line}: {problem}") from None
+        raise UsageError(f"{what} {str(path)!r} is not valid YAML{line}: {problem}") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text ({err})") from None
+        raise UsageError(f"{what} {str(path)!r} is not UTF-8 text ({err})") from None
 
 
 def read_safetensors(path: str | os.PathLike, *, what: str = "weights file", device: str = "cpu") -> dict:
@@ -96,7 +98,7 @@ def read_safetensors(path: str | os.PathLike, *, what: str = "weights file", dev
     try:
         return load_file(str(path), device=device)
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError, ValueError) on bad files
-        raise ValueError(f"{what} {str(path)!r} is not a readable safetensors file ({error_summary(err)})") from None
+        raise UsageError(f"{what} {str(path)!r} is not a readable safetensors file ({error_summary(err)})") from None
 
 
 def open_safetensors(path: str | os.PathLike, *, what: str = "weights file"):
@@ -110,7 +112,7 @@ def open_safetensors(path: str | os.PathLike, *, what: str = "weights file"):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on bad files
-        raise ValueError(f"{what} {str(path)!r} is not a readable safetensors file ({error_summary(err)})") from None
+        raise UsageError(f"{what} {str(path)!r} is not a readable safetensors file ({error_summary(err)})") from None
 
 
 @contextlib.contextmanager
@@ -124,10 +126,10 @@ def open_npz(path: str | os.PathLike, *, what: str = ".npz file") -> Iterator[np
         with np.load(path, allow_pickle=False) as data:
             yield data
     except (zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
-        raise ValueError(f"{what} {str(path)!r} is truncated or not an .npz archive ({error_summary(err)})") from None
+        raise UsageError(f"{what} {str(path)!r} is truncated or not an .npz archive ({error_summary(err)})") from None
     except ValueError as err:
         if "pickle" in str(err).lower():
-            raise ValueError(f"{what} {str(path)!r} holds object arrays, which are never unpickled") from None
+            raise UsageError(f"{what} {str(path)!r} holds object arrays, which are never unpickled") from None
         raise
 
 
@@ -144,12 +146,12 @@ def open_image(path: str | os.PathLike, *, mode: str = "RGB") -> Image.Image:
             with Image.open(path) as img:
                 return img.convert(mode)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise ValueError(
+        raise UsageError(
             f"image {str(path)!r} is too large to decode safely ({error_summary(err)}); "
             f"images over PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels are refused"
         ) from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL raises SyntaxError for some broken headers
-        raise ValueError(f"cannot read image {str(path)!r}: {error_summary(err)}") from None
+        raise UsageError(f"cannot read image {str(path)!r}: {error_summary(err)}") from None
 
 
 def error_summary(err: BaseException) -> str:
@@ -185,7 +187,7 @@ def check_output_not_input(output: str | os.PathLike, inputs: dict[str, str | os
             relation = "lies inside"
         else:
             continue
-        raise ValueError(
+        raise UsageError(
             f"output {str(output)!r} {relation} the input {flag} {str(value)!r}; "
             "choose an output folder apart from every input"
         )
@@ -210,10 +212,10 @@ def available_memory_bytes() -> int | None:
 def check_fits_in_memory(nbytes: float, what: str) -> None:
     """A ``ValueError`` when ``nbytes`` exceed the memory available now, said before anything is allocated."""
     if not math.isfinite(nbytes):
-        raise ValueError(f"{what} has no finite size")
+        raise UsageError(f"{what} has no finite size")
     available = available_memory_bytes()
     if available is not None and nbytes > available:
-        raise ValueError(
+        raise UsageError(
             f"{what} needs {_gib(nbytes)} but only {_gib(available)} of memory is available; make it smaller"
         )
 

@@ -147,6 +147,30 @@ def test_dfkd_bad_input(mnist_teacher, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_internal_error_keeps_its_traceback(bn_teacher, tmp_path, monkeypatch):
+    # A failed internal check (here a ValueError inside DFQ's generator loss) is a defect, not bad input: the command
+    # lets it through with its traceback instead of one line and exit 2.
+    from gendistill.dfkd.synthesizers import dfq
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal check failed")
+
+    monkeypatch.setattr(dfq, "information_entropy_loss", broken)
+    argv = ["dfkd", "--teacher", str(bn_teacher), "--output", str(tmp_path / "o"), "--max-steps", "1", *QUICK]
+    with pytest.raises(ValueError, match="internal check failed"):
+        main([*argv, *tiny_generator()])
+
+
+def test_method_options_convert_like_recipe_fields():
+    # One conversion for flags and method options: a misspelt boolean is an error, not False.
+    from gendistill.training.dfkd import DFKDRecipe
+
+    recipe = DFKDRecipe(output="o", method="cmi", method_options=["reset_generator=off", "synthesis_steps=3"])
+    assert recipe.options() == {"reset_generator": False, "synthesis_steps": 3}
+    with pytest.raises(ValueError, match="method option reset_generator='flase' must be true or false"):
+        DFKDRecipe(output="o", method="cmi", method_options=["reset_generator=flase"]).options()
+
+
 def test_teach_classifier_bad_input(tmp_path, capsys):
     base = ["teach", "classifier", "--output", str(tmp_path / "t"), "--max-steps", "1"]
     _fails(capsys, [*base, "--arch", "alexnet"], "unknown architecture 'alexnet'; valid: lenet5")

@@ -21,6 +21,7 @@ from diffusers import DDIMScheduler
 from gendistill.data.prompts import PromptEmbeddings, load_prompts, prompts_fingerprint
 from gendistill.diffusion.boot import BootConfig, BootTask
 from gendistill.diffusion.teacher import load_teacher
+from gendistill.errors import UsageError
 from gendistill.kernels import backend_for
 from gendistill.pipelines import BootImagePipeline, BootPipeline
 
@@ -71,11 +72,11 @@ class BootRecipe(TrainRecipe):
     def validate(self) -> None:
         super().validate()
         if self.num_intervals < 1:
-            raise ValueError(f"num_intervals (K) must be positive, got {self.num_intervals}")
+            raise UsageError(f"num_intervals (K) must be positive, got {self.num_intervals}")
         if self.num_eval_noises < 1:
-            raise ValueError(f"num_eval_noises must be positive, got {self.num_eval_noises}")
+            raise UsageError(f"num_eval_noises must be positive, got {self.num_eval_noises}")
         if self.attention not in ATTENTION:
-            raise ValueError(f"attention {self.attention!r} is not valid; valid: {', '.join(ATTENTION)}")
+            raise UsageError(f"attention {self.attention!r} is not valid; valid: {', '.join(ATTENTION)}")
         # Range, LoRA and parameterization checks before anything is loaded.
         default = self.guidance_range[0] if self.guidance_range else 1.0
         self.boot_config(self.guidance_scale if self.guidance_scale is not None else default).validate()
@@ -101,9 +102,9 @@ def check_xformers() -> None:
     """Raise a clear ``ValueError`` unless xformers is installed and its CUDA kernels run here (xformers 0.0.35 cannot
     load them with torch 2.11: better to say so now than to crash mid-run)."""
     if importlib.util.find_spec("xformers") is None:
-        raise ValueError("attention 'xformers' was asked for but xformers is not installed; use --attention sdpa")
+        raise UsageError("attention 'xformers' was asked for but xformers is not installed; use --attention sdpa")
     if not torch.cuda.is_available():
-        raise ValueError("attention 'xformers' needs a CUDA device; use --attention sdpa (the default)")
+        raise UsageError("attention 'xformers' needs a CUDA device; use --attention sdpa (the default)")
     try:
         import xformers.ops
 
@@ -111,7 +112,7 @@ def check_xformers() -> None:
         xformers.ops.memory_efficient_attention(q, q, q)
         torch.cuda.synchronize()
     except Exception as err:  # noqa: BLE001 - any failure of the probe means: do not use xformers here
-        raise ValueError(
+        raise UsageError(
             f"xformers is installed but its CUDA kernels do not run with torch {torch.__version__} "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); use --attention sdpa"
         ) from None
@@ -119,7 +120,7 @@ def check_xformers() -> None:
 
 def build_task(recipe: BootRecipe) -> BootTask:
     if not recipe.teacher:
-        raise ValueError("a teacher is required: --teacher PATH_OR_HUB_ID")
+        raise UsageError("a teacher is required: --teacher PATH_OR_HUB_ID")
     if recipe.attention == "xformers":
         check_xformers()
     prompts = load_prompts(recipe.prompts) if recipe.prompts else None  # fail on a bad file before loading
@@ -127,7 +128,7 @@ def build_task(recipe: BootRecipe) -> BootTask:
     guidance = recipe.guidance_scale
     if teacher.is_text_conditional:
         if prompts is None:
-            raise ValueError(f"teacher {recipe.teacher!r} is text-to-image: give --prompts FILE (one prompt per line)")
+            raise UsageError(f"teacher {recipe.teacher!r} is text-to-image: give --prompts FILE (one prompt per line)")
         truncated = teacher.count_truncated(prompts)
         if truncated:
             logger.warning(
@@ -142,9 +143,9 @@ def build_task(recipe: BootRecipe) -> BootTask:
                 guidance = min(max(guidance, recipe.guidance_range[0]), recipe.guidance_range[1])
     else:
         if prompts is not None:
-            raise ValueError(f"--prompts was given but teacher {recipe.teacher!r} is not text-to-image")
+            raise UsageError(f"--prompts was given but teacher {recipe.teacher!r} is not text-to-image")
         if recipe.class_ids is not None and not teacher.is_class_conditional:
-            raise ValueError(f"class ids {list(recipe.class_ids)} were given but the teacher is unconditional")
+            raise UsageError(f"class ids {list(recipe.class_ids)} were given but the teacher is unconditional")
         if guidance is None:
             guidance = DEFAULT_CLASS_GUIDANCE if teacher.is_class_conditional else 1.0
     task = BootTask(
@@ -230,7 +231,7 @@ def run(recipe: BootRecipe, task: BootTask | None = None) -> dict:
     check_output_folder(recipe, "boot")  # fail before loading the teacher
     task = build_task(recipe) if task is None else task
     if recipe.cache_text_embeddings and not task.teacher.is_text_conditional:
-        raise ValueError("--cache-text-embeddings applies to text-to-image teachers only")
+        raise UsageError("--cache-text-embeddings applies to text-to-image teachers only")
     if resolve_mixed_precision(recipe) == "bf16" and torch.cuda.is_available():
         task.teacher.to(torch.bfloat16)  # the frozen teacher in bf16; the student keeps float32 master weights
     trainer = Trainer(task, recipe, command="boot")

@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from gendistill.errors import DivergedError
+from gendistill.errors import DivergedError, UsageError
 from gendistill.files import check_output_not_input, read_json, read_jsonl, read_safetensors
 
 from .recipes import TrainRecipe, recipe_dict
@@ -132,13 +132,13 @@ def resolve_resume(recipe: TrainRecipe) -> Path | None:
     if recipe.resume == "latest":
         found = complete_checkpoints(recipe.output)
         if not found:
-            raise ValueError(f"--resume latest: no complete checkpoint in {recipe.output!r}/checkpoints to resume")
+            raise UsageError(f"--resume latest: no complete checkpoint in {recipe.output!r}/checkpoints to resume")
         return found[-1]
     path = Path(recipe.resume)
     if not path.is_absolute() and not path.exists() and (Path(recipe.output) / path).exists():
         path = Path(recipe.output) / path  # "checkpoints/checkpoint_3", relative to the run folder
     if not (path / STATE_FILE).is_file():
-        raise ValueError(f"--resume {recipe.resume!r} is not a complete gendistill checkpoint (no {STATE_FILE})")
+        raise UsageError(f"--resume {recipe.resume!r} is not a complete gendistill checkpoint (no {STATE_FILE})")
     return path
 
 
@@ -151,19 +151,19 @@ def check_output_folder(recipe: TrainRecipe, command: str) -> None:
     """
     out = Path(recipe.output)
     if recipe.overwrite and recipe.resume is not None:
-        raise ValueError("--overwrite and --resume contradict each other: choose one")
+        raise UsageError("--overwrite and --resume contradict each other: choose one")
     check_output_not_input(out, {"--" + name.replace("_", "-"): getattr(recipe, name) for name in recipe.INPUT_PATHS})
     if not out.exists():
         if recipe.resume is not None:
-            raise ValueError(f"--resume {recipe.resume}: output folder {recipe.output!r} does not exist")
+            raise UsageError(f"--resume {recipe.resume}: output folder {recipe.output!r} does not exist")
         return
     if not out.is_dir():
-        raise ValueError(f"output {recipe.output!r} exists and is not a folder")
+        raise UsageError(f"output {recipe.output!r} exists and is not a folder")
     if not any(out.iterdir()):
         return
     run_file = out / RUN_FILE
     if not run_file.is_file():
-        raise ValueError(
+        raise UsageError(
             f"output folder {recipe.output!r} is not empty and holds no gendistill run ({RUN_FILE}); gendistill "
             "never replaces a folder it did not write (--overwrite does not apply to it): choose a new or empty folder"
         )
@@ -171,7 +171,7 @@ def check_output_folder(recipe: TrainRecipe, command: str) -> None:
         return  # a run gendistill wrote: Trainer replaces it
     previous = read_json(run_file, what="run file")
     if not isinstance(previous, dict) or not isinstance(previous.get("recipe"), dict):
-        raise ValueError(f"run file {str(run_file)!r} holds no recipe; it was not written by gendistill")
+        raise UsageError(f"run file {str(run_file)!r} holds no recipe; it was not written by gendistill")
     # Compare as JSON sees it (tuples and lists both become lists).
     current = json.loads(json.dumps({"command": command, "recipe": recipe_dict(recipe)}))
     ignore = set(recipe.RESUMABLE_CHANGES)
@@ -186,13 +186,13 @@ def check_output_folder(recipe: TrainRecipe, command: str) -> None:
         detail = ", ".join(
             f"{k}: {previous['recipe'].get(k)!r} -> {current['recipe'].get(k)!r}" for k in diffs[:4] if k != "command"
         )
-        raise ValueError(
+        raise UsageError(
             f"output folder {recipe.output!r} already holds a different run "
             f"({detail or 'other command'}); "
             "pass --overwrite to replace that run or choose another folder"
         )
     if recipe.resume is None:
-        raise ValueError(
+        raise UsageError(
             f"output folder {recipe.output!r} already holds this run; "
             "pass --resume latest to continue it or --overwrite to start again"
         )
@@ -344,7 +344,7 @@ class Trainer:
             # accelerate's own reader: torch.load(weights_only=True), numpy's RNG types allowed, nothing else.
             rng = accelerate_load(rng_file)
         except Exception as err:  # noqa: BLE001 - missing, truncated or a planted pickle: all mean "not exact"
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint {str(folder)!r} cannot be restored exactly: its RNG state {rng_file.name} is missing "
                 f"or unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             ) from None
@@ -353,20 +353,20 @@ class Trainer:
         try:
             accelerator.load_state(str(folder))
         except Exception as err:  # noqa: BLE001 - safetensors, torch.load and load_state_dict raise many types
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint {str(folder)!r} cannot be restored ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''})"
             ) from None
         # accelerate logs a failed RNG restore at INFO and goes on; an inexact resume must not pass silently.
         if not torch.equal(torch.get_rng_state(), rng["torch_manual_seed"]):
-            raise ValueError(f"checkpoint {str(folder)!r}: its RNG state {rng_file.name} could not be restored")
+            raise UsageError(f"checkpoint {str(folder)!r}: its RNG state {rng_file.name} could not be restored")
         try:
             self.counters.load_state_dict(state["counters"])
             for name, ema in self.emas.items():
                 _load_ema(ema, self.ema_stats[name], folder, name, state["ema"][name])
                 ema.to(accelerator.device)
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint {str(folder)!r} cannot be restored: its counters or EMA are missing or do not match "
                 f"this run ({type(err).__name__}: {err})"
             ) from None
@@ -396,7 +396,7 @@ class Trainer:
             tensors = read_safetensors(folder / _task_state_file(index), what="task state")
             self.task.load_extra_state(_join_state(structure, tensors))
         except (KeyError, IndexError, TypeError, ValueError, OSError) as err:
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint {str(folder)!r} cannot be restored: the task's state (e.g. a synthesizer's pool) is "
                 f"missing or does not match this run ({type(err).__name__}: {err})"
             ) from None
@@ -723,7 +723,7 @@ def _split_state(value, path: str, tensors: dict[str, torch.Tensor]):
     ``{"__tensor__": its dotted path}`` and stored (a CPU copy) under that path in ``tensors``."""
     if isinstance(value, torch.Tensor):
         if path in tensors:
-            raise ValueError(f"two entries of the task state are both named {path!r}")
+            raise UsageError(f"two entries of the task state are both named {path!r}")
         tensors[path] = value.detach().to("cpu", copy=True).contiguous()
         return {TENSOR_KEY: path}
     if isinstance(value, dict):
@@ -752,9 +752,9 @@ def _load_ema(ema: EMAModel, stats: RunningStatsEMA, folder: Path, name: str, sc
     saved_stats = [shadow[f"stats.{i}"] for i in range(sum(key.startswith("stats.") for key in shadow))]
     expected = [tuple(p.shape) for p in ema.shadow_params]
     if [tuple(p.shape) for p in params] != expected:
-        raise ValueError(f"the EMA weights of {name!r} do not match the model")
+        raise UsageError(f"the EMA weights of {name!r} do not match the model")
     if [tuple(t.shape) for t in saved_stats] != [tuple(t.shape) for t in stats.shadow]:
-        raise ValueError(f"the EMA running statistics of {name!r} do not match the model")
+        raise UsageError(f"the EMA running statistics of {name!r} do not match the model")
     ema.load_state_dict({**scalars, "shadow_params": params})
     for target, saved in zip(stats.shadow, saved_stats, strict=True):
         target.copy_(saved)

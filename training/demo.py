@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from gendistill.errors import UsageError
+
 from . import boot, dfkd, teach_classifier, teach_diffusion
 
 MARKER = "gendistill_demo.json"
@@ -187,12 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
 def prepare_output(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty folder unless ``overwrite``; never delete a folder the demo did not write."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output {str(out)!r} exists and is not a folder")
+        raise UsageError(f"output {str(out)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(f"output folder {str(out)!r} is not empty; choose another folder or pass --overwrite")
+            raise UsageError(f"output folder {str(out)!r} is not empty; choose another folder or pass --overwrite")
         if not (out / MARKER).is_file():
-            raise ValueError(f"output folder {str(out)!r} holds no gendistill demo ({MARKER}); refusing to replace it")
+            raise UsageError(f"output folder {str(out)!r} holds no gendistill demo ({MARKER}); refusing to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -201,7 +203,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
 def accelerate_device(device: str):
     """Accelerate picks CUDA when it is available; ``cpu`` forces the CPU, ``cuda`` insists on CUDA."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine; valid here: auto, cpu")
+        raise UsageError("--device cuda: CUDA is not available on this machine; valid here: auto, cpu")
     previous = os.environ.get("ACCELERATE_USE_CPU")
     if device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None, *, evaluate: Callable[..., list[dict]] |
     }
     budget = Budget(**{**asdict(budget), **{k: v for k, v in overrides.items() if v is not None}})
     if args.teacher_steps is not None and not args.train_teachers:
-        raise ValueError("--teacher-steps applies to --train-teachers only (the shipped teachers are trained already)")
+        raise UsageError("--teacher-steps applies to --train-teachers only (the shipped teachers are trained already)")
     out = Path(args.output)
     prepare_output(out, args.overwrite)
     started = time.perf_counter()

@@ -9,6 +9,8 @@ architecture, is exported the same way (``model.safetensors`` + ``config.json``)
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +20,11 @@ from gendistill.data.classification import load_classification_data
 from gendistill.dfkd.models import Classifier, build_classifier, canonical_arch, load_classifier, save_classifier
 from gendistill.dfkd.synthesizers import METHODS, get_method
 from gendistill.dfkd.task import DFKDTask
+from gendistill.errors import UsageError
 from gendistill.kernels import backend_for
 
 from .core import Trainer, check_output_folder, write_json_atomic
-from .recipes import TrainRecipe, parse_recipe
+from .recipes import TrainRecipe, convert_value, parse_recipe
 
 COMMAND = "dfkd"
 
@@ -57,20 +60,19 @@ class DFKDRecipe(TrainRecipe):
         self.options()
 
     def options(self) -> dict[str, object]:
-        """``method_options`` as a dict, each value converted to the type of the method's config field."""
-        cls = get_method(self.method)
-        types = {name: type(value) for name, value in vars(cls.Config()).items()}
+        """``method_options`` as a dict, each value converted to the type of the method's config field by the recipe
+        parser's own conversion (``reset_generator=flase`` is an error, as ``--overwrite flase`` is)."""
+        config = get_method(self.method).Config
+        hints = typing.get_type_hints(config)
+        names = [f.name for f in dataclasses.fields(config)]
         options = {}
         for item in self.method_options or []:
             key, sep, value = item.partition("=")
-            if not sep or key not in types:
-                raise ValueError(
-                    f"method option {item!r} is not key=value with a key of {self.method}: {', '.join(types)}"
+            if not sep or key not in names:
+                raise UsageError(
+                    f"method option {item!r} is not key=value with a key of {self.method}: {', '.join(names)}"
                 )
-            try:
-                options[key] = types[key](value) if types[key] is not bool else value.lower() in ("1", "true", "yes")
-            except ValueError:
-                raise ValueError(f"method option {key}={value!r} must be of type {types[key].__name__}") from None
+            options[key] = convert_value(value, hints[key], f"method option {key}={value!r}")
         return options
 
 
@@ -104,7 +106,7 @@ def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
     check_output_folder(recipe, COMMAND)
     if task is None:
         if not recipe.teacher:
-            raise ValueError("a teacher is required: --teacher CLASSIFIER_FOLDER (gendistill teach classifier)")
+            raise UsageError("a teacher is required: --teacher CLASSIFIER_FOLDER (gendistill teach classifier)")
         teacher = load_classifier(recipe.teacher)
         config = teacher.config
         eval_data = None
@@ -117,7 +119,7 @@ def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
                 data_root=recipe.data_root,
             )
             if int(labels.max()) >= config.num_classes:
-                raise ValueError(
+                raise UsageError(
                     f"--eval-data {recipe.eval_data!r} has labels up to {int(labels.max())} but the teacher has "
                     f"{config.num_classes} classes"
                 )

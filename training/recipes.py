@@ -19,6 +19,8 @@ from pathlib import Path
 
 from diffusers.optimization import SchedulerType
 
+from gendistill.errors import UsageError
+
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 # torch.compile backends for the trainable modules; "inductor" is the one that generates kernels.
@@ -82,31 +84,31 @@ class TrainRecipe:
             "checkpoints_total_limit",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("checkpoint_every", "eval_every", "sample_every", "lr_warmup_steps", "max_seconds"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise UsageError(f"lr must be positive, got {self.lr}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(
+            raise UsageError(
                 f"mixed_precision {self.mixed_precision!r} is not valid; valid: {', '.join(MIXED_PRECISION)}"
             )
         if self.compile not in COMPILE_BACKENDS:
-            raise ValueError(f"compile {self.compile!r} is not valid; valid: {', '.join(COMPILE_BACKENDS)}")
+            raise UsageError(f"compile {self.compile!r} is not valid; valid: {', '.join(COMPILE_BACKENDS)}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r} is not valid; valid: {', '.join(OPTIMIZERS)}")
+            raise UsageError(f"optimizer {self.optimizer!r} is not valid; valid: {', '.join(OPTIMIZERS)}")
         if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(
+            raise UsageError(
                 "optimizer adamw8bit needs bitsandbytes, which is not installed: pip install bitsandbytes"
             )
         schedulers = [s.value for s in SchedulerType]
         if self.lr_scheduler not in schedulers:
-            raise ValueError(f"lr_scheduler {self.lr_scheduler!r} is not valid; valid: {', '.join(schedulers)}")
+            raise UsageError(f"lr_scheduler {self.lr_scheduler!r} is not valid; valid: {', '.join(schedulers)}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise UsageError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.output:
-            raise ValueError("output folder is required (--output DIR)")
+            raise UsageError("output folder is required (--output DIR)")
 
 
 def _check_finite(recipe) -> None:
@@ -117,7 +119,7 @@ def _check_finite(recipe) -> None:
         values = value if isinstance(value, list | tuple) else [value]
         for v in values:
             if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+                raise UsageError(f"{f.name} must be a finite number, got {value!r}")
 
 
 def _base_type(tp):
@@ -128,12 +130,14 @@ def _base_type(tp):
     return tp, False
 
 
-def _convert(value, tp, name: str):
+def convert_value(value, tp, name: str):
+    """``value`` (a string from a flag, a method option or YAML, or a YAML scalar) as type ``tp``; a ``UsageError``
+    naming ``name`` otherwise. The one conversion of every recipe field and method option."""
     base, optional = _base_type(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
-        raise ValueError(f"{name} may not be empty")
+        raise UsageError(f"{name} may not be empty")
     origin = typing.get_origin(base)
     if origin in (list, tuple):
         (item,) = typing.get_args(base)[:1]
@@ -141,7 +145,7 @@ def _convert(value, tp, name: str):
             value = [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, list | tuple):
             value = [value]
-        return origin(_convert(v, item, name) for v in value)
+        return origin(convert_value(v, item, name) for v in value)
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -149,11 +153,11 @@ def _convert(value, tp, name: str):
             return True
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise UsageError(f"{name} must be true or false, got {value!r}")
     try:
         return base(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be of type {base.__name__}, got {value!r}") from None
+        raise UsageError(f"{name} must be of type {base.__name__}, got {value!r}") from None
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -163,7 +167,7 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     data = read_yaml(path, what="recipe file") or {}
     if not isinstance(data, dict):
-        raise ValueError(f"recipe file {str(path)!r} must hold a mapping of field: value, got {type(data).__name__}")
+        raise UsageError(f"recipe file {str(path)!r} must hold a mapping of field: value, got {type(data).__name__}")
     return data
 
 
@@ -175,11 +179,11 @@ def build_recipe(cls, values: dict, *, method: str | None = None):
     if "method" not in names:  # a recipe whose own field is "method" (dfkd) reads it as that field
         given_method = values.pop("method", None)
         if given_method is not None and given_method != method:
-            raise ValueError(f"recipe is for method {given_method!r} but this command runs {method!r}")
+            raise UsageError(f"recipe is for method {given_method!r} but this command runs {method!r}")
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f"unknown recipe key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
-    recipe = cls(**{k: _convert(v, hints[k], k) for k, v in values.items()})
+        raise UsageError(f"unknown recipe key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+    recipe = cls(**{k: convert_value(v, hints[k], k) for k, v in values.items()})
     recipe.validate()
     return recipe
 

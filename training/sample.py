@@ -28,6 +28,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from gendistill.data.images import IMAGE_EXTENSIONS
+from gendistill.errors import UsageError, as_usage_errors
 from gendistill.files import check_fits_in_memory, check_output_not_input
 from gendistill.pipelines import BootPipeline, load_boot_pipeline
 
@@ -38,7 +39,7 @@ def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.replace(",", " ").split()]
     except ValueError:
-        raise ValueError(f"--class-labels must be integers separated by commas, got {text!r}") from None
+        raise UsageError(f"--class-labels must be integers separated by commas, got {text!r}") from None
 
 
 def _image_seed(seed: int, index: int) -> int:
@@ -65,11 +66,11 @@ def _check_output(args) -> bool:
     if out.suffix.lower() == ".png":
         return True
     if out.suffix.lower() in IMAGE_EXTENSIONS:
-        raise ValueError(f"--output must be a .png file (a grid) or a folder (one PNG per image), got {args.output!r}")
+        raise UsageError(f"--output must be a .png file (a grid) or a folder (one PNG per image), got {args.output!r}")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {args.output!r} is a file; give a .png file (a grid) or a folder")
+        raise UsageError(f"--output {args.output!r} is a file; give a .png file (a grid) or a folder")
     if out.is_dir() and any(p.suffix.lower() == ".png" for p in out.iterdir()):
-        raise ValueError(f"--output folder {args.output!r} already holds PNG images; choose a new or empty folder")
+        raise UsageError(f"--output folder {args.output!r} already holds PNG images; choose a new or empty folder")
     check_output_not_input(out, {"--model": args.model})
     return False
 
@@ -107,30 +108,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nrow", type=int, default=8, help="images per grid row (default: 8)")
     args = parser.parse_args(argv)
     if args.num_images < 1:
-        raise ValueError(f"--num-images must be positive, got {args.num_images}")
+        raise UsageError(f"--num-images must be positive, got {args.num_images}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if args.nrow < 1:
-        raise ValueError(f"--nrow must be a positive number of images per grid row, got {args.nrow}")
+        raise UsageError(f"--nrow must be a positive number of images per grid row, got {args.nrow}")
     if args.class_labels is not None and not args.class_labels:
-        raise ValueError("--class-labels is empty")
+        raise UsageError("--class-labels is empty")
     grid = _check_output(args)
-    pipe = load_boot_pipeline(args.model)
+    with as_usage_errors():
+        pipe = load_boot_pipeline(args.model)
     num = args.num_images
 
     # 1. What one image needs: its noise shape, its image shape, and the pipeline's conditioning arguments
     if isinstance(pipe, BootPipeline):
         if args.class_labels is not None:
-            raise ValueError("--class-labels applies to class-conditional students; this one takes --prompt")
+            raise UsageError("--class-labels applies to class-conditional students; this one takes --prompt")
         if not args.prompt:
-            raise ValueError("this student is text-to-image: give --prompt TEXT (repeat for several prompts)")
+            raise UsageError("this student is text-to-image: give --prompt TEXT (repeat for several prompts)")
         height, width = pipe.default_size()
         factor = pipe.vae_scale_factor
         noise_shape = (pipe.unet.config.in_channels, height // factor, width // factor)
         image_shape = (3, height, width)
     else:
         if args.prompt or args.guidance_scale is not None:
-            raise ValueError("--prompt and --guidance-scale apply to text-to-image students; this one is not")
+            raise UsageError("--prompt and --guidance-scale apply to text-to-image students; this one is not")
         noise_shape = image_shape = pipe.sample_shape()
 
     def generate(start: int, stop: int, latents: torch.Tensor | None, generator, labels) -> torch.Tensor:
@@ -138,11 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         common = {"generator": generator, "latents": latents, "refine_steps": args.refine_steps, "output_type": "pt"}
         if isinstance(pipe, BootPipeline):
             prompts = [args.prompt[i % len(args.prompt)] for i in range(start, stop)]
-            images = pipe(prompts, guidance_scale=args.guidance_scale, **common).images
+            with as_usage_errors():
+                images = pipe(prompts, guidance_scale=args.guidance_scale, **common).images
         else:
             if labels is None and args.class_labels is not None:
                 labels = [args.class_labels[i % len(args.class_labels)] for i in range(start, stop)]
-            images = pipe(batch_size=stop - start, class_labels=labels, **common).images
+            with as_usage_errors():
+                images = pipe(batch_size=stop - start, class_labels=labels, **common).images
         return _to_uint8(images)
 
     def batches():

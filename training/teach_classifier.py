@@ -25,6 +25,7 @@ from gendistill.data.classification import load_classification_data
 from gendistill.dfkd.backdoor import TRIGGERS, Trigger, make_trigger, poison
 from gendistill.dfkd.generators import augment
 from gendistill.dfkd.models import Classifier, build_classifier, canonical_arch, save_classifier
+from gendistill.errors import UsageError
 from gendistill.task import Phase
 
 from .core import Trainer, check_output_folder, write_json_atomic
@@ -62,13 +63,13 @@ class TeachClassifierRecipe(TrainRecipe):
         super().validate()
         self.arch = canonical_arch(self.arch)
         if self.channels not in (None, 1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+            raise UsageError(f"channels must be 1 or 3, got {self.channels}")
         if self.backdoor is not None and self.backdoor not in TRIGGERS:
-            raise ValueError(f"unknown backdoor trigger {self.backdoor!r}; valid: {', '.join(TRIGGERS)}")
+            raise UsageError(f"unknown backdoor trigger {self.backdoor!r}; valid: {', '.join(TRIGGERS)}")
         if not 0 < self.poison_rate <= 1:
-            raise ValueError(f"poison_rate must be in (0, 1], got {self.poison_rate}")
+            raise UsageError(f"poison_rate must be in (0, 1], got {self.poison_rate}")
         if self.backdoor_target < 0:
-            raise ValueError(f"backdoor_target must be a class index >= 0, got {self.backdoor_target}")
+            raise UsageError(f"backdoor_target must be a class index >= 0, got {self.backdoor_target}")
 
 
 class ClassifierTrainingTask(nn.Module):

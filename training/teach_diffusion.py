@@ -22,6 +22,7 @@ from torch import nn
 from gendistill.data.images import load_image_folder
 from gendistill.data.mnist import load_mnist5k
 from gendistill.diffusion.schedule import check_prediction_type
+from gendistill.errors import UsageError
 from gendistill.task import Phase
 
 from .core import Trainer, check_output_folder, export_pipeline, logged_values, write_json_atomic
@@ -61,24 +62,24 @@ class TeachDiffusionRecipe(TrainRecipe):
         super().validate()
         check_prediction_type(self.prediction_type)
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule {self.beta_schedule!r} is not valid; valid: {', '.join(BETA_SCHEDULES)}")
+            raise UsageError(f"beta_schedule {self.beta_schedule!r} is not valid; valid: {', '.join(BETA_SCHEDULES)}")
         if not self.data:
-            raise ValueError(f"data is required: {MNIST!r} or a folder of images")
+            raise UsageError(f"data is required: {MNIST!r} or a folder of images")
         if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+            raise UsageError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+            raise UsageError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
         if self.layers_per_block < 1:
-            raise ValueError(f"layers_per_block must be positive, got {self.layers_per_block}")
+            raise UsageError(f"layers_per_block must be positive, got {self.layers_per_block}")
         if not self.block_out_channels or any(c < 1 or c % 8 for c in self.block_out_channels):
-            raise ValueError(
+            raise UsageError(
                 f"block_out_channels must be a non-empty list of multiples of 8 (attention heads have 8 channels), "
                 f"got {list(self.block_out_channels)}"
             )
         # Every level but the last halves the resolution; the up path must restore it exactly.
         factor = 2 ** (len(self.block_out_channels) - 1)
         if self.image_size < factor or self.image_size % factor:
-            raise ValueError(
+            raise UsageError(
                 f"image_size {self.image_size} must be a multiple of {factor} for {len(self.block_out_channels)} "
                 f"UNet levels (e.g. 28 with 3 levels, 32 with 4)"
             )
@@ -153,14 +154,14 @@ class DiffusionTrainingTask(nn.Module):
     ):
         super().__init__()
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise UsageError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.unet = unet
         self.scheduler = scheduler
         self.prediction_type = check_prediction_type(scheduler.config.prediction_type)
         num_embeds = unet.config.num_class_embeds
         self.null_class_id = None if num_embeds is None else num_embeds - 1
         if self.null_class_id is not None and (int(labels.min()) < 0 or int(labels.max()) >= self.null_class_id):
-            raise ValueError(f"labels must be in 0..{self.null_class_id - 1} for {num_embeds} class embeddings")
+            raise UsageError(f"labels must be in 0..{self.null_class_id - 1} for {num_embeds} class embeddings")
         self.label_dropout = label_dropout
         self.sample_steps = sample_steps
         # Buffers follow task.to(device) but are not part of any checkpoint.
@@ -202,7 +203,7 @@ class DiffusionTrainingTask(nn.Module):
 
     def forward(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if phase != "unet":
-            raise ValueError(f"unknown phase {phase!r}; valid: unet")
+            raise UsageError(f"unknown phase {phase!r}; valid: unet")
         x0, noise, timesteps = batch["x0"], batch["noise"], batch["timesteps"]
         noisy = self.scheduler.add_noise(x0, noise, timesteps)
         output = self.unet(noisy, timesteps, class_labels=batch.get("class_labels")).sample

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from ..files import open_npz
 from .images import load_image_folder
 from .mnist import load_mnist5k
@@ -41,13 +42,13 @@ def _channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         return images.mean(1, keepdim=True)
     if images.shape[1] == 1:
         return images.expand(-1, channels, -1, -1).contiguous()
-    raise ValueError(f"cannot turn {images.shape[1]}-channel images into {channels} channels")
+    raise UsageError(f"cannot turn {images.shape[1]}-channel images into {channels} channels")
 
 
 def _per_class_split(labels: torch.Tensor, split: str, eval_fraction: float, seed: int) -> torch.Tensor:
     """Indices of ``split``: a seeded ``eval_fraction`` of every class is held out."""
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        raise UsageError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     gen = torch.Generator().manual_seed(seed)
     held = torch.zeros(len(labels), dtype=torch.bool)
     for c in labels.unique():
@@ -61,14 +62,14 @@ def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     with open_npz(path, what="data file") as data:
         missing = [k for k in ("images", "labels") if k not in data.files]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"{path} has no {', '.join(missing)} array; expected 'images' (N, H, W[, C]) and 'labels' (N,)"
             )
         images, labels = data["images"], data["labels"]
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or len(images) != len(labels):
-        raise ValueError(
+        raise UsageError(
             f"{path}: images must be (N, H, W[, C]) with one label each, got {images.shape} and {labels.shape}"
         )
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
@@ -79,7 +80,7 @@ def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def _load_cifar(name: str, split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     root = root or os.environ.get("GENDISTILL_DATA")
     if not root:
-        raise ValueError(f"{name} needs --data-root DIR (or GENDISTILL_DATA) holding torchvision's {name} files")
+        raise UsageError(f"{name} needs --data-root DIR (or GENDISTILL_DATA) holding torchvision's {name} files")
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
@@ -108,7 +109,7 @@ def load_classification_data(
     ``channels``: convert to 1 (grey) or 3 channels (None keeps the source's).
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        raise UsageError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if data == "mnist5k":
         images, labels = load_mnist5k(split)
         images, names = images.float() / 255.0, [str(i) for i in range(10)]
@@ -125,7 +126,7 @@ def load_classification_data(
             images, labels = _load_npz(path)
             names = [str(i) for i in range(int(labels.max()) + 1)]
         else:
-            raise ValueError(f"data file {data!r} is not an .npz; give a folder of images or an .npz of arrays")
+            raise UsageError(f"data file {data!r} is not an .npz; give a folder of images or an .npz of arrays")
         index = _per_class_split(labels, split, eval_fraction, seed)
         images, labels = images[index], labels[index]
     images = _resize(images, image_size)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from ..errors import UsageError
 from ..files import open_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -18,7 +19,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
     if not root.exists():
         raise FileNotFoundError(f"data folder {str(folder)!r} does not exist; expected a folder of images")
     if not root.is_dir():
-        raise ValueError(f"data {str(folder)!r} is not a folder; expected a folder of images")
+        raise UsageError(f"data {str(folder)!r} is not a folder; expected a folder of images")
     files = sorted(
         p
         for p in root.rglob("*")
@@ -27,7 +28,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:
-        raise ValueError(f"data folder {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise UsageError(f"data folder {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -43,7 +44,7 @@ def load_image_folder(folder: str | Path, *, image_size: int) -> tuple[torch.Ten
     top_level = [p for p in files if p.parent == root]
     class_names = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
     if top_level and class_names:
-        raise ValueError(
+        raise UsageError(
             f"data folder {str(folder)!r} mixes images at its top level (e.g. {top_level[0].name!r}) with class "
             f"subfolders ({', '.join(class_names[:5])}); put every image in a class subfolder or none"
         )

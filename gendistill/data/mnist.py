@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UsageError
+
 SPLITS = ("train", "test", "all")
 NUM_CLASSES = 10
 PER_CLASS = 500
@@ -46,7 +48,7 @@ def _load_all() -> tuple[np.ndarray, np.ndarray]:
     path = mnist5k_path()
     rows = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # numpy opens .gz itself
     if rows.shape != (NUM_CLASSES * PER_CLASS, 28 * 28 + 1):
-        raise ValueError(f"{path} has shape {rows.shape}; expected ({NUM_CLASSES * PER_CLASS}, {28 * 28 + 1})")
+        raise UsageError(f"{path} has shape {rows.shape}; expected ({NUM_CLASSES * PER_CLASS}, {28 * 28 + 1})")
     pixels, labels = rows[:, :-1], rows[:, -1].astype(np.int64)
     pixels.flags.writeable = False
     labels.flags.writeable = False
@@ -64,9 +66,9 @@ def load_mnist5k(split: str = "train", *, test_per_class: int = 50) -> tuple[tor
     Returns fresh tensors ordered by class (callers may modify them).
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown MNIST split {split!r}; valid: {', '.join(SPLITS)}")
+        raise UsageError(f"unknown MNIST split {split!r}; valid: {', '.join(SPLITS)}")
     if not 0 <= test_per_class <= PER_CLASS:
-        raise ValueError(f"test_per_class must be in 0..{PER_CLASS}, got {test_per_class}")
+        raise UsageError(f"test_per_class must be in 0..{PER_CLASS}, got {test_per_class}")
     pixels, labels = _load_all()
     if split == "all":
         index = np.arange(len(labels))

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..files import open_safetensors
 
 EMBEDDINGS_KEY = "prompt_embeds"
@@ -38,11 +39,11 @@ def load_prompts(source: str | os.PathLike | Sequence[str]) -> list[str]:
         lines = list(source)
         bad = [type(p).__name__ for p in lines if not isinstance(p, str)]
         if bad:
-            raise ValueError(f"prompts must be strings; got {', '.join(sorted(set(bad)))}")
+            raise UsageError(f"prompts must be strings; got {', '.join(sorted(set(bad)))}")
         where = "the prompt list"
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise ValueError(f"{where} has no prompts (blank lines are skipped); give at least one prompt")
+        raise UsageError(f"{where} has no prompts (blank lines are skipped); give at least one prompt")
     return prompts
 
 
@@ -62,7 +63,7 @@ class PromptEmbeddings:
 
     def __init__(self, embeddings: torch.Tensor | None = None, *, path: str | os.PathLike | None = None):
         if (embeddings is None) == (path is None):
-            raise ValueError("give either the embeddings tensor or the path of a saved file")
+            raise UsageError("give either the embeddings tensor or the path of a saved file")
         self._tensor = embeddings
         self._file = None
         if path is not None:
@@ -71,7 +72,7 @@ class PromptEmbeddings:
             self._slice = self._file.get_slice(EMBEDDINGS_KEY)
         shape = tuple(self._tensor.shape if self._tensor is not None else self._slice.get_shape())
         if len(shape) != 3 or shape[0] < 1:
-            raise ValueError(f"prompt embeddings must have shape (N, L, D) with N >= 1, got {shape}")
+            raise UsageError(f"prompt embeddings must have shape (N, L, D) with N >= 1, got {shape}")
         self.shape = shape
 
     def __len__(self) -> int:
@@ -133,9 +134,9 @@ def _open(path: str | os.PathLike):
     try:
         return open_safetensors(path, what="prompt embeddings file")
     except ValueError as err:  # a cache: encoding the prompts again replaces it
-        raise ValueError(f"{err}; delete it and the prompts are encoded again") from None
+        raise UsageError(f"{err}; delete it and the prompts are encoded again") from None
 
 
 def _check_key(file, path: str | os.PathLike) -> None:
     if EMBEDDINGS_KEY not in file.keys():
-        raise ValueError(f"{path} holds no {EMBEDDINGS_KEY!r} tensor; is it a gendistill embeddings cache?")
+        raise UsageError(f"{path} holds no {EMBEDDINGS_KEY!r} tensor; is it a gendistill embeddings cache?")

@@ -21,13 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UsageError
+
 PATTERNS = ("white", "checkerboard")
 
 
 def _check_images(images: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a float tensor (B, C, H, W) in [0, 1], got {shape}")
+        raise UsageError(f"images must be a float tensor (B, C, H, W) in [0, 1], got {shape}")
 
 
 def _side(size: float, height: int, width: int) -> int:
@@ -39,9 +41,9 @@ def _side(size: float, height: int, width: int) -> int:
 
 def _check_size(size: float) -> None:
     if isinstance(size, bool) or not isinstance(size, int | float) or size <= 0:
-        raise ValueError(f"size must be a fraction of the image side in (0, 1) or a pixel count >= 1, got {size!r}")
+        raise UsageError(f"size must be a fraction of the image side in (0, 1) or a pixel count >= 1, got {size!r}")
     if size >= 1 and size != int(size):
-        raise ValueError(f"size >= 1 counts pixels and must be a whole number, got {size!r}")
+        raise UsageError(f"size >= 1 counts pixels and must be a whole number, got {size!r}")
 
 
 def _seeded_pattern(seed: int, channels: int, height: int, width: int) -> torch.Tensor:
@@ -74,9 +76,9 @@ class BadNets:
     def __post_init__(self) -> None:
         _check_size(self.size)
         if self.pattern not in PATTERNS:
-            raise ValueError(f"unknown BadNets pattern {self.pattern!r}; valid: {', '.join(PATTERNS)}")
+            raise UsageError(f"unknown BadNets pattern {self.pattern!r}; valid: {', '.join(PATTERNS)}")
         if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
-            raise ValueError(f"margin must be an integer >= 0, got {self.margin!r}")
+            raise UsageError(f"margin must be an integer >= 0, got {self.margin!r}")
 
     def _box(self, height: int, width: int) -> tuple[int, int, int]:
         """(top, left, side) of the square, shifted into the image when the margin does not fit."""
@@ -123,7 +125,7 @@ class Blend:
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 < self.alpha <= 1:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha!r}")
+            raise UsageError(f"alpha must be in (0, 1], got {self.alpha!r}")
 
     def pattern_image(self, channels: int, height: int, width: int) -> torch.Tensor:
         """(C, H, W) in [0, 1]: the seeded noise pattern."""
@@ -160,7 +162,7 @@ class Trojan:
             value = getattr(self, name)
             minimum = 1 if name == "thickness" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+                raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
     def mask(self, height: int, width: int) -> torch.Tensor:
         """(H, W) float: 1 on the ring and the centre dot."""
@@ -199,7 +201,7 @@ TRIGGERS: dict[str, type[BadNets] | type[Blend] | type[Trojan]] = {
 def make_trigger(name: str, **options) -> Trigger:
     """The trigger called ``name`` (a key of ``TRIGGERS``) with its dataclass ``options``."""
     if name not in TRIGGERS:
-        raise ValueError(f"unknown backdoor trigger {name!r}; valid: {', '.join(TRIGGERS)}")
+        raise UsageError(f"unknown backdoor trigger {name!r}; valid: {', '.join(TRIGGERS)}")
     return TRIGGERS[name](**options)
 
 
@@ -207,7 +209,7 @@ def _resolve(trigger: Trigger | str) -> Trigger:
     if isinstance(trigger, str):
         return make_trigger(trigger)
     if not hasattr(trigger, "apply"):
-        raise ValueError(f"trigger must be a name ({', '.join(TRIGGERS)}) or a trigger object, got {trigger!r}")
+        raise UsageError(f"trigger must be a name ({', '.join(TRIGGERS)}) or a trigger object, got {trigger!r}")
     return trigger
 
 
@@ -238,15 +240,15 @@ def poison(
     trigger = _resolve(trigger)
     _check_images(images)
     if labels.dim() != 1 or len(labels) != len(images):
-        raise ValueError(f"labels must be (N,) with N = {len(images)} images, got shape {tuple(labels.shape)}")
+        raise UsageError(f"labels must be (N,) with N = {len(images)} images, got shape {tuple(labels.shape)}")
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
-        raise ValueError(f"poison rate must be in (0, 1], got {rate!r}")
+        raise UsageError(f"poison rate must be in (0, 1], got {rate!r}")
     classes = int(labels.max()) + 1 if num_classes is None else num_classes
     if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < classes:
-        raise ValueError(f"backdoor target {target!r} is not a class index; valid: 0 to {classes - 1}")
+        raise UsageError(f"backdoor target {target!r} is not a class index; valid: 0 to {classes - 1}")
     candidates = torch.nonzero(labels.cpu() != target).flatten()
     if len(candidates) == 0:
-        raise ValueError(f"every image has label {target}: there are no non-target images to poison")
+        raise UsageError(f"every image has label {target}: there are no non-target images to poison")
     count = max(1, round(rate * len(candidates)))
     gen = torch.Generator().manual_seed(seed)
     chosen = candidates[torch.randperm(len(candidates), generator=gen)[:count]].to(images.device)

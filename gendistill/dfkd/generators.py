@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
+
 GENERATOR_OUTPUTS = ("sigmoid", "standardized")
 
 
@@ -41,11 +43,11 @@ class Generator(nn.Module):
     ):
         super().__init__()
         if img_size % 4 != 0 or img_size <= 0:
-            raise ValueError(f"img_size must be a positive multiple of 4 (two x2 upsamplings), got {img_size}")
+            raise UsageError(f"img_size must be a positive multiple of 4 (two x2 upsamplings), got {img_size}")
         if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be positive or None (unconditional), got {num_classes}")
+            raise UsageError(f"num_classes must be positive or None (unconditional), got {num_classes}")
         if output not in GENERATOR_OUTPUTS:
-            raise ValueError(f"generator output {output!r} is not valid; valid: {', '.join(GENERATOR_OUTPUTS)}")
+            raise UsageError(f"generator output {output!r} is not valid; valid: {', '.join(GENERATOR_OUTPUTS)}")
         self.nz, self.ngf, self.img_size, self.channels, self.num_classes = nz, ngf, img_size, channels, num_classes
         self.output = output
         self.init_size = img_size // 4
@@ -71,19 +73,19 @@ class Generator(nn.Module):
             self.output_norm = nn.BatchNorm2d(channels, affine=False)
             mean, std = normalization if normalization is not None else ((0.0,) * channels, (1.0,) * channels)
             if len(mean) != channels or len(std) != channels:
-                raise ValueError(f"normalization needs {channels} means and stds, got {mean} and {std}")
+                raise UsageError(f"normalization needs {channels} means and stds, got {mean} and {std}")
             self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), False)
             self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), False)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.nz:
-            raise ValueError(f"z must be (B, nz={self.nz}), got shape {tuple(z.shape)}")
+            raise UsageError(f"z must be (B, nz={self.nz}), got shape {tuple(z.shape)}")
         if self.label_embedding is None:
             if labels is not None:
-                raise ValueError("labels given to an unconditional Generator (built with num_classes=None)")
+                raise UsageError("labels given to an unconditional Generator (built with num_classes=None)")
         else:
             if labels is None:
-                raise ValueError(f"this Generator is class-conditional (num_classes={self.num_classes}): pass labels")
+                raise UsageError(f"this Generator is class-conditional (num_classes={self.num_classes}): pass labels")
             z = z * self.label_embedding(labels)
         out = self.conv_blocks(self.l1(z).view(z.shape[0], self.ngf * 2, self.init_size, self.init_size))
         if self.output == "standardized":
@@ -115,7 +117,7 @@ class EmbeddingGenerator(nn.Module):
     ):
         super().__init__()
         if num_classes < 1 or embed_dim < 1:
-            raise ValueError(f"num_classes and embed_dim must be positive, got {num_classes} and {embed_dim}")
+            raise UsageError(f"num_classes and embed_dim must be positive, got {num_classes} and {embed_dim}")
         self.num_classes, self.embed_dim, self.nz = num_classes, embed_dim, nz
         weight = nn.init.orthogonal_(torch.empty(num_classes, embed_dim))
         if learn_embedding:
@@ -130,10 +132,10 @@ class EmbeddingGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.nz:
-            raise ValueError(f"z must be (B, nz={self.nz}), got shape {tuple(z.shape)}")
+            raise UsageError(f"z must be (B, nz={self.nz}), got shape {tuple(z.shape)}")
         if labels is None or labels.shape != (z.shape[0],):
             got = None if labels is None else tuple(labels.shape)
-            raise ValueError(f"labels must be (B,) = ({z.shape[0]},) class indices, got {got}")
+            raise UsageError(f"labels must be (B,) = ({z.shape[0]},) class indices, got {got}")
         return self.body(torch.cat([self.embedding(labels), z], dim=1))
 
 
@@ -146,9 +148,9 @@ def augment(x: torch.Tensor, *, padding: int = 4, flip: bool = True) -> torch.Te
     device. Differentiable with respect to ``x``. Returns (B, C, H, W).
     """
     if x.dim() != 4:
-        raise ValueError(f"augment expects images (B, C, H, W), got shape {tuple(x.shape)}")
+        raise UsageError(f"augment expects images (B, C, H, W), got shape {tuple(x.shape)}")
     if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+        raise UsageError(f"padding must be >= 0, got {padding}")
     batch, _, height, width = x.shape
     device = x.device
     padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
@@ -175,7 +177,7 @@ class ImagePool:
 
     def __init__(self, capacity: int):
         if capacity < 1:
-            raise ValueError(f"capacity must be a positive number of images, got {capacity}")
+            raise UsageError(f"capacity must be a positive number of images, got {capacity}")
         self.capacity = capacity
         self.images: torch.Tensor | None = None  # (capacity, C, H, W) once the first batch arrives
         self.labels: torch.Tensor | None = None  # (capacity, ...) when the pool stores labels
@@ -194,7 +196,7 @@ class ImagePool:
     def add(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Store ``images`` (B, C, H, W) and ``labels`` (B, ...) if given."""
         if labels is not None and labels.shape[:1] != images.shape[:1]:
-            raise ValueError(
+            raise UsageError(
                 f"labels must have one row per image ({images.shape[0]}), got shape {tuple(labels.shape)}"
             )
         if self.images is None:
@@ -203,12 +205,12 @@ class ImagePool:
                 self.labels = torch.empty((self.capacity, *labels.shape[1:]), dtype=labels.dtype, device=images.device)
         else:
             if images.shape[1:] != self.images.shape[1:]:
-                raise ValueError(
+                raise UsageError(
                     f"images of shape {tuple(images.shape[1:])} added to a pool of {tuple(self.images.shape[1:])}"
                 )
             if (labels is None) != (self.labels is None):
                 has = "has" if self.labels is not None else "has no"
-                raise ValueError(f"this pool {has} labels: pass labels to every add() or to none")
+                raise UsageError(f"this pool {has} labels: pass labels to every add() or to none")
         count = images.shape[0]
         if count > self.capacity:  # only the newest `capacity` survive, as if written one by one
             self._next = (self._next + count - self.capacity) % self.capacity
@@ -227,11 +229,11 @@ class ImagePool:
         (``torch.randint``) or without (``torch.randperm``; then at most ``len(self)``): (images (batch_size, C, H,
         W), labels (batch_size, ...) or None)."""
         if self._size == 0:
-            raise ValueError("cannot sample from an empty ImagePool: add() images first")
+            raise UsageError("cannot sample from an empty ImagePool: add() images first")
         if replace:
             index = torch.randint(0, self._size, (batch_size,), device=self.images.device)
         elif batch_size > self._size:
-            raise ValueError(f"cannot draw {batch_size} distinct entries from a pool holding {self._size}")
+            raise UsageError(f"cannot draw {batch_size} distinct entries from a pool holding {self._size}")
         else:
             index = torch.randperm(self._size, device=self.images.device)[:batch_size]
         return self.images[index], self.labels[index] if self.labels is not None else None
@@ -252,7 +254,7 @@ class ImagePool:
         images, labels = state["images"], state["labels"]
         filled = images is not None and len(images) == size and (size == capacity or next_slot == size)
         if capacity != self.capacity or not 0 <= next_slot < capacity or not (filled or (images is None and not size)):
-            raise ValueError(
+            raise UsageError(
                 f"a pool state of capacity {capacity} (size {size}, next slot {next_slot}) does not fit this pool of "
                 f"capacity {self.capacity}"
             )

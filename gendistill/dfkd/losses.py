@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from ..kernels import channel_stats
 
 ADVERSARIAL_KINDS = ("kl", "l1", "js")
@@ -21,7 +22,7 @@ ADVERSARIAL_KINDS = ("kl", "l1", "js")
 
 def _check_tau(tau: float) -> None:
     if not tau > 0:
-        raise ValueError(f"the temperature tau must be positive, got {tau}")
+        raise UsageError(f"the temperature tau must be positive, got {tau}")
 
 
 def _kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -79,7 +80,7 @@ def adversarial_loss(
     whole batch, so samples the student already gets wrong stop pushing the generator.
     """
     if kind not in ADVERSARIAL_KINDS:
-        raise ValueError(f"unknown adversarial loss kind {kind!r}; valid: {', '.join(ADVERSARIAL_KINDS)}")
+        raise UsageError(f"unknown adversarial loss kind {kind!r}; valid: {', '.join(ADVERSARIAL_KINDS)}")
     _check_tau(tau)
     if kind == "kl":
         per_sample = _kl_per_sample(student_logits, teacher_logits, tau)
@@ -106,7 +107,7 @@ def information_entropy_loss(teacher_logits: torch.Tensor, *, base: float = 10.0
     ``p = mean_i softmax(T_i)`` (K,). This is minus the entropy of ``p``; minimizing it pushes every class to
     appear equally often. DAFL's code uses ``log10`` (``base=10``); ``-log_base(K)`` is the minimum (uniform p)."""
     if not (base > 0 and base != 1):
-        raise ValueError(f"the logarithm base must be positive and not 1, got {base}")
+        raise UsageError(f"the logarithm base must be positive and not 1, got {base}")
     p = F.softmax(teacher_logits, dim=1).mean(dim=0)
     log_p = p.clamp_min(torch.finfo(p.dtype).tiny).log()  # a class with p = 0 contributes 0, not nan
     return (p * log_p).sum() / math.log(base)
@@ -121,7 +122,7 @@ def image_prior_loss(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``l2`` is the per-image Euclidean norm over (C, H, W), averaged over the batch (DeepInversion's ``loss_l2``).
     """
     if x.dim() != 4:
-        raise ValueError(f"image_prior_loss expects images (B, C, H, W), got shape {tuple(x.shape)}")
+        raise UsageError(f"image_prior_loss expects images (B, C, H, W), got shape {tuple(x.shape)}")
     diffs = (
         x[:, :, :, :-1] - x[:, :, :, 1:],  # horizontal
         x[:, :, :-1, :] - x[:, :, 1:, :],  # vertical
@@ -140,11 +141,11 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
     over the N anchors."""
     _check_tau(tau)
     if anchor.dim() != 2 or positive.shape != anchor.shape:
-        raise ValueError(
+        raise UsageError(
             f"anchor and positive must both be (N, D), got {tuple(anchor.shape)} and {tuple(positive.shape)}"
         )
     if negatives.dim() not in (2, 3) or negatives.shape[-1] != anchor.shape[1]:
-        raise ValueError(
+        raise UsageError(
             f"negatives must be (M, D) or (N, M, D) with D={anchor.shape[1]}, got {tuple(negatives.shape)}"
         )
     anchor, positive, negatives = (F.normalize(t, dim=-1) for t in (anchor, positive, negatives))
@@ -167,7 +168,7 @@ def prototype_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, *, 
     classes'. Gradients flow through the prototypes too. A batch with a single class gives 0."""
     _check_tau(tau)
     if features.dim() != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(
+        raise UsageError(
             f"features must be (N, D) and labels (N,), got {tuple(features.shape)} and {tuple(labels.shape)}"
         )
     features = F.normalize(features.float(), dim=1)
@@ -248,16 +249,16 @@ class BNStatsLoss:
         backend: str | None = None,
     ):
         if kind not in BN_LOSS_KINDS:
-            raise ValueError(f"BN statistics loss kind {kind!r} is not valid; valid: {', '.join(BN_LOSS_KINDS)}")
+            raise UsageError(f"BN statistics loss kind {kind!r} is not valid; valid: {', '.join(BN_LOSS_KINDS)}")
         self.kind = kind
         self.backend = backend
         if momentum is not None and not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1) or None, got {momentum}")
+            raise UsageError(f"momentum must be in [0, 1) or None, got {momentum}")
         if update not in ("forward", "manual"):
-            raise ValueError(f"update must be 'forward' or 'manual', got {update!r}")
+            raise UsageError(f"update must be 'forward' or 'manual', got {update!r}")
         layers = _batchnorm_layers(model)
         if not layers:
-            raise ValueError(
+            raise UsageError(
                 f"{type(model).__name__} has no BatchNorm layer with running statistics; the bn loss needs one "
                 "(check has_batchnorm(model) first)"
             )

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import UsageError
 from ..files import check_fits_in_memory, read_json, read_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
@@ -181,7 +182,7 @@ class WideResNet(nn.Module):
     def __init__(self, depth: int, width: int, *, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if (depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n + 4, got {depth}")
+            raise UsageError(f"WRN depth must be 6n + 4, got {depth}")
         n, (c1, c2, c3) = (depth - 4) // 6, (16 * width, 32 * width, 64 * width)
         self.conv1 = _conv3x3(in_channels, 16)
         self.block1 = _stage(WideBlock, 16, c1, n, stride=1)
@@ -306,7 +307,7 @@ def canonical_arch(arch: str, *, what: str = "architecture") -> str:
     ``ValueError`` naming it as ``what`` lists the valid names otherwise."""
     name = arch.replace("-", "_") if isinstance(arch, str) else arch
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown {what} {arch!r}; valid: {', '.join(ARCHITECTURES)} (hyphens work too)")
+        raise UsageError(f"unknown {what} {arch!r}; valid: {', '.join(ARCHITECTURES)} (hyphens work too)")
     return name
 
 
@@ -319,12 +320,12 @@ def check_image_size(arch: str, image_size: int) -> None:
     _check_arch(arch)
     if arch in FIXED_32:
         if image_size != 32:
-            raise ValueError(
+            raise UsageError(
                 f"architecture {arch!r} takes exactly 32x32 images (pad MNIST's 28x28 to 32), "
                 f"got image_size={image_size}"
             )
     elif not isinstance(image_size, int) or image_size < 32 or image_size % 8:
-        raise ValueError(
+        raise UsageError(
             f"architecture {arch!r} takes image sizes that are multiples of 8 and at least 32 (32, 40, 48, 64, ...), "
             f"got image_size={image_size}"
         )
@@ -343,17 +344,17 @@ class ClassifierConfig:
 def _check_config(config: ClassifierConfig) -> None:
     """Input checks shared by ``Classifier``, ``build_classifier`` and ``load_classifier``."""
     if isinstance(config.num_classes, bool) or not isinstance(config.num_classes, int) or config.num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {config.num_classes!r}")
+        raise UsageError(f"num_classes must be an integer >= 2, got {config.num_classes!r}")
     if isinstance(config.in_channels, bool) or not isinstance(config.in_channels, int) or config.in_channels < 1:
-        raise ValueError(f"in_channels must be an integer >= 1, got {config.in_channels!r}")
+        raise UsageError(f"in_channels must be an integer >= 1, got {config.in_channels!r}")
     if (config.mean is None) != (config.std is None):
-        raise ValueError(f"give both mean and std or neither, got mean={config.mean} and std={config.std}")
+        raise UsageError(f"give both mean and std or neither, got mean={config.mean} and std={config.std}")
     if config.mean is not None:
         for name, values in (("mean", config.mean), ("std", config.std)):
             if len(values) != config.in_channels:
-                raise ValueError(f"{name} needs one value per input channel ({config.in_channels}), got {values}")
+                raise UsageError(f"{name} needs one value per input channel ({config.in_channels}), got {values}")
         if min(config.std) <= 0:
-            raise ValueError(f"std must be positive, got {config.std}")
+            raise UsageError(f"std must be positive, got {config.std}")
 
 
 def _last_linear(module: nn.Module) -> str | None:
@@ -384,9 +385,9 @@ class Classifier(nn.Module):
         if feature_layer is None:
             feature_layer = _last_linear(self)
             if feature_layer is None:
-                raise ValueError("the net has no nn.Linear layer; pass feature_layer= (a module name of the net)")
+                raise UsageError("the net has no nn.Linear layer; pass feature_layer= (a module name of the net)")
         elif feature_layer not in dict(self.named_modules()):
-            raise ValueError(f"feature_layer {feature_layer!r} is not a module name of this classifier")
+            raise UsageError(f"feature_layer {feature_layer!r} is not a module name of this classifier")
         self.feature_layer = feature_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -443,7 +444,7 @@ def save_classifier(model: Classifier, folder: str | os.PathLike) -> None:
     written last, so a folder with a config.json always holds the weights that go with it.
     """
     if not isinstance(model, Classifier):
-        raise ValueError(f"save_classifier takes a Classifier, got {type(model).__name__}")
+        raise UsageError(f"save_classifier takes a Classifier, got {type(model).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
@@ -481,16 +482,16 @@ def load_classifier(folder: str | os.PathLike, *, num_classes: int | None = None
     fields = ", ".join(f.name for f in dataclasses.fields(ClassifierConfig))
     values = read_json(config_path, what="classifier config")
     if not isinstance(values, dict):
-        raise ValueError(
+        raise UsageError(
             f"{str(config_path)!r} is not a classifier config: expected a JSON object with fields {fields}"
         )
     try:
         config = ClassifierConfig(**values)
     except TypeError as err:
-        raise ValueError(f"{str(config_path)!r} is not a classifier config with fields {fields}: {err}") from None
+        raise UsageError(f"{str(config_path)!r} is not a classifier config with fields {fields}: {err}") from None
     _check_arch(config.arch)
     if num_classes is not None and num_classes != config.num_classes:
-        raise ValueError(
+        raise UsageError(
             f"num_classes={num_classes} was asked for but the classifier in {str(folder)!r} has {config.num_classes}"
         )
     try:
@@ -503,7 +504,7 @@ def load_classifier(folder: str | os.PathLike, *, num_classes: int | None = None
             std=config.std,
         )
     except ValueError as err:
-        raise ValueError(f"classifier config {str(config_path)!r}: {err}") from None
+        raise UsageError(f"classifier config {str(config_path)!r}: {err}") from None
     state = read_safetensors(weights_path, what="classifier weights")
     expected = model.net.state_dict()
     missing = [k for k in expected if k not in state]
@@ -528,7 +529,7 @@ def load_classifier(folder: str | os.PathLike, *, num_classes: int | None = None
         except RuntimeError as err:  # e.g. a dtype that cannot be copied; shapes were checked above
             problems = [str(err).splitlines()[0]]
     if problems:
-        raise ValueError(
+        raise UsageError(
             f"the weights in {str(weights_path)!r} do not match architecture {config.arch!r} with "
             f"num_classes={config.num_classes}, in_channels={config.in_channels}; " + "; ".join(problems)
         )
@@ -554,7 +555,7 @@ class FeatureHooks:
         unknown = [n for n in names if n not in modules]
         if unknown:
             valid = [n for n in modules if n]
-            raise ValueError(
+            raise UsageError(
                 f"unknown module name(s) {', '.join(map(repr, unknown))}; valid names include {_first(valid, 12)}"
             )
         self.features: dict[str, torch.Tensor] = {}

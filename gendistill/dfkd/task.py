@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..task import Phase
 from .models import Classifier
 
@@ -54,11 +55,11 @@ class DFKDTask(nn.Module):
         super().__init__()
         t, s = teacher.config, student.config
         if t.num_classes != s.num_classes:
-            raise ValueError(
+            raise UsageError(
                 f"the teacher has {t.num_classes} classes but the student {s.num_classes}; they must agree"
             )
         if (t.in_channels, t.image_size) != (s.in_channels, s.image_size):
-            raise ValueError(
+            raise UsageError(
                 f"the teacher takes {t.in_channels}x{t.image_size}x{t.image_size} images but the student "
                 f"{s.in_channels}x{s.image_size}x{s.image_size}; they must agree"
             )
@@ -72,14 +73,14 @@ class DFKDTask(nn.Module):
         if generator is not None and not synthesizer.exposes_generator_tensors:
             unsupported = [type(o).__name__ for o in self.objectives if hasattr(o, "generator_terms")]
             if unsupported:
-                raise ValueError(
+                raise UsageError(
                     f"objective(s) {', '.join(unsupported)} add generator terms, which method {synthesizer.name!r} "
                     "does not support (its generator phase is not a loss on generated images); use student_terms"
                 )
         if eval_data is not None:
             images, labels = eval_data
             if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
-                raise ValueError(f"eval_data must be images (N, C, H, W) and labels (N,), got {tuple(images.shape)}")
+                raise UsageError(f"eval_data must be images (N, C, H, W) and labels (N,), got {tuple(images.shape)}")
             self.register_buffer("eval_images", images.float(), persistent=False)
             self.register_buffer("eval_labels", labels.long(), persistent=False)
         self._teacher_eval: dict[str, torch.Tensor] | None = None
@@ -144,7 +145,7 @@ class DFKDTask(nn.Module):
                 continue
             for name, term in getattr(objective, hook)(**tensors, task=self).items():
                 if name in losses:
-                    raise ValueError(f"{type(objective).__name__}.{hook} returns {name!r}, a name already in the loss")
+                    raise UsageError(f"{type(objective).__name__}.{hook} returns {name!r}, a name already in the loss")
                 losses["loss"] = losses["loss"] + term
                 losses[name] = term.detach()
         return losses
@@ -157,10 +158,10 @@ class DFKDTask(nn.Module):
 
     def load_extra_state(self, state: dict) -> None:
         if state["method"] != self.synthesizer.name:
-            raise ValueError(f"the state is of method {state['method']!r}, this task's is {self.synthesizer.name!r}")
+            raise UsageError(f"the state is of method {state['method']!r}, this task's is {self.synthesizer.name!r}")
         expected, saved = sorted(self.synthesizer.state_dict()), sorted(state["synthesizer"])
         if saved != expected:
-            raise ValueError(f"the synthesizer state has entries {saved}, this method's are {expected}")
+            raise UsageError(f"the synthesizer state has entries {saved}, this method's are {expected}")
         self.synthesizer.load_state_dict(state["synthesizer"])
 
     # --- quality signals ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from ..data.prompts import PromptEmbeddings
+from ..errors import UsageError
 from ..kernels import boot_guided_loss
 from ..task import Phase
 from .schedule import boot_grid, ddim_signal_step, predicted_x0
@@ -65,36 +66,36 @@ class BootConfig:
 
     def validate(self) -> None:
         if self.num_intervals < 1:
-            raise ValueError(f"num_intervals (K) must be positive, got {self.num_intervals}")
+            raise UsageError(f"num_intervals (K) must be positive, got {self.num_intervals}")
         if self.parameterization not in PARAMETERIZATIONS:
-            raise ValueError(
+            raise UsageError(
                 f"unknown parameterization {self.parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}"
             )
         if not 0.0 <= self.boundary_fraction < 1.0:
-            raise ValueError(f"boundary_fraction must be in [0, 1), got {self.boundary_fraction}")
+            raise UsageError(f"boundary_fraction must be in [0, 1), got {self.boundary_fraction}")
         if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+            raise UsageError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.guidance_range is not None:
             if len(self.guidance_range) != 2 or not 0 <= self.guidance_range[0] < self.guidance_range[1]:
-                raise ValueError(
+                raise UsageError(
                     f"guidance_range must be [w_min, w_max] with 0 <= w_min < w_max, got {list(self.guidance_range)}"
                 )
             w_min, w_max = self.guidance_range
             if not w_min <= self.guidance_scale <= w_max:
-                raise ValueError(
+                raise UsageError(
                     f"guidance_scale {self.guidance_scale} (the default scale) is outside the "
                     f"guidance_range [{w_min}, {w_max}]"
                 )
             if self.guidance_embedding_dim < 2:
-                raise ValueError(f"guidance_embedding_dim must be >= 2, got {self.guidance_embedding_dim}")
+                raise UsageError(f"guidance_embedding_dim must be >= 2, got {self.guidance_embedding_dim}")
         if self.num_eval_noises < 1:
-            raise ValueError(f"num_eval_noises must be positive, got {self.num_eval_noises}")
+            raise UsageError(f"num_eval_noises must be positive, got {self.num_eval_noises}")
         if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0 (0: full student), got {self.lora_rank}")
+            raise UsageError(f"lora_rank must be >= 0 (0: full student), got {self.lora_rank}")
         if self.lora_alpha is not None and self.lora_rank == 0:
-            raise ValueError("lora_alpha was given but lora_rank is 0 (no LoRA student)")
+            raise UsageError("lora_alpha was given but lora_rank is 0 (no LoRA student)")
         if self.lora_rank > 0 and importlib.util.find_spec("peft") is None:
-            raise ValueError(
+            raise UsageError(
                 f"lora_rank={self.lora_rank} needs peft, which is not installed: pip install 'gendistill[lora]' "
                 "(or use lora_rank 0 for a full student)"
             )
@@ -107,7 +108,7 @@ def build_student(teacher: DiffusionTeacher, config: BootConfig) -> nn.Module:
     unet = teacher.unet
     if config.guidance_range is not None:
         if "time_cond_proj_dim" not in unet.config:
-            raise ValueError(
+            raise UsageError(
                 f"a guidance range needs a UNet that takes timestep_cond (UNet2DConditionModel); this teacher's "
                 f"{type(unet).__name__} does not: use a fixed guidance_scale"
             )
@@ -127,7 +128,7 @@ def build_student(teacher: DiffusionTeacher, config: BootConfig) -> nn.Module:
         names = [name for name, _ in student.named_modules()]
         targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
         if not targets:
-            raise ValueError(f"the teacher {type(unet).__name__} has none of the LoRA target layers {LORA_TARGETS}")
+            raise UsageError(f"the teacher {type(unet).__name__} has none of the LoRA target layers {LORA_TARGETS}")
         student.requires_grad_(False)
         student.add_adapter(
             LoraConfig(
@@ -174,24 +175,24 @@ class BootTask(nn.Module):
         config.validate()
         self.teacher = teacher
         if config.guidance_scale != 1.0 and not (teacher.is_class_conditional or teacher.is_text_conditional):
-            raise ValueError(
+            raise UsageError(
                 f"guidance_scale {config.guidance_scale} needs a class- or text-conditional teacher; this one is "
                 "unconditional"
             )
         if teacher.is_text_conditional:
             if not prompts:
-                raise ValueError("a text-to-image teacher needs prompts to distill on (a prompts file or list)")
+                raise UsageError("a text-to-image teacher needs prompts to distill on (a prompts file or list)")
             if config.class_ids is not None:
-                raise ValueError("class_ids were given but the teacher is text-conditional")
+                raise UsageError("class_ids were given but the teacher is text-conditional")
         elif prompts is not None or prompt_embeddings is not None:
-            raise ValueError("prompts were given but the teacher is not text-conditional")
+            raise UsageError("prompts were given but the teacher is not text-conditional")
         self.prompts = list(prompts) if prompts is not None else None
         self.prompt_embeddings = None
         if prompt_embeddings is not None:
             self.use_prompt_embeddings(prompt_embeddings)
         if config.class_ids is not None:
             if not config.class_ids:
-                raise ValueError("class_ids is empty; give at least one class or leave it unset for all classes")
+                raise UsageError("class_ids is empty; give at least one class or leave it unset for all classes")
             teacher.check_class_labels(list(config.class_ids))
         self.class_ids = list(config.class_ids) if config.class_ids is not None else teacher.class_ids
         self.student = build_student(teacher, config)
@@ -272,7 +273,7 @@ class BootTask(nn.Module):
     def use_prompt_embeddings(self, embeddings: PromptEmbeddings) -> None:
         """Draw prompt conditions from ``embeddings`` (one row per prompt, in order) instead of the text encoder."""
         if len(embeddings) != len(self.prompts or []):
-            raise ValueError(f"{len(embeddings)} prompt embeddings were given for {len(self.prompts or [])} prompts")
+            raise UsageError(f"{len(embeddings)} prompt embeddings were given for {len(self.prompts or [])} prompts")
         self.prompt_embeddings = embeddings
 
     def prompt_states(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UsageError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def check_prediction_type(prediction_type: str) -> str:
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unsupported prediction type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+        raise UsageError(f"unsupported prediction type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
     return prediction_type
 
 
@@ -40,9 +42,9 @@ def boot_grid(num_train_timesteps: int, num_intervals: int) -> list[int]:
     (the "trailing" spacing of diffusers' schedulers); ``t_K = 0`` is where the one-step sample is read.
     """
     if num_intervals < 1:
-        raise ValueError(f"the number of intervals K must be positive, got {num_intervals}")
+        raise UsageError(f"the number of intervals K must be positive, got {num_intervals}")
     if num_intervals > num_train_timesteps - 1:
-        raise ValueError(
+        raise UsageError(
             f"K={num_intervals} intervals need {num_intervals + 1} distinct timesteps but the teacher has only "
             f"{num_train_timesteps}; use K <= {num_train_timesteps - 1}"
         )

@@ -19,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
+from ..errors import UsageError
 from ..files import error_summary, read_json
 from .schedule import NoiseSchedule, check_prediction_type, predicted_x0
 
@@ -35,7 +36,7 @@ TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 def _read_json(path: Path, what: str) -> dict:
     data = read_json(path, what=what)
     if not isinstance(data, dict):
-        raise ValueError(f"{what} {str(path)!r} is not a JSON object")
+        raise UsageError(f"{what} {str(path)!r} is not a JSON object")
     return data
 
 
@@ -45,7 +46,7 @@ def _from_pretrained(cls, source: str, subfolder: str):
     try:
         return cls.from_pretrained(source, subfolder=subfolder)
     except Exception as err:  # diffusers/transformers raise OSError, ValueError, RuntimeError, safetensors errors...
-        raise ValueError(
+        raise UsageError(
             f"teacher {source!r}: cannot load {subfolder}/ as a {cls.__name__} ({error_summary(err)}); "
             "expected the files save_pretrained writes"
         ) from None
@@ -60,10 +61,10 @@ def _scheduler_from_config(config: dict):
     name = config.get("_class_name")
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
-        raise ValueError(f"scheduler config names {name!r}, which is not a diffusers scheduler class")
+        raise UsageError(f"scheduler config names {name!r}, which is not a diffusers scheduler class")
     scheduler = cls.from_config(config)
     if not hasattr(scheduler, "alphas_cumprod"):
-        raise ValueError(f"scheduler {name} has no alphas_cumprod; use a DDPM/DDIM-family scheduler config")
+        raise UsageError(f"scheduler {name} has no alphas_cumprod; use a DDPM/DDIM-family scheduler config")
     return scheduler
 
 
@@ -85,12 +86,12 @@ class DiffusionTeacher(nn.Module):
     ):
         super().__init__()
         if type(unet).__name__ not in self.unet_classes:
-            raise ValueError(
+            raise UsageError(
                 f"unsupported teacher UNet class {type(unet).__name__} for {type(self).__name__}; "
                 f"valid: {', '.join(self.unet_classes)}"
             )
         if not hasattr(scheduler, "alphas_cumprod"):
-            raise ValueError(f"scheduler {type(scheduler).__name__} has no alphas_cumprod")
+            raise UsageError(f"scheduler {type(scheduler).__name__} has no alphas_cumprod")
         self.unet = unet.eval().requires_grad_(False)
         self.scheduler = scheduler
         self.prediction_type = check_prediction_type(
@@ -98,19 +99,19 @@ class DiffusionTeacher(nn.Module):
         )
         self.schedule = NoiseSchedule(scheduler.alphas_cumprod)
         if self.prediction_type == "epsilon" and float(self.schedule.alpha.min()) == 0.0:
-            raise ValueError(
+            raise UsageError(
                 "an epsilon-prediction teacher cannot predict x0 where alpha_t = 0 (zero terminal SNR schedule); "
                 "use a v_prediction or sample teacher, or a schedule without rescale_betas_zero_snr"
             )
         num_embeds = unet.config.get("num_class_embeds")
         if num_embeds is None:
             if null_class_id is not None:
-                raise ValueError("null_class_id was given but the teacher is unconditional (no num_class_embeds)")
+                raise UsageError("null_class_id was given but the teacher is unconditional (no num_class_embeds)")
             self.null_class_id = None
         else:
             null = num_embeds - 1 if null_class_id is None else int(null_class_id)
             if not 0 <= null < num_embeds:
-                raise ValueError(f"null_class_id {null} is out of range for a teacher with {num_embeds} class embeds")
+                raise UsageError(f"null_class_id {null} is out of range for a teacher with {num_embeds} class embeds")
             self.null_class_id = null
 
     # --- loading -----------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class DiffusionTeacher(nn.Module):
                 if unet_class in TEXT_UNETS
                 else ""
             )
-            raise ValueError(
+            raise UsageError(
                 f"teacher UNet class {unet_class!r} is not supported here{hint}; valid: {', '.join(SUPPORTED_UNETS)}"
             )
         if prediction_type is None:
@@ -173,12 +174,12 @@ class DiffusionTeacher(nn.Module):
         if class_labels is None:
             return
         if not self.is_class_conditional:
-            raise ValueError("class labels were given but the teacher is unconditional (its UNet has no class embeds)")
+            raise UsageError("class labels were given but the teacher is unconditional (its UNet has no class embeds)")
         labels = torch.as_tensor(class_labels).flatten().tolist()
         valid = set(self.class_ids)
         bad = [c for c in labels if c not in valid]
         if bad:
-            raise ValueError(
+            raise UsageError(
                 f"class id(s) {bad} out of range: valid ids are 0..{self.unet.config.num_class_embeds - 1} "
                 f"except the null class {self.null_class_id}"
             )
@@ -257,10 +258,10 @@ def _read_unet_and_scheduler(path: str | os.PathLike) -> tuple[str, dict, dict]:
     local = Path(path_str).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise ValueError(f"teacher {path_str!r} is a file; expected a diffusers folder (unet/, scheduler/)")
+            raise UsageError(f"teacher {path_str!r} is a file; expected a diffusers folder (unet/, scheduler/)")
         missing = [sub for sub in ("unet", "scheduler") if not (local / sub).is_dir()]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"teacher folder {path_str!r} is not a diffusers teacher: missing subfolder(s) "
                 f"{', '.join(missing)} (expected unet/ and scheduler/, as DDPMPipeline.save_pretrained writes)"
             )
@@ -311,15 +312,15 @@ class TextDiffusionTeacher(DiffusionTeacher):
         prediction_type: str | None = None,
     ):
         if text_encoder is None or tokenizer is None or vae is None:
-            raise ValueError(
+            raise UsageError(
                 "a text-to-image teacher needs its text encoder, tokenizer and VAE (this one has "
                 f"text_encoder={type(text_encoder).__name__}, tokenizer={type(tokenizer).__name__}, "
                 f"vae={type(vae).__name__})"
             )
         if unet.config.get("time_cond_proj_dim") is not None:
-            raise ValueError("teacher UNets that take timestep_cond (time_cond_proj_dim) are not supported")
+            raise UsageError("teacher UNets that take timestep_cond (time_cond_proj_dim) are not supported")
         if unet.config.get("addition_embed_type") is not None:
-            raise ValueError(
+            raise UsageError(
                 f"teacher UNet uses addition_embed_type={unet.config.addition_embed_type!r} (SDXL-style added "
                 "conditions), which is not supported yet; SD 1.x/2.x teachers are"
             )
@@ -337,7 +338,7 @@ class TextDiffusionTeacher(DiffusionTeacher):
 
         source, unet_config, scheduler_config = _read_unet_and_scheduler(path)
         if unet_config.get("_class_name") not in TEXT_UNETS:
-            raise ValueError(
+            raise UsageError(
                 f"teacher UNet class {unet_config.get('_class_name')!r} is not a text-to-image UNet; "
                 f"valid: {', '.join(TEXT_UNETS)}"
             )
@@ -345,7 +346,7 @@ class TextDiffusionTeacher(DiffusionTeacher):
         if local.is_dir():
             missing = [name for name in ("text_encoder", "tokenizer", "vae") if not (local / name).is_dir()]
             if missing:
-                raise ValueError(
+                raise UsageError(
                     f"teacher {source!r} has no {', '.join(missing)} subfolder: a text-to-image teacher needs its "
                     "text encoder, tokenizer and VAE (a StableDiffusionPipeline folder)"
                 )
@@ -363,16 +364,16 @@ class TextDiffusionTeacher(DiffusionTeacher):
             names[name] = value[1] if isinstance(value, list) and len(value) == 2 else None
         encoder_name, tokenizer_name = names["text_encoder"], names["tokenizer"]
         if encoder_name is None or tokenizer_name is None:
-            raise ValueError(
+            raise UsageError(
                 f"teacher {source!r} has no text encoder or tokenizer (model_index.json: text_encoder="
                 f"{index.get('text_encoder')}, tokenizer={index.get('tokenizer')}); a text-to-image teacher needs both"
             )
         if encoder_name not in TEXT_ENCODERS:
-            raise ValueError(
+            raise UsageError(
                 f"text encoder class {encoder_name!r} is not supported; valid: {', '.join(TEXT_ENCODERS)}"
             )
         if tokenizer_name not in TOKENIZERS:
-            raise ValueError(f"tokenizer class {tokenizer_name!r} is not supported; valid: {', '.join(TOKENIZERS)}")
+            raise UsageError(f"tokenizer class {tokenizer_name!r} is not supported; valid: {', '.join(TOKENIZERS)}")
         if prediction_type is None:
             check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
         unet = _from_pretrained(UNet2DConditionModel, source, "unet")
@@ -443,7 +444,7 @@ def load_teacher(
     _, unet_config, _ = _read_unet_and_scheduler(path)
     if unet_config.get("_class_name") in TEXT_UNETS:
         if null_class_id is not None:
-            raise ValueError(
+            raise UsageError(
                 "null_class_id applies to class-conditional teachers; a text teacher's null is the '' prompt"
             )
         return TextDiffusionTeacher.from_pretrained(path, prediction_type=prediction_type)

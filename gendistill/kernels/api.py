@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from ..errors import UsageError
 from . import reference
 
 BACKENDS = ("triton", "torch")
@@ -32,12 +33,12 @@ def _resolve(backend: str | None, tensor: torch.Tensor) -> str:
     if backend is None:
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; valid: {', '.join(BACKENDS)} (or None: automatic)")
+        raise UsageError(f"unknown kernel backend {backend!r}; valid: {', '.join(BACKENDS)} (or None: automatic)")
     if backend == "triton":
         if not triton_available():
-            raise ValueError("backend 'triton' needs the triton package (pip install triton)")
+            raise UsageError("backend 'triton' needs the triton package (pip install triton)")
         if not tensor.is_cuda and not _interpreting():
-            raise ValueError(
+            raise UsageError(
                 f"backend 'triton' needs CUDA tensors, got a {tensor.device.type} tensor "
                 "(set TRITON_INTERPRET=1 before importing gendistill to run Triton's interpreter on the CPU)"
             )
@@ -48,7 +49,7 @@ def channel_stats(x: torch.Tensor, *, backend: str | None = None) -> tuple[torch
     """Mean and biased variance (C,) float32 of ``x`` (N, C, *) over all dimensions but the channel one; one pass
     with float32 accumulation on the Triton backend. Differentiable with respect to ``x``."""
     if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"channel_stats expects (N, C, ...) with N > 0, got shape {tuple(x.shape)}")
+        raise UsageError(f"channel_stats expects (N, C, ...) with N > 0, got shape {tuple(x.shape)}")
     if _resolve(backend, x) == "torch":
         return reference.channel_stats(x)
     from .triton_kernels import ChannelStats
@@ -74,10 +75,10 @@ def boot_guided_loss(
     shape = student.shape
     for name, t in (("y_prev", y_prev), ("x", x), ("u_cond", u_cond), ("u_uncond", u_uncond)):
         if t is not None and t.shape != shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but the student's signal {tuple(shape)}")
+            raise UsageError(f"{name} has shape {tuple(t.shape)} but the student's signal {tuple(shape)}")
     for name, t in (("guidance", guidance), ("alpha", alpha), ("sigma", sigma), ("d", d)):
         if t.numel() != shape[0]:
-            raise ValueError(f"{name} must hold one value per sample ({shape[0]}), got shape {tuple(t.shape)}")
+            raise UsageError(f"{name} must hold one value per sample ({shape[0]}), got shape {tuple(t.shape)}")
     args = (student, y_prev, x, u_cond, u_uncond, guidance, alpha, sigma, d, prediction_type)
     if _resolve(backend, student) == "torch":
         return reference.boot_guided_loss(*args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...errors import UsageError
 from .base import GeneratorSynthesizer, PoolSynthesizer, Synthesizer, SynthesizerConfig
 from .cae import CAE
 from .cmi import CMI
@@ -21,7 +22,7 @@ METHODS: dict[str, type[Synthesizer]] = {
 def get_method(name: str) -> type[Synthesizer]:
     """The synthesizer class of method ``name``; ``ValueError`` listing the valid names otherwise."""
     if name not in METHODS:
-        raise ValueError(f"unknown DFKD method {name!r}; valid: {', '.join(sorted(METHODS))}")
+        raise UsageError(f"unknown DFKD method {name!r}; valid: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 

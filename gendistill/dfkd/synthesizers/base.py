@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...errors import UsageError
 from ...task import Phase
 from ..generators import Generator, ImagePool, augment
 from ..losses import BNStatsLoss, adversarial_loss, kd_loss, one_hot_loss
@@ -47,10 +48,10 @@ class SynthesizerConfig:
     def __post_init__(self):
         for name, minimum in self.AT_LEAST.items():
             if getattr(self, name) < minimum:
-                raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
         for name in self.POSITIVE:
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Synthesizer(ABC):
         valid = [f.name for f in dataclasses.fields(self.Config)]
         unknown = sorted(set(overrides) - set(valid))
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"unknown option(s) {', '.join(unknown)} for method {self.name!r}; valid: {', '.join(valid)}"
             )
         self.config = dataclasses.replace(config, **overrides)
@@ -131,7 +132,7 @@ class Synthesizer(ABC):
 
         if self.needs_batchnorm and not has_batchnorm(teacher):
             free = sorted(name for name, cls in METHODS.items() if not cls.needs_batchnorm)
-            raise ValueError(
+            raise UsageError(
                 f"method {self.name!r} matches the teacher's BatchNorm statistics, but this teacher has no BatchNorm "
                 f"layer; methods that work without BatchNorm: {', '.join(free)}"
             )
@@ -146,11 +147,11 @@ class Synthesizer(ABC):
 
     def generator_batch(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Inputs of one generator step, drawn from the global RNG (so resume restores them)."""
-        raise ValueError(f"method {self.name!r} has no generator phase")
+        raise UsageError(f"method {self.name!r} has no generator phase")
 
     def generator_loss(self, batch, *, generator, teacher, student) -> dict[str, torch.Tensor]:
         """The generator's losses; ``"loss"`` is optimized."""
-        raise ValueError(f"method {self.name!r} has no generator phase")
+        raise UsageError(f"method {self.name!r} has no generator phase")
 
     @abstractmethod
     def student_images(self, batch_size: int, device: torch.device, *, teacher, student, generator) -> torch.Tensor:
@@ -182,7 +183,7 @@ class Synthesizer(ABC):
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output (tensors may be on the CPU; they move to the device at use)."""
         if state:
-            raise ValueError(f"method {self.name!r} keeps no state, got {sorted(state)}")
+            raise UsageError(f"method {self.name!r} keeps no state, got {sorted(state)}")
 
 
 class GeneratorSynthesizer(Synthesizer):
@@ -272,7 +273,7 @@ class GeneratorSynthesizer(Synthesizer):
     def load_state_dict(self, state: dict) -> None:
         saved, self.memory = state["memory"], None
         if saved is not None and not self.config.memory_batches:
-            raise ValueError("the state holds a student memory but memory_batches is 0")
+            raise UsageError("the state holds a student memory but memory_batches is 0")
         if saved is not None:
             self.memory = ImagePool(int(saved["capacity"]))
             self.memory.load_state_dict(saved)
@@ -423,7 +424,7 @@ class PoolSynthesizer(Synthesizer):
             if teacher is None and self._models is not None:
                 teacher, student = self._models
             if teacher is None or student is None:
-                raise ValueError(
+                raise UsageError(
                     f"{self.name}: nothing synthesized yet; pass teacher= and student= to preview a fresh batch"
                 )
             return self.synthesize(num_images, device, teacher=teacher, student=student)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
+from ...errors import UsageError
 from ..losses import adversarial_loss, kd_loss
 from .base import GeneratorConfig, GeneratorSynthesizer
 
@@ -47,7 +48,7 @@ class DFADConfig(GeneratorConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.student_loss not in STUDENT_LOSSES:
-            raise ValueError(f"student_loss must be one of {', '.join(STUDENT_LOSSES)}, got {self.student_loss!r}")
+            raise UsageError(f"student_loss must be one of {', '.join(STUDENT_LOSSES)}, got {self.student_loss!r}")
 
 
 class DFAD(GeneratorSynthesizer):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ...errors import UsageError
 from ..generators import augment
 from ..losses import BN_LOSS_KINDS, BNStatsLoss, adversarial_loss, information_entropy_loss, one_hot_loss
 from .base import GeneratorConfig, GeneratorSynthesizer
@@ -63,7 +64,7 @@ class DFQConfig(GeneratorConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.bn_kind not in BN_LOSS_KINDS:
-            raise ValueError(f"bn_kind {self.bn_kind!r} is not valid; valid: {', '.join(BN_LOSS_KINDS)}")
+            raise UsageError(f"bn_kind {self.bn_kind!r} is not valid; valid: {', '.join(BN_LOSS_KINDS)}")
 
 
 class DFQ(GeneratorSynthesizer):

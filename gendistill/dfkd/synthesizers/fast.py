@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...errors import UsageError
 from ...task import Phase
 from ..generators import Generator, ImagePool
 from ..losses import BNStatsLoss
@@ -80,9 +81,9 @@ class FastConfig(SynthesizerConfig):
 
     def __post_init__(self):
         if self.meta not in META_RULES:
-            raise ValueError(f"meta must be one of {', '.join(META_RULES)}, got {self.meta!r}")
+            raise UsageError(f"meta must be one of {', '.join(META_RULES)}, got {self.meta!r}")
         if not 0.0 <= self.bn_mmt < 1.0:
-            raise ValueError(f"bn_mmt must be in [0, 1), got {self.bn_mmt}")
+            raise UsageError(f"bn_mmt must be in [0, 1), got {self.bn_mmt}")
         super().__post_init__()
 
 

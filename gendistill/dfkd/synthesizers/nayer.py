@@ -37,6 +37,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from ...errors import UsageError
 from ..generators import Generator
 from .base import PoolConfig, PoolSynthesizer, detached, inner_optimize, inversion_loss
 
@@ -102,7 +103,7 @@ class NoisyLayerGenerator(nn.Module):
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         if labels.dim() != 1 or len(labels) > len(self.noisy) * self.group:
-            raise ValueError(
+            raise UsageError(
                 f"labels must be (B,) with B <= {len(self.noisy) * self.group}, got shape {tuple(labels.shape)}"
             )
         embedded = self.norm(self.label_embeddings[labels])
@@ -140,7 +141,7 @@ class NAYER(PoolSynthesizer):
         cfg = self.config
         shape = tuple(self.label_embeddings.shape)
         if shape != (self.num_classes, cfg.embed_dim):
-            raise ValueError(f"label_embeddings must be ({self.num_classes}, {cfg.embed_dim}), got {shape}")
+            raise UsageError(f"label_embeddings must be ({self.num_classes}, {cfg.embed_dim}), got {shape}")
         c, h, _ = self.image_shape
         embeddings = self.label_embeddings.float()
         return NoisyLayerGenerator(
