@@ -342,7 +342,12 @@ def _load_data(args, model: Classifier) -> tuple[torch.Tensor, torch.Tensor, lis
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="mnist5k", help="mnist5k | cifar10 | cifar100 | a folder | an .npz")
-    parser.add_argument("--split", default="test", help="train | test (default: test, the held-out split)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        help="train | test | all (default: test: the built-in test split, or a seeded 10%% of each class of a folder "
+        "or .npz; all: every image, for a folder that is already a held-out set)",
+    )
     parser.add_argument("--data-root", default=None, help="torchvision's CIFAR files (never downloaded)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the classifier's own")
     parser.add_argument("--channels", type=int, default=None, help="1 or 3 (default: the classifier's own)")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from gendistill.cli import main
 from gendistill.data.classification import load_classification_data
@@ -58,6 +59,47 @@ def test_npz_data_is_split_per_class(tmp_path):
         load_classification_data(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="needs --data-root"):
         load_classification_data("cifar10")
+
+
+def test_a_whole_folder_can_be_the_held_out_set(bn_teacher, tmp_path, capsys):
+    # --eval-split all: a folder (or .npz) that is already a held-out set is measured whole, and results.json says
+    # on what; the default stays the seeded 10% of each class.
+    images, labels, _ = load_classification_data("mnist5k", split="test")
+    images, labels = images[::10], labels[::10]  # 5 per class
+    for label in range(10):
+        folder = tmp_path / "heldout" / str(label)
+        folder.mkdir(parents=True)
+        for i, image in enumerate(images[labels == label]):
+            Image.fromarray((image[0] * 255).round().byte().numpy()).save(folder / f"{i}.png")
+    argv = ["dfkd", "--teacher", str(bn_teacher), "--eval-data", str(tmp_path / "heldout"), "--max-steps", "1"]
+    argv += ["--eval-every", "1", "--sample-every", "0", "--checkpoint-every", "0", *tiny_generator()]
+    assert main([*argv, "--output", str(tmp_path / "whole"), "--eval-split", "all"]) == 0
+    assert main([*argv, "--output", str(tmp_path / "part")]) == 0
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())["eval_data"]
+    part = json.loads((tmp_path / "part" / "results.json").read_text())["eval_data"]
+    assert whole == {"data": str(tmp_path / "heldout"), "split": "all", "images": 50}
+    assert part["split"] == "test" and part["images"] == 10
+    assert main([*argv, "--output", str(tmp_path / "bad"), "--eval-split", "everything"]) == 2
+    assert "eval_split 'everything' is not valid; valid: test, all" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "eval",
+                "accuracy",
+                "--student",
+                str(bn_teacher),
+                "--data",
+                str(tmp_path / "heldout"),
+                "--split",
+                "all",
+                "--output",
+                str(tmp_path / "report"),
+            ]
+        )
+        == 0
+    )
+    top1 = json.loads((tmp_path / "report" / "metrics.json").read_text())["metrics"]["top1"]["settings"]
+    assert top1["split"] == "all" and top1["count"] == 50
 
 
 def test_teacher_training_reports_heldout_accuracy(mnist_teacher):

@@ -26,6 +26,7 @@ from gendistill.kernels import backend_for
 from .core import Trainer, check_output_folder, write_json_atomic
 from .recipes import TrainRecipe, convert_value, parse_recipe
 
+EVAL_SPLITS = ("test", "all")  # --eval-split: the held-out part of --eval-data, or all of it
 COMMAND = "dfkd"
 
 
@@ -35,8 +36,9 @@ class DFKDRecipe(TrainRecipe):
     method: str = "dfq"  # synthesizer: dafl | dfad | zskt | dfq | deepinversion | cmi | fast | nayer | cae
     teacher: str | None = None  # classifier folder (model.safetensors + config.json) (required)
     student_arch: str = "lenet5_half"  # model zoo architecture of the student
-    method_options: list[str] | None = None  # method weights as key=value (e.g. oh=0.5,adv=1.33); see the spec
+    method_options: list[str] | None = None  # method options as key=value (e.g. oh=0.5,adv=1.33): the method's Config
     eval_data: str | None = None  # held-out real data for accuracy/agreement: mnist5k | cifar10 | folder | .npz
+    eval_split: str = "test"  # part of --eval-data: test (built-in test split; 10% of each class of a folder) | all
     data_root: str | None = None  # torchvision's CIFAR files for --eval-data cifar10/cifar100
     iterations: int | None = None  # alias of max_steps (one iteration runs every phase's steps)
     max_steps: int = 1000  # iterations
@@ -53,6 +55,8 @@ class DFKDRecipe(TrainRecipe):
         if self.iterations is not None:
             self.max_steps = self.iterations
         cls = get_method(self.method)
+        if self.eval_split not in EVAL_SPLITS:
+            raise UsageError(f"eval_split {self.eval_split!r} is not valid; valid: {', '.join(EVAL_SPLITS)}")
         if self.lr is None:
             self.lr = float(self.options().get("student_lr", cls.Config().student_lr))
         super().validate()
@@ -104,6 +108,7 @@ def build_task(
 def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
     """Distill and export the student into ``recipe.output``; returns the summary (also ``results.json``)."""
     check_output_folder(recipe, COMMAND)
+    eval_info = None  # what the held-out accuracy is measured on (results.json)
     if task is None:
         if not recipe.teacher:
             raise UsageError("a teacher is required: --teacher CLASSIFIER_FOLDER (gendistill teach classifier)")
@@ -113,7 +118,7 @@ def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
         if recipe.eval_data:
             images, labels, _ = load_classification_data(
                 recipe.eval_data,
-                split="test",
+                split=recipe.eval_split,
                 image_size=config.image_size,
                 channels=config.in_channels,
                 data_root=recipe.data_root,
@@ -124,6 +129,7 @@ def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
                     f"{config.num_classes} classes"
                 )
             eval_data = (images, labels)
+            eval_info = {"data": recipe.eval_data, "split": recipe.eval_split, "images": len(labels)}
         torch.manual_seed(recipe.seed)  # a reproducible student initialization
         student = build_classifier(
             recipe.student_arch,
@@ -149,6 +155,8 @@ def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
         output = Path(recipe.output)
         save_classifier(trainer.export_module("student"), output)
         summary = {"method": recipe.method, "steps": trainer.counters.step, "resumed_at": resumed_at, **metrics}
+        if eval_info is not None:
+            summary["eval_data"] = eval_info
         write_json_atomic(output / "results.json", summary)
     trainer.accelerator.wait_for_everyone()
     trainer.end()

@@ -21,7 +21,7 @@ from .images import load_image_folder
 from .mnist import load_mnist5k
 
 BUILTIN = ("mnist5k", "cifar10", "cifar100")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "all")
 
 
 def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -84,12 +84,13 @@ def _load_cifar(name: str, split: str, root: str | None) -> tuple[torch.Tensor, 
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    trains = {"train": [True], "test": [False], "all": [True, False]}[split]
     try:
-        dataset = cls(root, train=split == "train", download=False)
+        parts = [cls(root, train=train, download=False) for train in trains]
     except RuntimeError as err:
         raise FileNotFoundError(f"{name} is not under {root!r} ({err}); gendistill never downloads it") from None
-    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).float() / 255.0
-    return images, torch.tensor(dataset.targets), list(dataset.classes)
+    images = torch.cat([torch.from_numpy(d.data).permute(0, 3, 1, 2) for d in parts]).float() / 255.0
+    return images, torch.cat([torch.tensor(d.targets) for d in parts]), list(parts[0].classes)
 
 
 def load_classification_data(
@@ -106,6 +107,8 @@ def load_classification_data(
 
     ``data``: "mnist5k" (offline, 1 channel), "cifar10"/"cifar100" (torchvision files under ``data_root``), a folder
     of images in class subfolders, or an ``.npz`` with ``images`` (N, H, W[, C]) and ``labels`` (N,).
+    ``split``: ``"train"``, ``"test"`` (the builtin test split; a seeded ``eval_fraction`` of every class of a folder
+    or ``.npz``) or ``"all"`` (every image: a folder or file that is already a held-out set).
     ``channels``: convert to 1 (grey) or 3 channels (None keeps the source's).
     """
     if split not in SPLITS:
@@ -127,8 +130,9 @@ def load_classification_data(
             names = [str(i) for i in range(int(labels.max()) + 1)]
         else:
             raise UsageError(f"data file {data!r} is not an .npz; give a folder of images or an .npz of arrays")
-        index = _per_class_split(labels, split, eval_fraction, seed)
-        images, labels = images[index], labels[index]
+        if split != "all":
+            index = _per_class_split(labels, split, eval_fraction, seed)
+            images, labels = images[index], labels[index]
     images = _resize(images, image_size)
     if channels is not None:
         images = _channels(images, channels)
