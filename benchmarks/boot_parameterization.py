@@ -1,4 +1,4 @@
-"""BOOT student parameterization, side by side (spec/BOOT.md "Student"): "teacher" (output read as the teacher's
+"""BOOT student parameterization, side by side (docs/boot.md, "The student"): "teacher" (output read as the teacher's
 prediction type at x_T) vs "raw" (output is the signal y). Same teacher, seed, steps and batch for both; prints JSON
 with the trajectory error at initialization and every `--eval-every` steps.
 

@@ -34,6 +34,7 @@ import json
 import shutil
 import tempfile
 import time
+import typing
 from datetime import date
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from gendistill.training import teach_classifier
 from gendistill.training.core import logged_values
 from gendistill.training.demo import CLASSIFIER_TEACHER, shipped_teacher
 from gendistill.training.dfkd import DFKDRecipe, run
-from gendistill.training.recipes import recipe_dict
+from gendistill.training.recipes import convert_value, recipe_dict
 
 SETUPS = {
     # name: (BN teacher arch, BN-free teacher arch, student arch, channels)
@@ -158,6 +159,12 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
         if name == method:
             key, _, value = setting.partition("=")
             options[key] = value
+    hints = typing.get_type_hints(DFKDRecipe)
+    for item in args.recipe:
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            raise SystemExit(f"--recipe {item!r} is not key=value with a DFKDRecipe field")
+        fields[key] = convert_value(value, hints[key], key)
     output = workdir / f"{setup}_{method}_{seed}"
     recipe = DFKDRecipe(
         output=str(output),
@@ -218,6 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
         "budget (batch 64, lr 2e-3, EMA 0.99, ngf 16, shortened rounds)",
     )
     parser.add_argument("--option", action="append", default=[], help="METHOD:key=value, added last (wins)")
+    parser.add_argument(
+        "--recipe", action="append", default=[], help="a DFKDRecipe field as key=value (e.g. ema_decay=0.995), wins"
+    )
     parser.add_argument(
         "--mixed-precision", default="auto", help="the recipe's mixed_precision (auto: bf16 on CUDA, fp32 on CPU)"
     )

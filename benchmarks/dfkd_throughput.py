@@ -1,5 +1,5 @@
 """DFKD training throughput: CIFAR-sized ResNet-34 teacher -> ResNet-18 student at 32x32, through the real training
-core, side by side for the generator methods (spec/DFKD.md performance target).
+core, side by side for the generator methods (the DFKD throughput target).
 
 One iteration of ``dfq`` is 1 generator step + 5 student steps (the naive H100 reference: about 10k synthetic
 images/s at batch 256, bf16); ``fast`` is 1 meta step of ``g_steps`` inner steps + 5 student steps; ``dfad`` is 5

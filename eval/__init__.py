@@ -1,1 +1,1 @@
-"""Metrics and reports (FID/KID, CLIP score, accuracy). Filled by the evaluation issue; see spec/EVAL.md."""
+"""Metrics and reports (FID/KID, CLIP score, accuracy). How they are computed: docs/evaluation.md."""

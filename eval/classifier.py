@@ -1,4 +1,4 @@
-"""Classifier quality (spec/EVAL.md, "Classifier quality"): top-k accuracy, teacher-student agreement, backdoor attack
+"""Classifier quality (docs/evaluation.md): top-k accuracy, teacher-student agreement, backdoor attack
 success rate and the linear-probe transferability of frozen features, plus ``gendistill eval accuracy|asr``.
 
 Every measure streams the images through the model in batches on the model's device (the images may stay on the

@@ -3,7 +3,7 @@
 
 Every extractor takes images (B, C, H, W) in [0, 1] and returns float32 features (B, D); ``name`` identifies it
 (reference statistics remember it, so features of different extractors are never compared) and ``resize`` says how
-images reach its input size (it decides comparability: spec/EVAL.md).
+images reach its input size (it decides comparability: docs/evaluation.md).
 
 Inception weights cannot be downloaded in every environment. They are looked up in this order: the ``weights``
 argument (``--inception-weights PATH``), the ``GENDISTILL_INCEPTION_WEIGHTS`` environment variable, torch hub's

@@ -3,7 +3,7 @@
 (unconditional or class-conditional) and ``BootPipeline`` for text-to-image latent teachers (Stable Diffusion).
 
 BOOT: J. Gu et al., "BOOT: Data-free Distillation of Denoising Diffusion Models with Bootstrapping",
-arXiv 2306.05544 (2023); the signal-space DDIM step used for refinement is derived in gendistill's spec/BOOT.md.
+arXiv 2306.05544 (2023); the signal-space DDIM step used for refinement is derived in gendistill's docs/boot.md.
 
 This file depends only on torch, numpy, PIL and diffusers (transformers is imported only when a saved folder names
 it): ``save_pretrained`` copies it next to the weights, so a saved folder also loads in stock diffusers with

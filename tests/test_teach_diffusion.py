@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,7 +107,8 @@ def test_unconditional_batches_have_no_labels_and_samples_are_images():
 
 @needs_mnist
 def test_mnist_teacher_folder_loads_as_teacher_and_ddpm_pipeline(tmp_path):
-    out = run(TeachDiffusionRecipe(output=str(tmp_path / "teacher"), **TINY))
+    out = tmp_path / "teacher"
+    run(TeachDiffusionRecipe(output=str(out), **TINY))
     teacher = DiffusionTeacher.from_pretrained(out)
     assert teacher.is_class_conditional and teacher.null_class_id == 10
     assert teacher.unet.config.num_class_embeds == 11 and teacher.sample_shape == (1, 28, 28)
@@ -125,7 +127,8 @@ def test_unconditional_teacher_samples_with_stock_ddpm_pipeline(tmp_path):
     recipe = TeachDiffusionRecipe(
         output=str(tmp_path / "uncond"), class_conditional=False, prediction_type="v_prediction", **TINY
     )
-    pipe = DDPMPipeline.from_pretrained(run(recipe))
+    run(recipe)
+    pipe = DDPMPipeline.from_pretrained(recipe.output)
     assert pipe.unet.config.num_class_embeds is None
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     image = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)).images
@@ -150,7 +153,8 @@ def test_image_folder_with_class_subfolders_trains(tmp_path):
     recipe = TeachDiffusionRecipe(
         output=str(tmp_path / "out"), data=str(data), image_size=16, **{**TINY, "block_out_channels": [8, 16]}
     )
-    out = run(recipe)
+    run(recipe)
+    out = Path(recipe.output)
     teacher = DiffusionTeacher.from_pretrained(out)
     assert teacher.sample_shape == (3, 16, 16) and teacher.class_ids == [0, 1]
     assert json.loads((out / "results.json").read_text())["class_names"] == ["blue", "red"]
@@ -209,10 +213,10 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
 
 @needs_mnist
 def test_resume_is_exact(tmp_path):
-    straight = run(TeachDiffusionRecipe(output=str(tmp_path / "straight"), **{**TINY, "max_steps": 4}))
-    split = str(tmp_path / "split")
-    run(TeachDiffusionRecipe(output=split, **{**TINY, "max_steps": 2}))
-    resumed = run(TeachDiffusionRecipe(output=split, resume="latest", **{**TINY, "max_steps": 4}))
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "split")
+    run(TeachDiffusionRecipe(output=straight, **{**TINY, "max_steps": 4}))
+    run(TeachDiffusionRecipe(output=resumed, **{**TINY, "max_steps": 2}))
+    assert run(TeachDiffusionRecipe(output=resumed, resume="latest", **{**TINY, "max_steps": 4}))["resumed_at"] == 2
     a = DiffusionTeacher.from_pretrained(straight).unet.state_dict()
     b = DiffusionTeacher.from_pretrained(resumed).unet.state_dict()
     for name in a:

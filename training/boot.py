@@ -25,19 +25,12 @@ from gendistill.errors import UsageError
 from gendistill.kernels import backend_for
 from gendistill.pipelines import BootImagePipeline, BootPipeline
 
-from .core import (
-    Trainer,
-    check_output_folder,
-    export_pipeline,
-    logged_values,
-    resolve_mixed_precision,
-    write_json_atomic,
-)
+from .core import Trainer, export_pipeline, logged_values, resolve_mixed_precision, run_recipe
 from .recipes import TrainRecipe, parse_recipe
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLASS_GUIDANCE = 2.0  # spec/BOOT.md: default w for class-conditional teachers
+DEFAULT_CLASS_GUIDANCE = 2.0  # docs/boot.md: default w for class-conditional teachers
 DEFAULT_TEXT_GUIDANCE = 7.5  # and for Stable Diffusion
 ATTENTION = ("sdpa", "xformers")
 EMBEDDINGS_FILE = "text_embeddings.safetensors"
@@ -228,31 +221,31 @@ def run(recipe: BootRecipe, task: BootTask | None = None) -> dict:
 
     ``task`` lets a caller that already built it with ``build_task(recipe)`` keep using it afterwards.
     """
-    check_output_folder(recipe, "boot")  # fail before loading the teacher
-    task = build_task(recipe) if task is None else task
-    if recipe.cache_text_embeddings and not task.teacher.is_text_conditional:
-        raise UsageError("--cache-text-embeddings applies to text-to-image teachers only")
-    if resolve_mixed_precision(recipe) == "bf16" and torch.cuda.is_available():
-        task.teacher.to(torch.bfloat16)  # the frozen teacher in bf16; the student keeps float32 master weights
-    trainer = Trainer(task, recipe, command="boot")
-    if recipe.cache_text_embeddings and task.prompt_embeddings is None:
-        attach_prompt_embeddings(trainer, task)
-    history_start = trainer.counters.step
-    final = trainer.fit()
-    summary = {}
-    if trainer.accelerator.is_main_process:
+
+    def build() -> BootTask:
+        built = build_task(recipe) if task is None else task
+        if recipe.cache_text_embeddings and not built.teacher.is_text_conditional:
+            raise UsageError("--cache-text-embeddings applies to text-to-image teachers only")
+        if resolve_mixed_precision(recipe) == "bf16" and torch.cuda.is_available():
+            built.teacher.to(torch.bfloat16)  # the frozen teacher in bf16; the student keeps float32 master weights
+        return built
+
+    def prepare(trainer, task) -> None:
+        if recipe.cache_text_embeddings and task.prompt_embeddings is None:
+            attach_prompt_embeddings(trainer, task)
+
+    def export(trainer, task, metrics) -> dict:
         student = trainer.export_module("student")
         if task.config.lora_rank > 0:
             save_lora_adapter(student, Path(recipe.output))
         export_pipeline(build_pipeline(task, student, save_teacher=recipe.save_teacher), Path(recipe.output))
-        summary = {"steps": trainer.counters.step, "resumed_at": history_start, **final}
+        summary = dict(metrics)
         errors = logged_values(recipe.output, "trajectory_error")
         if errors:
             summary["initial_trajectory_error"] = errors[0]
-        write_json_atomic(Path(recipe.output) / "results.json", summary)
-    trainer.accelerator.wait_for_everyone()
-    trainer.end()
-    return summary
+        return summary
+
+    return run_recipe(recipe, "boot", build, export, prepare=prepare)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="gendistill boot",
         method="boot",
         description="Distill a diffusers teacher (pixel UNet or Stable Diffusion) into a one-step BOOT student "
-        "pipeline folder (spec/BOOT.md).",
+        "pipeline folder (docs/boot.md).",
     )
     run(recipe)
     return 0

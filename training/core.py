@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -260,9 +261,10 @@ class Trainer:
         task: the task module (frozen teacher + trainable modules, see ``gendistill.task``).
         recipe: the run's recipe (a ``TrainRecipe`` subclass).
         command: the CLI command that made the run (recorded in ``gendistill_run.json``).
+        output_checked: the caller already ran ``check_output_folder`` on every process (``run_recipe`` does).
     """
 
-    def __init__(self, task: torch.nn.Module, recipe: TrainRecipe, *, command: str):
+    def __init__(self, task: torch.nn.Module, recipe: TrainRecipe, *, command: str, output_checked: bool = False):
         recipe.validate()
         self.recipe, self.command, self.task = recipe, command, task
         self.output = Path(recipe.output)
@@ -281,8 +283,8 @@ class Trainer:
                 total_limit=None,
             ),
         )
-        # Every process checks the folder before any process writes to it.
-        check_output_folder(recipe, command)
+        if not output_checked:  # run_recipe checked it (on every process) before building the task
+            check_output_folder(recipe, command)  # every process checks the folder before any process writes
         self.resume_from = resolve_resume(recipe)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -663,6 +665,42 @@ class Trainer:
 
     def end(self) -> None:
         self.accelerator.end_training()
+
+
+def run_recipe(
+    recipe: TrainRecipe,
+    command: str,
+    build_task: Callable[[], torch.nn.Module],
+    export: Callable[[Trainer, torch.nn.Module, dict], dict],
+    *,
+    prepare: Callable[[Trainer, torch.nn.Module], None] | None = None,
+) -> dict:
+    """The skeleton of every training command: check the output folder (before anything is loaded), build the task,
+    train it, export on the main process, write ``results.json``, wait for every process, end.
+
+    Args:
+        build_task: makes the task (after the output folder passed its checks).
+        export: ``export(trainer, task, metrics)`` on the main process: writes the artefact into ``recipe.output``
+            and returns the summary's own entries (``metrics``: the last evaluation's, see ``Trainer.fit``).
+        prepare: ``prepare(trainer, task)`` once the trainer exists, before training (e.g. caching text embeddings).
+
+    Returns the summary, ``{"steps", "resumed_at", **export(...)}`` (also ``results.json``); ``{}`` on the other
+    processes.
+    """
+    check_output_folder(recipe, command)
+    task = build_task()
+    trainer = Trainer(task, recipe, command=command, output_checked=True)
+    if prepare is not None:
+        prepare(trainer, task)
+    resumed_at = trainer.counters.step
+    metrics = trainer.fit()
+    summary = {}
+    if trainer.accelerator.is_main_process:
+        summary = {"steps": trainer.counters.step, "resumed_at": resumed_at, **export(trainer, task, metrics)}
+        write_json_atomic(Path(recipe.output) / "results.json", summary)
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()
+    return summary
 
 
 def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:

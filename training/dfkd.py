@@ -1,4 +1,4 @@
-"""``gendistill dfkd``: distill a classifier into a student on synthesized images only (spec/DFKD.md).
+"""``gendistill dfkd``: distill a classifier into a student on synthesized images only (docs/dfkd.md).
 
     gendistill dfkd --method fast --teacher T_DIR --student-arch lenet5_half --output DIR --eval-data mnist5k
 
@@ -23,7 +23,7 @@ from gendistill.dfkd.task import DFKDTask
 from gendistill.errors import UsageError
 from gendistill.kernels import backend_for
 
-from .core import Trainer, check_output_folder, write_json_atomic
+from .core import run_recipe
 from .recipes import TrainRecipe, convert_value, parse_recipe
 
 EVAL_SPLITS = ("test", "all")  # --eval-split: the held-out part of --eval-data, or all of it
@@ -105,62 +105,62 @@ def build_task(
     return DFKDTask(teacher, student, synthesizer, eval_data=eval_data, objectives=objectives or ())
 
 
-def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
-    """Distill and export the student into ``recipe.output``; returns the summary (also ``results.json``)."""
-    check_output_folder(recipe, COMMAND)
-    eval_info = None  # what the held-out accuracy is measured on (results.json)
-    if task is None:
-        if not recipe.teacher:
-            raise UsageError("a teacher is required: --teacher CLASSIFIER_FOLDER (gendistill teach classifier)")
-        teacher = load_classifier(recipe.teacher)
-        config = teacher.config
-        eval_data = None
-        if recipe.eval_data:
-            images, labels, _ = load_classification_data(
-                recipe.eval_data,
-                split=recipe.eval_split,
-                image_size=config.image_size,
-                channels=config.in_channels,
-                data_root=recipe.data_root,
-            )
-            if int(labels.max()) >= config.num_classes:
-                raise UsageError(
-                    f"--eval-data {recipe.eval_data!r} has labels up to {int(labels.max())} but the teacher has "
-                    f"{config.num_classes} classes"
-                )
-            eval_data = (images, labels)
-            eval_info = {"data": recipe.eval_data, "split": recipe.eval_split, "images": len(labels)}
-        torch.manual_seed(recipe.seed)  # a reproducible student initialization
-        student = build_classifier(
-            recipe.student_arch,
-            num_classes=config.num_classes,
-            in_channels=config.in_channels,
+def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
+    """The task of a recipe: its teacher folder, a fresh student of ``student_arch`` (seeded), the held-out data."""
+    if not recipe.teacher:
+        raise UsageError("a teacher is required: --teacher CLASSIFIER_FOLDER (gendistill teach classifier)")
+    teacher = load_classifier(recipe.teacher)
+    config = teacher.config
+    eval_data = None
+    if recipe.eval_data:
+        images, labels, _ = load_classification_data(
+            recipe.eval_data,
+            split=recipe.eval_split,
             image_size=config.image_size,
-            mean=None if config.mean is None else tuple(config.mean),
-            std=None if config.std is None else tuple(config.std),
+            channels=config.in_channels,
+            data_root=recipe.data_root,
         )
-        task = build_task(
-            teacher,
-            student,
-            recipe.method,
-            options=recipe.options(),
-            eval_data=eval_data,
-            kernel_backend=backend_for(recipe.fused_kernels),
-        )
-    trainer = Trainer(task, recipe, command=COMMAND)
-    resumed_at = trainer.counters.step
-    metrics = trainer.fit()
-    summary = {}
-    if trainer.accelerator.is_main_process:
-        output = Path(recipe.output)
-        save_classifier(trainer.export_module("student"), output)
-        summary = {"method": recipe.method, "steps": trainer.counters.step, "resumed_at": resumed_at, **metrics}
-        if eval_info is not None:
-            summary["eval_data"] = eval_info
-        write_json_atomic(output / "results.json", summary)
-    trainer.accelerator.wait_for_everyone()
-    trainer.end()
-    return summary
+        if int(labels.max()) >= config.num_classes:
+            raise UsageError(
+                f"--eval-data {recipe.eval_data!r} has labels up to {int(labels.max())} but the teacher has "
+                f"{config.num_classes} classes"
+            )
+        eval_data = (images, labels)
+    torch.manual_seed(recipe.seed)  # a reproducible student initialization
+    student = build_classifier(
+        recipe.student_arch,
+        num_classes=config.num_classes,
+        in_channels=config.in_channels,
+        image_size=config.image_size,
+        mean=None if config.mean is None else tuple(config.mean),
+        std=None if config.std is None else tuple(config.std),
+    )
+    return build_task(
+        teacher,
+        student,
+        recipe.method,
+        options=recipe.options(),
+        eval_data=eval_data,
+        kernel_backend=backend_for(recipe.fused_kernels),
+    )
+
+
+def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
+    """Distill and export the student into ``recipe.output``; returns the summary (also ``results.json``).
+    ``task``: one built by the caller (``distill``) instead of the recipe's."""
+
+    def export(trainer, task, metrics) -> dict:
+        save_classifier(trainer.export_module("student"), Path(recipe.output))
+        summary = {"method": recipe.method, **metrics}
+        if recipe.eval_data and hasattr(task, "eval_labels"):  # what the held-out accuracy is measured on
+            summary["eval_data"] = {
+                "data": recipe.eval_data,
+                "split": recipe.eval_split,
+                "images": len(task.eval_labels),
+            }
+        return summary
+
+    return run_recipe(recipe, COMMAND, lambda: task_from_recipe(recipe) if task is None else task, export)
 
 
 def distill(

@@ -28,7 +28,7 @@ from gendistill.dfkd.models import Classifier, build_classifier, canonical_arch,
 from gendistill.errors import UsageError
 from gendistill.task import Phase
 
-from .core import Trainer, check_output_folder, write_json_atomic
+from .core import run_recipe
 from .recipes import TrainRecipe, parse_recipe
 
 COMMAND = "teach classifier"
@@ -184,18 +184,10 @@ def build_task(recipe: TeachClassifierRecipe) -> ClassifierTrainingTask:
 
 def run(recipe: TeachClassifierRecipe) -> dict:
     """Train and export the classifier into ``recipe.output``; returns the summary (also ``results.json``)."""
-    check_output_folder(recipe, COMMAND)
-    task = build_task(recipe)
-    trainer = Trainer(task, recipe, command=COMMAND)
-    resumed_at = trainer.counters.step
-    metrics = trainer.fit()
-    summary = {}
-    if trainer.accelerator.is_main_process:
-        output = Path(recipe.output)
-        save_classifier(trainer.export_module("model"), output)
+
+    def export(trainer, task, metrics) -> dict:
+        save_classifier(trainer.export_module("model"), Path(recipe.output))
         summary = {
-            "steps": trainer.counters.step,
-            "resumed_at": resumed_at,
             "heldout_accuracy": metrics.get("ema/accuracy", metrics.get("accuracy")),
             "heldout_size": len(task.eval_labels),
             "train_size": len(task.labels),
@@ -211,10 +203,9 @@ def run(recipe: TeachClassifierRecipe) -> dict:
             }
             summary["heldout_clean_accuracy"] = summary["heldout_accuracy"]  # the held-out split is never poisoned
             summary["heldout_asr"] = metrics.get("ema/asr", metrics.get("asr"))
-        write_json_atomic(output / "results.json", summary)
-    trainer.accelerator.wait_for_everyone()
-    trainer.end()
-    return summary
+        return summary
+
+    return run_recipe(recipe, COMMAND, lambda: build_task(recipe), export)
 
 
 def main(argv: list[str] | None = None) -> int:

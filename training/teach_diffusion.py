@@ -25,7 +25,7 @@ from gendistill.diffusion.schedule import check_prediction_type
 from gendistill.errors import UsageError
 from gendistill.task import Phase
 
-from .core import Trainer, check_output_folder, export_pipeline, logged_values, write_json_atomic
+from .core import export_pipeline, logged_values, run_recipe
 from .recipes import TrainRecipe, parse_recipe
 
 logger = logging.getLogger(__name__)
@@ -254,28 +254,27 @@ def build_task(recipe: TeachDiffusionRecipe) -> tuple[DiffusionTrainingTask, lis
     return task, class_names
 
 
-def run(recipe: TeachDiffusionRecipe) -> Path:
-    """Train, export the EMA UNet as a ``DDPMPipeline`` folder at ``recipe.output`` and return that folder."""
-    check_output_folder(recipe, COMMAND)  # fail before loading the data
-    task, class_names = build_task(recipe)
-    trainer = Trainer(task, recipe, command=COMMAND)
-    resumed_at = trainer.counters.step
-    trainer.fit()
-    output = Path(recipe.output)
-    if trainer.accelerator.is_main_process:
+def run(recipe: TeachDiffusionRecipe) -> dict:
+    """Train and export the EMA UNet as a ``DDPMPipeline`` folder at ``recipe.output``; returns the summary (also
+    ``results.json``)."""
+    class_names = []
+
+    def build():
+        task, names = build_task(recipe)
+        class_names[:] = names
+        return task
+
+    def export(trainer, task, metrics) -> dict:
         scheduler = DDPMScheduler.from_config(task.scheduler.config)
+        output = Path(recipe.output)
         export_pipeline(DDPMPipeline(unet=trainer.export_module("unet"), scheduler=scheduler), output)
-        summary = {
-            "steps": trainer.counters.step,
-            "resumed_at": resumed_at,
+        return {
             "final_loss": (logged_values(output, "loss/unet") or [None])[-1],
             "class_names": class_names if recipe.class_conditional else None,
             "null_class_id": task.null_class_id,
         }
-        write_json_atomic(output / "results.json", summary)
-    trainer.accelerator.wait_for_everyone()
-    trainer.end()
-    return output
+
+    return run_recipe(recipe, COMMAND, build, export)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """Backdoor triggers and data poisoning: plant a backdoor in a teacher to test whether distillation passes it on
-(spec/EVAL.md, "Classifier quality", Backdoor).
+(docs/evaluation.md, "Classifier quality").
 
 A trigger maps clean images (B, C, H, W) in [0, 1] to triggered images of the same shape, for any channel count and
 size, deterministically (the same settings always give the same trigger). Patch-style triggers stamp a pattern

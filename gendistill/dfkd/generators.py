@@ -1,4 +1,4 @@
-"""Image generators of data-free distillation, batch augmentation and the synthetic image pool (spec/DFKD.md,
+"""Image generators of data-free distillation, batch augmentation and the synthetic image pool (docs/dfkd.md,
 "Generators"). Generators end with a sigmoid (images in [0, 1], the classifiers' input range), or with DFAD's
 standardized output."""
 

@@ -1,4 +1,4 @@
-"""Loss terms of data-free knowledge distillation (spec/DFKD.md, "Loss terms").
+"""Loss terms of data-free knowledge distillation (docs/dfkd.md, "Loss terms").
 
 Pure functions of logits, features and images, plus :class:`BNStatsLoss`, which reads a teacher's BatchNorm
 layers through forward hooks. Logits are (B, K); images (B, C, H, W). Every function returns a scalar tensor and

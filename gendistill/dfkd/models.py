@@ -1,4 +1,4 @@
-"""The DFKD model zoo: small classifiers the data-free KD papers distill between (spec/DFKD.md, "Model zoo").
+"""The DFKD model zoo: small classifiers the data-free KD papers distill between (docs/dfkd.md, "Model zoo").
 
 Every classifier here takes images in [0, 1] (B, C, H, W): the ``Classifier`` wrapper holds the per-channel
 normalization (mean/std) and the architecture's config, and is saved as ``model.safetensors`` + ``config.json``.

@@ -1,7 +1,7 @@
 """BOOT: data-free distillation of a diffusion teacher by bootstrapping (Gu et al., arXiv 2306.05544).
 
 The student ``g(eps, t, c)`` reads pure noise ``eps`` and returns the signal ``y_t = (x_t - sigma_t eps) / alpha_t``
-of the teacher's DDIM trajectory from ``eps``. Derivation and objective: spec/BOOT.md.
+of the teacher's DDIM trajectory from ``eps``. Derivation and objective: docs/boot.md.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class BootConfig:
 
 
 def build_student(teacher: DiffusionTeacher, config: BootConfig) -> nn.Module:
-    """The student: a float32 copy of the teacher UNet (spec/BOOT.md "Student"), with a zero-initialized guidance
+    """The student: a float32 copy of the teacher UNet (docs/boot.md, "The student"), with a zero-initialized guidance
     embedding for a guidance range, LoRA adapters on a frozen copy for ``lora_rank > 0``, and gradient
     checkpointing when asked. At initialization its output equals the teacher's in every case."""
     unet = teacher.unet

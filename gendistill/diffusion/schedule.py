@@ -1,6 +1,6 @@
 """Noise-schedule math shared by teachers, BOOT and samplers.
 
-Notation follows spec/BOOT.md: ``alpha_t = sqrt(alphas_cumprod[t])``, ``sigma_t = sqrt(1 - alphas_cumprod[t])``,
+Notation follows docs/boot.md: ``alpha_t = sqrt(alphas_cumprod[t])``, ``sigma_t = sqrt(1 - alphas_cumprod[t])``,
 half log-SNR ``lambda_t = log(alpha_t / sigma_t)`` and ``x_t = alpha_t * x0 + sigma_t * eps``.
 """
 
@@ -94,7 +94,7 @@ class NoiseSchedule:
 
 
 def ddim_signal_step(y_t: torch.Tensor, f: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """One exact DDIM (eta = 0) step in signal space: ``y_s = y_t + d * (f - y_t)`` (spec/BOOT.md).
+    """One exact DDIM (eta = 0) step in signal space: ``y_s = y_t + d * (f - y_t)`` (docs/boot.md).
 
     ``y_t`` is the signal ``(x_t - sigma_t * eps) / alpha_t`` of the trajectory from noise ``eps``, ``f`` the
     teacher's clean prediction at ``x_t`` and ``d = 1 - exp(lambda_t - lambda_s)``.

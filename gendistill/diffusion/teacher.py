@@ -242,7 +242,7 @@ class DiffusionTeacher(nn.Module):
         guidance_scale: float | torch.Tensor = 1.0,
     ) -> torch.Tensor:
         """The teacher's clean-sample prediction ``f(x_t, t, c)`` (B, C, H, W) in float32, guidance applied to the
-        native output first (spec/BOOT.md)."""
+        native output first (docs/boot.md)."""
         u = self.guided_native(x, t, cond, guidance_scale)
         alpha, sigma = self.schedule.coefficients(t, ndim=x.ndim)
         return predicted_x0(u, x.float(), alpha, sigma, self.prediction_type)

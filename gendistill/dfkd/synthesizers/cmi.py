@@ -17,8 +17,9 @@ Defaults: Fast-Datafree's ``cmi_cifar.sh`` (adv 0.5, bn 1, oh 1, cr 0.8, cr_tau 
 (0.5, 0.999), a round every 400 student steps, student tau 20), bank 40960 features with 4096 negatives per step and
 a 256-d head (its ``datafree_kd.py``). Changes from the reference, and why:
 
-- Student KD temperature 20, the reference scripts' ``--T 20`` (both Fast-Datafree's and CMI's own), not the spec's
-  4 for inversion methods: CMI's images come from a (per-round) generator and its published numbers use 20.
+- Student KD temperature 20, the reference scripts' ``--T 20`` (both Fast-Datafree's and CMI's own), not the 4
+  of pixel inversion (DeepInversion): CMI's images come from a (per-round) generator and its published numbers use
+  20.
 - Features: the teacher's penultimate features (the input of its final linear layer, by hook) instead of the
   reference's concatenated per-channel means of every BN layer's input: one well-defined vector for any teacher.
 - Contrast: the reference also replays the bank's local features as extra anchors (which only trains the head); the

@@ -10,7 +10,7 @@ with the student in eval mode (ADI: images the student gets wrong are preferred)
 batches go to an :class:`ImagePool`; the student samples its batches from the pool and a new round runs every
 ``synthesis_every`` student batches (the reference synthesizes once per 400 student steps).
 
-Defaults: bn 10, oh 1, adv 1, 2000 steps (spec/DFKD.md; Fast-Datafree's ``deepinv_cifar.sh``; NVlabs' CIFAR script
+Defaults: bn 10, oh 1, adv 1, 2000 steps (Fast-Datafree's ``deepinv_cifar.sh``; NVlabs' CIFAR script
 runs 2000 steps), Adam betas (0.5, 0.99) (Fast-Datafree), tau 4 (spec: inversion methods). Changes from the
 reference, and why:
 
@@ -25,7 +25,7 @@ reference, and why:
 - The final iterate is kept. The references keep the "best" iterate, but ``best = inputs.data`` aliases the
   optimized tensor, so they too end up (nearly) with the final one; keeping it avoids a host sync per step.
 - Fast-Datafree subtracts 0.001 times the student's BN-statistics loss; dropped (the student may have no BN).
-- The student's KD uses tau 4 as the spec says for inversion methods; Fast-Datafree's script used 20.
+- The student's KD uses tau 4, the usual temperature of pixel-inversion KD; Fast-Datafree's script used 20.
 """
 
 from __future__ import annotations
