@@ -5,8 +5,9 @@
 BOOT: J. Gu et al., "BOOT: Data-free Distillation of Denoising Diffusion Models with Bootstrapping",
 arXiv 2306.05544 (2023); the signal-space DDIM step used for refinement is derived in gendistill's docs/boot.md.
 
-This file depends only on torch, numpy, PIL and diffusers (transformers is imported only when a saved folder names
-it): ``save_pretrained`` copies it next to the weights, so a saved folder also loads in stock diffusers with
+This file depends only on torch, numpy, PIL, diffusers and the BOOT math beside it (``boot_math.py``; transformers
+is imported only when a saved folder names it): ``save_pretrained`` copies both next to the weights, so a saved
+folder also loads in stock diffusers with
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``. The pipelines' own ``from_pretrained`` (below)
 loads the same folder without importing the folder's copy of this file.
 """
@@ -32,13 +33,14 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from .boot_math import PREDICTION_TYPES, guidance_embedding, guide, signal_step, start_signal, step_fraction, to_x0
+
 PIPELINE_MODULE = "pipeline_boot"
+MATH_MODULE = "boot_math"  # imported by this file; saved beside it
 PARAMETERIZATIONS = ("teacher", "raw")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 OUTPUT_TYPES = ("pil", "np", "pt")
 LATENT_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -79,25 +81,6 @@ TEXT_EXAMPLE_DOC_STRING = """
         >>> image = pipe("a photo of a red cat", refine_steps=2).images[0]  # + 2 teacher DDIM steps (saved teacher)
         ```
 """
-
-
-def to_x0(
-    model_output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """Clean prediction from a native network output ``u`` (B, C, H, W) at ``x`` (B, C, H, W) and (alpha, sigma)."""
-    if prediction_type == "epsilon":
-        return (sample - sigma * model_output) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * sample - sigma * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
-
-
-def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
-    """A guidance-range student's input for ``timestep_cond`` (diffusers' ``time_cond_proj_dim``): the sinusoidal
-    embedding (B, dim) of ``1000 w`` for the guidance scales ``w`` (B,), as in LCM. Training computes the same."""
-    return get_timestep_embedding(guidance_scale.float() * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
 
 
 _Pipeline = TypeVar("_Pipeline", bound="_BootPipelineBase")
@@ -189,7 +172,7 @@ class _BootPipelineBase(DiffusionPipeline):
         """
         ac = self.scheduler.alphas_cumprod.to(torch.float64).clamp(0.0, 1.0)
         alpha_t, sigma_t, alpha_s, sigma_s = ac[t].sqrt(), (1 - ac[t]).sqrt(), ac[s].sqrt(), (1 - ac[s]).sqrt()
-        return (1.0 - alpha_t * sigma_s / (sigma_t * alpha_s)).to(device, torch.float32)
+        return step_fraction(alpha_t, sigma_t, alpha_s, sigma_s).to(device, torch.float32)
 
     # --- signals -------------------------------------------------------------------------------------------------
     def _signal_from_student_output(self, u: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -205,7 +188,7 @@ class _BootPipelineBase(DiffusionPipeline):
         alpha, sigma = self._alpha_sigma(self.config.boot_timesteps[0], eps.device)
         if float(alpha) == 0.0:
             return torch.zeros_like(eps)
-        return eps * (1.0 - sigma) / alpha
+        return start_signal(eps, alpha, sigma)
 
     def refine(
         self,
@@ -227,7 +210,7 @@ class _BootPipelineBase(DiffusionPipeline):
                 alpha, sigma = self._alpha_sigma(t, eps.device)
                 x = alpha * y + sigma * eps
                 f = teacher_x0(x, t)
-                y = y + self._step_fraction(t, s, eps.device) * (f - y)
+                y = signal_step(y, f, self._step_fraction(t, s, eps.device))
                 progress_bar.update()
         return y
 
@@ -266,6 +249,7 @@ class _BootPipelineBase(DiffusionPipeline):
         index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(__file__), Path(save_directory) / f"{PIPELINE_MODULE}.py")
+        shutil.copyfile(Path(__file__).with_name(f"{MATH_MODULE}.py"), Path(save_directory) / f"{MATH_MODULE}.py")
 
     @classmethod
     def from_pretrained(
@@ -505,7 +489,7 @@ class BootImagePipeline(_BootPipelineBase):
                 class_labels=torch.cat([class_labels, null]),
             ).sample.float()
             u_cond, u_null = u_both.chunk(2)
-            u = u_null + w * (u_cond - u_null)
+            u = guide(u_cond, u_null, w)
         alpha, sigma = self._alpha_sigma(t, x.device)
         return to_x0(u, x, alpha, sigma, self.scheduler.config.prediction_type)
 
@@ -802,7 +786,7 @@ class BootPipeline(_BootPipelineBase):
                 encoder_hidden_states=torch.cat([prompt_embeds, negative_prompt_embeds]).to(dtype),
             ).sample.float()
             u_cond, u_null = u_both.chunk(2)
-            u = u_null + guidance_scale * (u_cond - u_null)
+            u = guide(u_cond, u_null, guidance_scale)
         alpha, sigma = self._alpha_sigma(t, x.device)
         return to_x0(u, x, alpha, sigma, self.scheduler.config.prediction_type)
 

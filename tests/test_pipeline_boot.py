@@ -290,12 +290,16 @@ def test_model_index_written_by_save_pretrained(saved):
     assert not (root / "without_teacher" / "teacher_unet").exists()
     with_teacher = json.loads((root / "with_teacher" / "model_index.json").read_text())
     assert with_teacher["teacher_unet"] == ["diffusers", "UNet2DModel"]
-    # The copied source runs under stock diffusers: it may import only the standard library, torch and diffusers.
-    tree = ast.parse((root / "with_teacher" / "pipeline_boot.py").read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    # The copied source runs under stock diffusers: it may import only the standard library, torch, diffusers and,
+    # relatively, the files saved beside it (the BOOT math).
     allowed = {"torch", "diffusers", "numpy", "PIL", *sys.stdlib_module_names}
-    assert {name.split(".")[0] for name in imported} <= allowed, imported
+    for source in ("pipeline_boot.py", "boot_math.py"):
+        tree = ast.parse((root / "with_teacher" / source).read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+        assert {name.split(".")[0] for name in imported} <= allowed, (source, imported)
+        beside = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+        assert all((root / "with_teacher" / f"{name}.py").is_file() for name in beside), (source, beside)
 
 
 @pytest.mark.parametrize("name", ["with_teacher", "without_teacher"])
@@ -384,3 +388,33 @@ def test_stock_diffusers_loads_the_folder_in_a_fresh_process(saved, tmp_path):
     out = np.load(tmp_path / "out.npz")
     for name in ("with_teacher", "without_teacher"):
         np.testing.assert_allclose(out[name], reference[name].transpose(0, 2, 3, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_library_and_pipeline_compute_the_same_numbers(prediction_type, tmp_path):
+    # The training task and the exported pipeline share one implementation of the math (boot_math): the start
+    # signal, the student's signal at every grid point and a guided teacher step agree bit for bit.
+    from conftest import save_teacher
+
+    from gendistill.diffusion.boot import BootConfig, BootTask
+    from gendistill.diffusion.teacher import load_teacher
+    from gendistill.training.boot import build_pipeline
+
+    teacher = load_teacher(save_teacher(tmp_path / "teacher", prediction_type=prediction_type))
+    torch.manual_seed(0)
+    task = BootTask(teacher, BootConfig(num_intervals=4, guidance_scale=2.0))
+    with torch.no_grad():
+        for p in task.student.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a student that is not the teacher
+        pipe = build_pipeline(task, task.student, save_teacher=True)
+        eps, labels = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
+        cond = {"class_labels": labels}
+        assert torch.equal(pipe.start_signal(eps), task.start_signal(eps))
+        for t in task.grid[1:]:
+            timesteps = torch.full((2,), t, dtype=torch.long)
+            assert torch.equal(pipe.student_signal(eps, t, labels), task.student_signal(eps, timesteps, cond)), t
+        k = len(task.grid) - 1
+        y = task.student_signal(eps, torch.full((2,), task.grid[k - 1], dtype=torch.long), cond)
+        refined = pipe.refine(y, eps, refine_steps=1, teacher_x0=lambda x, t: pipe.teacher_x0(x, t, labels))
+        stepped = task.teacher_step(y, eps, torch.full((2,), k), cond)
+    torch.testing.assert_close(refined, stepped, rtol=0, atol=0)

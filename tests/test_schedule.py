@@ -6,13 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from gendistill.diffusion.schedule import (
-    NoiseSchedule,
-    boot_grid,
-    check_prediction_type,
-    ddim_signal_step,
-    predicted_x0,
-)
+from gendistill.diffusion.schedule import NoiseSchedule, boot_grid, check_prediction_type
+from gendistill.pipelines.boot_math import signal_step, to_x0
 
 
 @pytest.mark.parametrize(
@@ -44,7 +39,7 @@ def test_signal_step_equals_diffusers_ddim(prediction_type, zero_snr):
         tt, ss = torch.tensor([int(t)]), torch.tensor([s])
         alpha_t, sigma_t = schedule.coefficients(tt, dtype=torch.float64)
         alpha_s, sigma_s = schedule.coefficients(ss, dtype=torch.float64)
-        f = predicted_x0(u, x_t, alpha_t, sigma_t, prediction_type)
+        f = to_x0(u, x_t, alpha_t, sigma_t, prediction_type)
         d = schedule.step_fraction(tt, ss, dtype=torch.float64)
         if float(alpha_t) == 0.0:
             # Zero terminal SNR: the trajectory starts at x_T = eps exactly, y_T drops out because d = 1.
@@ -53,7 +48,7 @@ def test_signal_step_equals_diffusers_ddim(prediction_type, zero_snr):
             y_t = torch.zeros_like(x_t)
         else:
             y_t = (x_t - sigma_t * eps) / alpha_t
-        y_s = ddim_signal_step(y_t, f, d)
+        y_s = signal_step(y_t, f, d)
         got = alpha_s * y_s + sigma_s * eps
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 

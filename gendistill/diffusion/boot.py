@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from ..data.prompts import PromptEmbeddings
 from ..errors import UsageError
 from ..kernels import boot_guided_loss
+from ..pipelines.boot_math import guidance_embedding, signal_step, start_signal, to_x0
 from ..task import Phase
-from .schedule import boot_grid, ddim_signal_step, predicted_x0
+from .schedule import boot_grid
 from .teacher import DiffusionTeacher
 
 PARAMETERIZATIONS = ("teacher", "raw")
@@ -39,13 +39,6 @@ LORA_TARGETS = (
     "time_emb_proj",
 )
 CONDITION_KEYS = ("class_labels", "encoder_hidden_states")  # batch entries that are UNet condition kwargs
-
-
-def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
-    """The student's guidance-scale input (B, dim) for ``timestep_cond`` (diffusers' ``time_cond_proj_dim``): the
-    sinusoidal embedding of ``1000 w``, as latent consistency models use. ``pipelines/pipeline_boot.py`` computes
-    the same."""
-    return get_timestep_embedding(guidance_scale.float() * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
 
 
 @dataclass
@@ -241,7 +234,7 @@ class BootTask(nn.Module):
         # Read u as the teacher's native prediction at x_{t_0} = eps, so y ~ f(eps, t_0) at initialization.
         t0 = torch.full_like(timesteps, self.grid[0])
         alpha, sigma = self.teacher.schedule.coefficients(t0, ndim=eps.ndim)
-        return predicted_x0(u, eps.float(), alpha, sigma, self.teacher.prediction_type)
+        return to_x0(u, eps.float(), alpha, sigma, self.teacher.prediction_type)
 
     def start_signal(self, eps: torch.Tensor) -> torch.Tensor:
         """The exact ``y_T = eps (1 - sigma_T) / alpha_T``; zero when ``alpha_T = 0`` (then ``d_1 = 1``)."""
@@ -249,7 +242,7 @@ class BootTask(nn.Module):
             return torch.zeros_like(eps, dtype=torch.float32)
         t0 = torch.full((eps.shape[0],), self.grid[0], device=eps.device, dtype=torch.long)
         alpha, sigma = self.teacher.schedule.coefficients(t0, ndim=eps.ndim)
-        return eps.float() * (1.0 - sigma) / alpha
+        return start_signal(eps.float(), alpha, sigma)
 
     def teacher_step(
         self,
@@ -260,14 +253,18 @@ class BootTask(nn.Module):
         guidance_scale: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The teacher's DDIM step on interval ``k`` (from ``t_{k-1}`` to ``t_k``), in signal space."""
-        grid = self.grid_timesteps.to(eps.device)
-        t_prev, t_next = grid[k - 1], grid[k]
-        alpha, sigma = self.teacher.schedule.coefficients(t_prev, ndim=eps.ndim)
-        x = alpha * y + sigma * eps.float()
+        t_prev, alpha, sigma, x, d = self._interval(y, eps, k)
         w = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        f = self.teacher.predict_x0(x, t_prev, cond, guidance_scale=w)
-        d = self.teacher.schedule.step_fraction(t_prev, t_next, ndim=eps.ndim)
-        return ddim_signal_step(y, f, d)
+        return signal_step(y, self.teacher.predict_x0(x, t_prev, cond, guidance_scale=w), d)
+
+    def _interval(self, y: torch.Tensor, eps: torch.Tensor, k: torch.Tensor):
+        """Interval ``k``'s start ``t_{k-1}`` (B,), its ``(alpha, sigma)``, the teacher's input
+        ``x = alpha y + sigma eps`` and the step fraction ``d`` to ``t_k`` (each (B, 1, ..., 1) or like ``y``)."""
+        grid = self.grid_timesteps.to(eps.device)
+        t_prev = grid[k - 1]
+        alpha, sigma = self.teacher.schedule.coefficients(t_prev, ndim=eps.ndim)
+        d = self.teacher.schedule.step_fraction(t_prev, grid[k], ndim=eps.ndim)
+        return t_prev, alpha, sigma, alpha * y + sigma * eps.float(), d
 
     # --- conditions ----------------------------------------------------------------------------------------
     def use_prompt_embeddings(self, embeddings: PromptEmbeddings) -> None:
@@ -324,12 +321,9 @@ class BootTask(nn.Module):
             y_prev = torch.where((k == 1).view(-1, 1, 1, 1), y_start, y_boot)
             # The teacher's DDIM step from t_{k-1} (teacher_step), split so that the guidance combine, the x0
             # conversion, the signal step and the loss run as one fused kernel on CUDA (gendistill.kernels).
-            t_prev = grid[k - 1]
-            alpha, sigma = self.teacher.schedule.coefficients(t_prev, ndim=eps.ndim)
-            x = alpha * y_prev + sigma * eps.float()
+            t_prev, alpha, sigma, x, d = self._interval(y_prev, eps, k)
             scale = self.config.guidance_scale if w is None else w
             u_cond, u_uncond = self.teacher.native_pair(x, t_prev, cond, scale)
-            d = self.teacher.schedule.step_fraction(t_prev, grid[k], ndim=eps.ndim)
         y = self.student_signal(eps, grid[k], cond, w)
         # L_k = ||g(eps, t_k) - target||^2 / d_k^2, mean over elements (per sample first).
         per_sample = boot_guided_loss(

@@ -1,7 +1,10 @@
-"""Noise-schedule math shared by teachers, BOOT and samplers.
+"""The teacher's noise schedule by timestep, the BOOT grid and the prediction-type check.
 
 Notation follows docs/boot.md: ``alpha_t = sqrt(alphas_cumprod[t])``, ``sigma_t = sqrt(1 - alphas_cumprod[t])``,
-half log-SNR ``lambda_t = log(alpha_t / sigma_t)`` and ``x_t = alpha_t * x0 + sigma_t * eps``.
+half log-SNR ``lambda_t = log(alpha_t / sigma_t)`` and ``x_t = alpha_t * x0 + sigma_t * eps``. The formulas
+themselves (clean prediction, guidance, DDIM step fraction, signal step) live once in ``gendistill.pipelines.
+boot_math``, which the saved students' pipelines carry: the one module of ``gendistill.pipelines`` the library
+imports (it imports only torch and diffusers).
 """
 
 from __future__ import annotations
@@ -9,30 +12,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import UsageError
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from ..pipelines.boot_math import PREDICTION_TYPES, step_fraction
 
 
 def check_prediction_type(prediction_type: str) -> str:
     if prediction_type not in PREDICTION_TYPES:
         raise UsageError(f"unsupported prediction type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
     return prediction_type
-
-
-def predicted_x0(
-    model_output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """Clean-sample prediction ``f`` from a network's native output ``u`` at noise level ``(alpha, sigma)``.
-
-    ``model_output``/``sample``: (B, C, H, W); ``alpha``/``sigma``: scalars or tensors broadcastable to them.
-    """
-    if prediction_type == "epsilon":
-        return (sample - sigma * model_output) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * sample - sigma * model_output
-    if prediction_type == "sample":
-        return model_output
-    return predicted_x0(model_output, sample, alpha, sigma, check_prediction_type(prediction_type))
 
 
 def boot_grid(num_train_timesteps: int, num_intervals: int) -> list[int]:
@@ -89,14 +75,5 @@ class NoiseSchedule:
         """
         alpha, sigma = self._tables(t.device)
         t_idx, s_idx = t.detach().long(), s.detach().long().to(t.device)
-        d = 1.0 - (alpha[t_idx] * sigma[s_idx]) / (sigma[t_idx] * alpha[s_idx])
+        d = step_fraction(alpha[t_idx], sigma[t_idx], alpha[s_idx], sigma[s_idx])
         return d.to(dtype).view((-1,) + (1,) * (ndim - 1))
-
-
-def ddim_signal_step(y_t: torch.Tensor, f: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """One exact DDIM (eta = 0) step in signal space: ``y_s = y_t + d * (f - y_t)`` (docs/boot.md).
-
-    ``y_t`` is the signal ``(x_t - sigma_t * eps) / alpha_t`` of the trajectory from noise ``eps``, ``f`` the
-    teacher's clean prediction at ``x_t`` and ``d = 1 - exp(lambda_t - lambda_s)``.
-    """
-    return y_t + d * (f - y_t)

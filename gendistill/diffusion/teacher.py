@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import UsageError
 from ..files import error_summary, read_json
-from .schedule import NoiseSchedule, check_prediction_type, predicted_x0
+from ..pipelines.boot_math import guide, to_x0
+from .schedule import NoiseSchedule, check_prediction_type
 
 logger = logging.getLogger(__name__)
 
@@ -225,13 +226,12 @@ class DiffusionTeacher(nn.Module):
         u_cond, u_uncond = self.native_pair(x, t, cond, guidance_scale)
         if u_uncond is None:
             return u_cond.float()
-        u_cond, u_uncond = u_cond.float(), u_uncond.float()
         w = (
             guidance_scale.float().view(-1, *([1] * (x.ndim - 1)))
             if torch.is_tensor(guidance_scale)
             else guidance_scale
         )
-        return u_uncond + w * (u_cond - u_uncond)
+        return guide(u_cond.float(), u_uncond.float(), w)
 
     def predict_x0(
         self,
@@ -245,7 +245,7 @@ class DiffusionTeacher(nn.Module):
         native output first (docs/boot.md)."""
         u = self.guided_native(x, t, cond, guidance_scale)
         alpha, sigma = self.schedule.coefficients(t, ndim=x.ndim)
-        return predicted_x0(u, x.float(), alpha, sigma, self.prediction_type)
+        return to_x0(u, x.float(), alpha, sigma, self.prediction_type)
 
     def decode(self, sample: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] from samples; pixel teachers' samples already are images."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from ..pipelines.boot_math import PREDICTION_TYPES, guide, signal_step, to_x0
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,14 +38,6 @@ def boot_guided_loss(
     shape = (-1,) + (1,) * (student.dim() - 1)
     w, a, s, dd = (t.float().view(shape) for t in (guidance, alpha, sigma, d))
     with torch.no_grad():
-        u = u_cond.float() if u_uncond is None else u_uncond.float() + w * (u_cond.float() - u_uncond.float())
-        xf = x.float()
-        if prediction_type == "epsilon":
-            f = (xf - s * u) / a
-        elif prediction_type == "v_prediction":
-            f = a * xf - s * u
-        else:
-            f = u
-        y = y_prev.float()
-        target = y + dd * (f - y)
+        u = guide(u_cond.float(), None if u_uncond is None else u_uncond.float(), w)
+        target = signal_step(y_prev.float(), to_x0(u, x.float(), a, s, prediction_type), dd)
     return ((student.float() - target) ** 2 / dd**2).flatten(1).mean(1)
