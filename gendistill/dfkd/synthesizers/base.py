@@ -147,11 +147,11 @@ class Synthesizer(ABC):
 
     def generator_batch(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Inputs of one generator step, drawn from the global RNG (so resume restores them)."""
-        raise UsageError(f"method {self.name!r} has no generator phase")
+        raise NotImplementedError(f"method {self.name!r} has no generator phase")
 
     def generator_loss(self, batch, *, generator, teacher, student) -> dict[str, torch.Tensor]:
         """The generator's losses; ``"loss"`` is optimized."""
-        raise UsageError(f"method {self.name!r} has no generator phase")
+        raise NotImplementedError(f"method {self.name!r} has no generator phase")
 
     @abstractmethod
     def student_images(self, batch_size: int, device: torch.device, *, teacher, student, generator) -> torch.Tensor:
