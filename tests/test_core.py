@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -260,3 +261,23 @@ def test_the_ema_averages_batchnorm_running_statistics_with_the_weights_decay(tm
     again = resumed.export_module("model")[0]
     assert torch.equal(again.running_mean, straight.running_mean)
     assert torch.equal(again.running_var, straight.running_var)
+
+
+def test_evaluations_swap_the_average_in_place_and_restore_the_live_module(tmp_path, monkeypatch):
+    # Evaluations see the EMA weights and statistics without a copy of the module, and training resumes on exactly
+    # the live weights, statistics and mode.
+    task = BatchNormToyTask()
+    trainer = Trainer(task, _recipe(tmp_path, max_steps=5, ema_decay=0.9, checkpoint_every=0), command="toy")
+    trainer.fit()
+    live = {k: v.clone() for k, v in task.model.state_dict().items()}
+    exported = trainer.export_module("model").state_dict()
+    assert any(not torch.equal(live[k], exported[k]) for k in live)  # the average differs from the live module
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: pytest.fail("an evaluation copied a module"))
+    task.model.train()
+    with trainer.averaged_modules() as modules:
+        assert modules["model"] is task.model and not task.model.training
+        for key, value in task.model.state_dict().items():
+            assert torch.equal(value, exported[key]), key
+    assert task.model.training
+    for key, value in task.model.state_dict().items():
+        assert torch.equal(value, live[key]), key

@@ -237,7 +237,7 @@ def _flat_config(recipe: TrainRecipe) -> dict:
 def resolve_mixed_precision(recipe: TrainRecipe) -> str:
     """``recipe.mixed_precision`` with "auto" resolved: bf16 on CUDA, no (fp32) elsewhere."""
     if recipe.mixed_precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
+        return "bf16" if torch.cuda.is_available() and not recipe.cpu else "no"
     return recipe.mixed_precision
 
 
@@ -270,6 +270,7 @@ class Trainer:
         self.output = Path(recipe.output)
         mixed = resolve_mixed_precision(recipe)
         self.accelerator = accelerator = Accelerator(
+            cpu=recipe.cpu,
             mixed_precision=mixed,
             gradient_accumulation_steps=recipe.gradient_accumulation_steps,
             log_with=_trackers() or None,
@@ -494,16 +495,48 @@ class Trainer:
                         f.write(b"\n")
                 f.write(line.encode("utf-8"))
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        if not hasattr(self.task, "evaluate") or not self.accelerator.is_main_process:
-            return {}
-        live = {
+    def _live_modules(self) -> dict[str, torch.nn.Module]:
+        return {
             p.name: self.accelerator.unwrap_model(getattr(self.task, p.name), keep_torch_compile=False)
             for p in self.phases
         }
-        metrics = dict(self.task.evaluate(**live))
+
+    @contextlib.contextmanager
+    def averaged_modules(self):
+        """The phases' modules with their EMA weights and running statistics swapped in, in place, in eval mode
+        (diffusers' ``EMAModel.store``/``copy_to``/``restore``; the live statistics are kept aside the same way);
+        the live weights, statistics and modes are back on exit. Evaluations and sample grids use it instead of a
+        copy of each module (a second multi-GB UNet for a Stable Diffusion student)."""
+        modules = self._live_modules()
+        modes = {name: module.training for name, module in modules.items()}
+        swapped = []
+        try:
+            for name, module in modules.items():
+                if name in self.emas:
+                    params = _trainable(module)
+                    live_stats = [t.detach().clone() for t in self.ema_stats[name].live]
+                    self.emas[name].store(params)
+                    swapped.append((name, params, live_stats))
+                    self.emas[name].copy_to(params)
+                    self.ema_stats[name].copy_to(module)
+                module.eval()
+            yield modules
+        finally:
+            with torch.no_grad():
+                for name, params, live_stats in swapped:
+                    self.emas[name].restore(params)
+                    for tensor, saved in zip(self.ema_stats[name].live, live_stats, strict=True):
+                        tensor.copy_(saved)
+            for name, module in modules.items():
+                module.train(modes[name])
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if not hasattr(self.task, "evaluate") or not self.accelerator.is_main_process:
+            return {}
+        metrics = dict(self.task.evaluate(**self._live_modules()))
         if self.emas:
-            ema_metrics = self.task.evaluate(**{p.name: self.export_module(p.name) for p in self.phases})
+            with self.averaged_modules() as averaged:
+                ema_metrics = self.task.evaluate(**averaged)
             metrics.update({f"ema/{k}": v for k, v in ema_metrics.items()})
         self.log(metrics, step)
         return metrics
@@ -511,7 +544,8 @@ class Trainer:
     def write_samples(self, step: int) -> Path | None:
         if not hasattr(self.task, "sample_images") or not self.accelerator.is_main_process:
             return None
-        images = self.task.sample_images(**{p.name: self.export_module(p.name) for p in self.phases})
+        with self.averaged_modules() as averaged:
+            images = self.task.sample_images(**averaged)
         path = self.output / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(images.float().cpu(), path, nrow=max(1, images.shape[0] // 2))

@@ -20,9 +20,7 @@ longer and evaluates more samples (meant for a GPU: ``--device cuda``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -71,7 +69,9 @@ BUDGETS = {
 }
 
 
-def ddpm_teacher_recipe(output: str, *, seed: int = 0, max_steps: int = 4000) -> teach_diffusion.TeachDiffusionRecipe:
+def ddpm_teacher_recipe(
+    output: str, *, seed: int = 0, max_steps: int = 4000, cpu: bool = False
+) -> teach_diffusion.TeachDiffusionRecipe:
     """The recipe of the shipped DDPM teacher (``gendistill teach diffusion`` with these flags)."""
     return teach_diffusion.TeachDiffusionRecipe(
         output=output,
@@ -85,11 +85,12 @@ def ddpm_teacher_recipe(output: str, *, seed: int = 0, max_steps: int = 4000) ->
         checkpoint_every=0,
         sample_every=1000,
         seed=seed,
+        cpu=cpu,
     )
 
 
 def classifier_teacher_recipe(
-    output: str, *, seed: int = 0, max_steps: int = 1500
+    output: str, *, seed: int = 0, max_steps: int = 1500, cpu: bool = False
 ) -> teach_classifier.TeachClassifierRecipe:
     """The recipe of the shipped LeNet-5 teacher (``gendistill teach classifier`` with these flags)."""
     return teach_classifier.TeachClassifierRecipe(
@@ -102,10 +103,11 @@ def classifier_teacher_recipe(
         eval_every=0,
         checkpoint_every=0,
         seed=seed,
+        cpu=cpu,
     )
 
 
-def boot_recipe(output: str, teacher: str, budget: Budget, *, seed: int = 0) -> boot.BootRecipe:
+def boot_recipe(output: str, teacher: str, budget: Budget, *, seed: int = 0, cpu: bool = False) -> boot.BootRecipe:
     """The demo's BOOT run: a one-step student of the DDPM with the default class guidance (2.0) baked in."""
     return boot.BootRecipe(
         output=output,
@@ -118,11 +120,12 @@ def boot_recipe(output: str, teacher: str, budget: Budget, *, seed: int = 0) -> 
         checkpoint_every=0,
         sample_every=0,
         seed=seed,
+        cpu=cpu,
         save_teacher=True,
     )
 
 
-def dfkd_recipe(output: str, teacher: str, budget: Budget, *, seed: int = 0) -> dfkd.DFKDRecipe:
+def dfkd_recipe(output: str, teacher: str, budget: Budget, *, seed: int = 0, cpu: bool = False) -> dfkd.DFKDRecipe:
     """The demo's DFKD run: DFQ with its defaults (the recommended method, ``benchmarks/dfkd_mnist.py``) into
     LeNet-5-half, held-out accuracy logged for the accuracy-against-time curve, the EMA student exported."""
     return dfkd.DFKDRecipe(
@@ -137,6 +140,7 @@ def dfkd_recipe(output: str, teacher: str, budget: Budget, *, seed: int = 0) -> 
         checkpoint_every=0,
         sample_every=0,
         seed=seed,
+        cpu=cpu,
     )
 
 
@@ -199,22 +203,11 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-@contextlib.contextmanager
-def accelerate_device(device: str):
-    """Accelerate picks CUDA when it is available; ``cpu`` forces the CPU, ``cuda`` insists on CUDA."""
+def demo_device(device: str) -> torch.device:
+    """``auto``: CUDA when it is available; ``cpu`` forces the CPU (the recipes' ``cpu`` field); ``cuda`` insists."""
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine; valid here: auto, cpu")
-    previous = os.environ.get("ACCELERATE_USE_CPU")
-    if device == "cpu":
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-    try:
-        yield torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-    finally:
-        if device == "cpu":
-            if previous is None:
-                os.environ.pop("ACCELERATE_USE_CPU", None)
-            else:
-                os.environ["ACCELERATE_USE_CPU"] = previous
+    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def main(argv: list[str] | None = None, *, evaluate: Callable[..., list[dict]] | None = None) -> int:
@@ -231,6 +224,7 @@ def main(argv: list[str] | None = None, *, evaluate: Callable[..., list[dict]] |
     budget = Budget(**{**asdict(budget), **{k: v for k, v in overrides.items() if v is not None}})
     if args.teacher_steps is not None and not args.train_teachers:
         raise UsageError("--teacher-steps applies to --train-teachers only (the shipped teachers are trained already)")
+    device = demo_device(args.device)
     out = Path(args.output)
     prepare_output(out, args.overwrite)
     started = time.perf_counter()
@@ -240,40 +234,40 @@ def main(argv: list[str] | None = None, *, evaluate: Callable[..., list[dict]] |
         + "\n",
         encoding="utf-8",
     )
-    with accelerate_device(args.device) as device:
-        teachers = out / "teachers"
-        ddpm_dir, lenet_dir = teachers / DDPM_TEACHER, teachers / CLASSIFIER_TEACHER
-        tic = time.perf_counter()
-        if args.train_teachers:
-            steps = {} if args.teacher_steps is None else {"max_steps": args.teacher_steps}
-            print(f"[1/4] training the teachers on the MNIST subset's train split -> {teachers}")
-            teach_diffusion.run(ddpm_teacher_recipe(str(ddpm_dir), seed=args.seed, **steps))
-            teach_classifier.run(classifier_teacher_recipe(str(lenet_dir), seed=args.seed, **steps))
-        else:
-            print(f"[1/4] teachers: the shipped MNIST DDPM and LeNet-5 (see {shipped_teacher(DDPM_TEACHER).parent})")
-            _copy_teacher(DDPM_TEACHER, ddpm_dir)
-            _copy_teacher(CLASSIFIER_TEACHER, lenet_dir)
-        stages["teachers"] = time.perf_counter() - tic
+    cpu = device.type == "cpu"
+    teachers = out / "teachers"
+    ddpm_dir, lenet_dir = teachers / DDPM_TEACHER, teachers / CLASSIFIER_TEACHER
+    tic = time.perf_counter()
+    if args.train_teachers:
+        steps = {} if args.teacher_steps is None else {"max_steps": args.teacher_steps}
+        print(f"[1/4] training the teachers on the MNIST subset's train split -> {teachers}")
+        teach_diffusion.run(ddpm_teacher_recipe(str(ddpm_dir), seed=args.seed, cpu=cpu, **steps))
+        teach_classifier.run(classifier_teacher_recipe(str(lenet_dir), seed=args.seed, cpu=cpu, **steps))
+    else:
+        print(f"[1/4] teachers: the shipped MNIST DDPM and LeNet-5 (see {shipped_teacher(DDPM_TEACHER).parent})")
+        _copy_teacher(DDPM_TEACHER, ddpm_dir)
+        _copy_teacher(CLASSIFIER_TEACHER, lenet_dir)
+    stages["teachers"] = time.perf_counter() - tic
 
-        tic = time.perf_counter()
-        print(f"[2/4] BOOT: distilling the DDPM into a one-step student ({budget.boot_steps} steps) -> {out / 'boot'}")
-        boot.run(boot_recipe(str(out / "boot"), str(ddpm_dir), budget, seed=args.seed))
-        stages["boot"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    print(f"[2/4] BOOT: distilling the DDPM into a one-step student ({budget.boot_steps} steps) -> {out / 'boot'}")
+    boot.run(boot_recipe(str(out / "boot"), str(ddpm_dir), budget, seed=args.seed, cpu=cpu))
+    stages["boot"] = time.perf_counter() - tic
 
-        tic = time.perf_counter()
-        print(
-            f"[3/4] DFKD: distilling LeNet-5 into LeNet-5-half from synthesized images only (DFQ, "
-            f"{budget.dfkd_iterations} iterations) -> {out / 'dfkd'}"
-        )
-        dfkd.run(dfkd_recipe(str(out / "dfkd"), str(lenet_dir), budget, seed=args.seed))
-        stages["dfkd"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    print(
+        f"[3/4] DFKD: distilling LeNet-5 into LeNet-5-half from synthesized images only (DFQ, "
+        f"{budget.dfkd_iterations} iterations) -> {out / 'dfkd'}"
+    )
+    dfkd.run(dfkd_recipe(str(out / "dfkd"), str(lenet_dir), budget, seed=args.seed, cpu=cpu))
+    stages["dfkd"] = time.perf_counter() - tic
 
-        tic = time.perf_counter()
-        print(f"[4/4] evaluating teachers and students -> {out / 'report'}")
-        rows = []
-        if evaluate is not None:
-            rows = evaluate(out, device=device, eval_samples=budget.eval_samples, seed=args.seed)
-        stages["evaluation"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    print(f"[4/4] evaluating teachers and students -> {out / 'report'}")
+    rows = []
+    if evaluate is not None:
+        rows = evaluate(out, device=device, eval_samples=budget.eval_samples, seed=args.seed)
+    stages["evaluation"] = time.perf_counter() - tic
     total = time.perf_counter() - started
     timing = {"seconds": {**stages, "total": total}}
     (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n", encoding="utf-8")

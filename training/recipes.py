@@ -45,6 +45,7 @@ class TrainRecipe:
     grad_clip: float = 1.0  # max gradient norm (0 disables clipping)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | fp16 | bf16
+    cpu: bool = False  # train on the CPU even where CUDA is available
     fused_kernels: bool = True  # fused Triton kernels on CUDA (gendistill.kernels); false: the plain-torch path
     fused_optimizer: bool = True  # AdamW's fused CUDA kernel when every trainable parameter is on CUDA
     compile: str = "no"  # torch.compile backend for the trainable modules: no | eager | aot_eager | inductor
@@ -71,6 +72,7 @@ class TrainRecipe:
         "fused_kernels",
         "fused_optimizer",
         "compile",
+        "cpu",
     )
 
     def validate(self) -> None:

@@ -13,16 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from ..errors import UsageError
 from ..task import Phase
 from .models import Classifier
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (calls through it would sync gradients)."""
-    return getattr(module, "module", module)
 
 
 class DFKDTask(nn.Module):
@@ -104,7 +100,11 @@ class DFKDTask(nn.Module):
         generator = getattr(self, "generator", None)
         if phase == "student":
             batch = self.synthesizer.student_batch(
-                batch_size, device, teacher=self.teacher, student=unwrap(self.student), generator=generator
+                batch_size,
+                device,
+                teacher=self.teacher,
+                student=extract_model_from_parallel(self.student),
+                generator=generator,
             )
             return {k: v.detach() for k, v in batch.items()}
         return self.synthesizer.generator_batch(batch_size, device)
@@ -122,7 +122,7 @@ class DFKDTask(nn.Module):
         # The student is called unwrapped and in eval mode: its gradients from this phase are never used (each
         # phase starts from zeroed gradients), must not trigger a DDP all-reduce, and synthetic batches must not move
         # its BatchNorm statistics.
-        student = unwrap(self.student)
+        student = extract_model_from_parallel(self.student)
         was_training = student.training
         student.eval()
         try:
@@ -192,7 +192,7 @@ class DFKDTask(nn.Module):
     def sample_images(self, **modules) -> torch.Tensor:
         """A grid's worth of synthesized images (B, C, H, W) in [0, 1]."""
         generator = modules.get("generator", getattr(self, "generator", None))
-        student = modules.get("student", unwrap(self.student))
+        student = modules.get("student", extract_model_from_parallel(self.student))
         device = next(self.teacher.parameters()).device
         # Grids draw from a fixed seed inside a forked RNG: every grid uses the same noise (the grids show the
         # generator's progress), and writing one never shifts the training's random stream (so a run resumed
