@@ -1,5 +1,6 @@
 # Copyright 2025 The gendistill authors. Licensed under the Apache License, Version 2.0.
-"""BOOT's diffusion math, written once (derivation: gendistill's docs/boot.md).
+"""BOOT's diffusion math and a latent teacher's text and VAE steps, written once (derivation: gendistill's
+docs/boot.md).
 
 gendistill's training (``gendistill.diffusion``, the fused kernels' reference) and the BOOT pipelines both call
 these functions. Like ``pipeline_boot.py`` this file imports only torch and diffusers: ``save_pretrained`` copies
@@ -7,7 +8,8 @@ it next to ``pipeline_boot.py``, which imports it relatively, so a saved folder 
 
 Notation: ``alpha_t = sqrt(alphas_cumprod[t])``, ``sigma_t = sqrt(1 - alphas_cumprod[t])``,
 ``x_t = alpha_t * x0 + sigma_t * eps``; the signal of the trajectory from the noise ``eps`` is
-``y_t = (x_t - sigma_t * eps) / alpha_t``. Every function is elementwise and keeps the dtype of its inputs.
+``y_t = (x_t - sigma_t * eps) / alpha_t``. The formulas are elementwise and keep the dtype of their inputs; the
+last two functions run a latent teacher's text encoder and VAE as Stable Diffusion's pipeline does.
 """
 
 from __future__ import annotations
@@ -64,3 +66,26 @@ def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
     """A guidance-range student's ``timestep_cond`` input (diffusers' ``time_cond_proj_dim``): the sinusoidal
     embedding (B, dim) of ``1000 w`` for the guidance scales ``w`` (B,), as latent consistency models use."""
     return get_timestep_embedding(guidance_scale.float() * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """Text-encoder hidden states (B, L, D) of ``prompts``, padded and truncated to the tokenizer's
+    ``model_max_length`` (as ``StableDiffusionPipeline`` does, without ``clip_skip``)."""
+    tokens = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return text_encoder(tokens.input_ids.to(device))[0]
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1], float32, from latents (B, C, h, w) through the VAE (its scaling and, where
+    it has one, shift factor)."""
+    latents = latents / vae.config.scaling_factor
+    shift_factor = vae.config.get("shift_factor")
+    if shift_factor is not None:
+        latents = latents + shift_factor
+    return vae.decode(latents.to(vae.dtype)).sample.float()

@@ -36,7 +36,17 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from .boot_math import PREDICTION_TYPES, guidance_embedding, guide, signal_step, start_signal, step_fraction, to_x0
+from .boot_math import (
+    PREDICTION_TYPES,
+    decode_latents,
+    encode_prompts,
+    guidance_embedding,
+    guide,
+    signal_step,
+    start_signal,
+    step_fraction,
+    to_x0,
+)
 
 PIPELINE_MODULE = "pipeline_boot"
 MATH_MODULE = "boot_math"  # imported by this file; saved beside it
@@ -739,14 +749,7 @@ class BootPipeline(_BootPipelineBase):
         """Text embeddings (B, L, D) for ``B = len(prompt) * num_images_per_prompt``, each prompt's images adjacent;
         ``L`` is the tokenizer's ``model_max_length`` (as in ``StableDiffusionPipeline``, without ``clip_skip``)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        text_inputs = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        prompt_embeds = self.text_encoder(text_inputs.input_ids.to(device))[0]
+        prompt_embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, device)
         return prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
     def student_signal(
@@ -792,11 +795,7 @@ class BootPipeline(_BootPipelineBase):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, h f, w f) in [-1, 1] (float32) from the student's latents (B, C, h, w)."""
-        latents = latents / self.vae.config.scaling_factor
-        shift_factor = self.vae.config.get("shift_factor")
-        if shift_factor is not None:
-            latents = latents + shift_factor
-        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+        return decode_latents(self.vae, latents)
 
     # --- sampling ------------------------------------------------------------------------------------------------
     @torch.no_grad()

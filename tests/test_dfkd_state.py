@@ -137,7 +137,7 @@ def test_student_memory_keeps_the_last_generator_batches_and_their_teacher_logit
 
 
 def test_dfq_student_steps_reuse_the_shifted_generator_batch(teacher):
-    task = make_task(DFQ, teacher)  # the defaults: memory_batches 1, padding 4
+    task = make_task(DFQ, teacher, memory_batches=1)  # a memory of one batch; the default padding 4
     synth = task.synthesizer
     torch.manual_seed(0)
     z = synth.generator_batch(6, CPU)

@@ -45,7 +45,7 @@ class Budget:
     boot_batch_size: int
     num_intervals: int  # K: the teacher DDIM trajectory the student learns
     dfkd_iterations: int  # DFKD iterations (1 generator step + 5 student steps each)
-    dfkd_batch_size: int
+    dfkd_batch_size: int | None  # None: the method's own (DFQ: 128)
     eval_samples: int  # generated images per sampler in the evaluation (balanced over the 10 classes)
 
 
@@ -54,8 +54,8 @@ BUDGETS = {
         boot_steps=300,
         boot_batch_size=32,
         num_intervals=16,
-        dfkd_iterations=3000,
-        dfkd_batch_size=64,
+        dfkd_iterations=1800,
+        dfkd_batch_size=None,
         eval_samples=300,
     ),
     "full": Budget(

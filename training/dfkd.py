@@ -42,7 +42,7 @@ class DFKDRecipe(TrainRecipe):
     data_root: str | None = None  # torchvision's CIFAR files for --eval-data cifar10/cifar100
     iterations: int | None = None  # alias of max_steps (one iteration runs every phase's steps)
     max_steps: int = 1000  # iterations
-    batch_size: int = 64  # synthetic images per student step (per process)
+    batch_size: int | None = None  # images per generator and student step, per process (default: the method's)
     lr: float | None = None  # the student's AdamW learning rate (default: the method's student_lr option)
     ema_decay: float = 0.99  # EMA of the student weights; the EMA student is evaluated and exported (0: the live one)
     eval_every: int = 100  # held-out accuracy and teacher agreement every N iterations (with --eval-data)
@@ -59,6 +59,8 @@ class DFKDRecipe(TrainRecipe):
             raise UsageError(f"eval_split {self.eval_split!r} is not valid; valid: {', '.join(EVAL_SPLITS)}")
         if self.lr is None:
             self.lr = float(self.options().get("student_lr", cls.Config().student_lr))
+        if self.batch_size is None:
+            self.batch_size = int(self.options().get("batch_size", cls.Config().batch_size))
         super().validate()
         self.student_arch = canonical_arch(self.student_arch, what="student architecture")
         self.options()

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..files import error_summary, read_json
-from ..pipelines.boot_math import guide, to_x0
+from ..pipelines.boot_math import decode_latents, encode_prompts, guide, to_x0
 from .schedule import NoiseSchedule, check_prediction_type
 
 logger = logging.getLogger(__name__)
@@ -405,15 +405,7 @@ class TextDiffusionTeacher(DiffusionTeacher):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder hidden states (B, L, D) for ``prompts`` (padded/truncated to ``model_max_length``)."""
-        tokens = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.max_prompt_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        device = next(self.text_encoder.parameters()).device
-        return self.text_encoder(tokens.input_ids.to(device))[0]
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, next(self.text_encoder.parameters()).device)
 
     def condition(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         """The UNet condition for prompt embeddings (B, L, D)."""
@@ -426,11 +418,7 @@ class TextDiffusionTeacher(DiffusionTeacher):
 
     def decode(self, sample: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] from latents (B, C, h, w) through the VAE."""
-        config = self.vae.config
-        latents = sample / config.scaling_factor
-        if config.get("shift_factor") is not None:
-            latents = latents + config.shift_factor
-        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+        return decode_latents(self.vae, sample)
 
 
 def load_teacher(

@@ -36,6 +36,7 @@ class SynthesizerConfig:
     tau: float = 20.0  # temperature of the student's KD loss (tau^2-scaled KL)
     student_steps: int = 1  # student optimizer steps per iteration
     student_lr: float = 2e-3  # the student's AdamW learning rate when the recipe gives none (--lr)
+    batch_size: int = 64  # images per generator and student step when the recipe gives none (--batch-size)
     generator_lr: float = 1e-3  # Adam learning rate of the generator (the recipe's lr is the student's)
     nz: int = 256  # generator noise size
     ngf: int = 64  # generator width
