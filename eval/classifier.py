@@ -22,7 +22,7 @@ from gendistill.dfkd.backdoor import TRIGGERS, Trigger, make_trigger
 from gendistill.dfkd.models import Classifier, FeatureHooks, load_classifier
 from gendistill.errors import UsageError
 
-from .report import Report, check_report_folder, device_description
+from .report import Report, check_report_folder
 
 BATCH_SIZE = 256
 PROBE_DATA = ("digits",)  # extra probe datasets beyond load_classification_data's: scikit-learn's 8x8 digits
@@ -45,13 +45,19 @@ def time_to_accuracy(rows: list[dict], fractions: Sequence[float] = (0.9, 0.95))
     return {"student_key": key, "teacher_accuracy": teacher, "seconds_to_reach": reached, "curve": curve}
 
 
+def plot_accuracy_vs_time(
+    report: Report, timing: dict, name: str, caption: str, *, student: str = "student", fractions: Sequence[float] = ()
+) -> None:
+    """Plot the curve of :func:`time_to_accuracy` into ``report``, with the teacher's accuracy (and ``fractions``
+    of it) as flat lines."""
+    seconds, accuracy = timing["curve"]
+    ends, teacher = [seconds[0], seconds[-1]], timing["teacher_accuracy"]
+    series = {student: (seconds, accuracy), "teacher": (ends, [teacher] * 2)}
+    series |= {f"{f:.0%} of the teacher": (ends, [f * teacher] * 2) for f in fractions}
+    report.add_plot(name, series, caption, xlabel="seconds", ylabel="accuracy")
+
+
 # --- helpers ----------------------------------------------------------------------------------------------------
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 @contextlib.contextmanager
 def _eval_mode(*models: nn.Module) -> Iterator[None]:
     modes = [m.training for m in models]
@@ -76,7 +82,9 @@ def _check_inputs(images: torch.Tensor, labels: torch.Tensor | None = None, *, b
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
-def _batches(images: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+def _batches(images: torch.Tensor, batch_size: int, model: nn.Module) -> Iterator[torch.Tensor]:
+    """``images`` in float32 batches on ``model``'s device (the CPU for a model without tensors)."""
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     for batch in images.split(batch_size):
         yield batch.to(device=device, dtype=torch.float32, non_blocking=True)
 
@@ -85,9 +93,8 @@ def _batches(images: torch.Tensor, batch_size: int, device: torch.device) -> Ite
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = BATCH_SIZE) -> torch.Tensor:
     """Argmax class (N,) int64 on the CPU of ``images`` (N, C, H, W) in [0, 1]."""
     _check_inputs(images, batch_size=batch_size)
-    device = _device_of(model)
     with _eval_mode(model):
-        return torch.cat([model(x).argmax(1).cpu() for x in _batches(images, batch_size, device)])
+        return torch.cat([model(x).argmax(1).cpu() for x in _batches(images, batch_size, model)])
 
 
 # --- accuracy and agreement -------------------------------------------------------------------------------------
@@ -109,10 +116,9 @@ def topk_accuracy(
     ks = sorted(set(topk))
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise UsageError(f"topk must be positive integers, got {tuple(topk)}")
-    device = _device_of(model)
     correct: dict[int, int] = {}
     with _eval_mode(model):
-        for x, y in zip(_batches(images, batch_size, device), labels.split(batch_size)):
+        for x, y in zip(_batches(images, batch_size, model), labels.split(batch_size)):
             logits = model(x)
             num_classes = logits.shape[1]
             kept = [k for k in ks if k <= num_classes]
@@ -128,16 +134,11 @@ def topk_accuracy(
 @torch.no_grad()
 def agreement(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, batch_size: int = BATCH_SIZE) -> float:
     """Fraction of ``images`` (N, C, H, W) on which the student's and the teacher's argmax classes agree."""
-    _check_inputs(images, batch_size=batch_size)
     same = (predict(student, images, batch_size=batch_size) == predict(teacher, images, batch_size=batch_size)).sum()
     return int(same) / len(images)
 
 
 # --- backdoor -----------------------------------------------------------------------------------------------------
-def _trigger(trigger: Trigger | str) -> Trigger:
-    return make_trigger(trigger) if isinstance(trigger, str) else trigger
-
-
 @torch.no_grad()
 def attack_success_rate(
     model: nn.Module,
@@ -155,16 +156,15 @@ def attack_success_rate(
     here, batch by batch.
     """
     _check_inputs(images, labels, batch_size=batch_size)
-    trigger = _trigger(trigger)
+    trigger = make_trigger(trigger) if isinstance(trigger, str) else trigger
     if isinstance(target, bool) or not isinstance(target, int) or target < 0:
         raise UsageError(f"backdoor target must be a class index >= 0, got {target!r}")
     keep = labels.cpu() != target
     if not keep.any():
         raise UsageError(f"every image has label {target}: ASR needs images of other classes")
-    device = _device_of(model)
     hits = 0
     with _eval_mode(model):
-        for x in _batches(images[keep.to(images.device)], batch_size, device):
+        for x in _batches(images[keep.to(images.device)], batch_size, model):
             logits = model(trigger.apply(x))
             if target >= logits.shape[1]:
                 raise UsageError(
@@ -185,9 +185,9 @@ def features(
     layer = layer if layer is not None else getattr(model, "feature_layer", None)
     if layer is None:
         raise UsageError(f"{type(model).__name__} has no feature_layer; pass layer= (the final linear layer's name)")
-    device, out = _device_of(model), []
+    out = []
     with _eval_mode(model), FeatureHooks(model, [layer], inputs=True) as feats:
-        for x in _batches(images, batch_size, device):
+        for x in _batches(images, batch_size, model):
             model(x)
             out.append(feats[layer].flatten(1).float().cpu())
     return torch.cat(out)
@@ -200,30 +200,14 @@ def linear_probe(
     test_images: torch.Tensor,
     test_labels: torch.Tensor,
     *,
-    steps: int = 100,
-    lr: float = 1.0,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
     batch_size: int = BATCH_SIZE,
+    **fit,
 ) -> dict[str, float]:
-    """Linear-probe accuracy of ``model``'s frozen penultimate features (the CAE-DFKD transferability metric).
-
-    Features (the input of ``model.feature_layer``) of the train and test images are standardized with the train
-    split's per-dimension mean and std; a linear layer is fitted full-batch to the train features by L-BFGS
-    (``steps`` iterations, strong-Wolfe line search) on cross-entropy + ``weight_decay`` * ||W||^2 (multinomial
-    logistic regression) from a small ``seed``-ed initialization; returns test accuracy, train accuracy, the feature
-    dimension and the class count.
-    """
-    return probe_features(
-        features(model, train_images, batch_size=batch_size),
-        train_labels,
-        features(model, test_images, batch_size=batch_size),
-        test_labels,
-        steps=steps,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-    )
+    """Linear-probe accuracy of ``model``'s frozen penultimate features (the CAE-DFKD transferability metric):
+    :func:`probe_features` (``fit``: its ``steps``, ``lr``, ``weight_decay``, ``seed``) on the input of
+    ``model.feature_layer`` for the train and test images."""
+    train_features, test_features = (features(model, x, batch_size=batch_size) for x in (train_images, test_images))
+    return probe_features(train_features, train_labels, test_features, test_labels, **fit)
 
 
 def probe_features(
@@ -237,7 +221,11 @@ def probe_features(
     weight_decay: float = 1e-4,
     seed: int = 0,
 ) -> dict[str, float]:
-    """``linear_probe`` on given features (N, D): standardize with train statistics, fit by L-BFGS, test."""
+    """Linear probe of given features (N, D): they are standardized with the train split's per-dimension mean and
+    std; a linear layer is fitted full-batch to the train features by L-BFGS (``steps`` iterations, strong-Wolfe
+    line search) on cross-entropy + ``weight_decay`` * ||W||^2 (multinomial logistic regression) from a small
+    ``seed``-ed initialization; returns test accuracy, train accuracy, the feature dimension and the class count.
+    """
     for name, x, y in (("train", train_features, train_labels), ("test", test_features, test_labels)):
         if x.dim() != 2 or y.dim() != 1 or len(x) != len(y) or len(x) == 0:
             raise UsageError(
@@ -323,24 +311,27 @@ def _load_model(folder: str, what: str, device: torch.device) -> Classifier:
     return load_classifier(folder).to(device).eval()
 
 
-def _load_data(args, model: Classifier) -> tuple[torch.Tensor, torch.Tensor, list[str], int, int]:
-    image_size = args.image_size or model.config.image_size
-    channels = args.channels or model.config.in_channels
+def _load_data(args, config) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
+    """Images, labels, class names and the data settings stored with every metric."""
+    image_size = args.image_size or config.image_size
+    channels = args.channels or config.in_channels
     images, labels, names = load_classification_data(
         args.data, split=args.split, image_size=image_size, channels=channels, data_root=args.data_root
     )
-    if int(labels.max()) >= model.config.num_classes:
+    if int(labels.max()) >= config.num_classes:
         raise UsageError(
-            f"data {args.data!r} has {int(labels.max()) + 1} classes but the classifier only "
-            f"{model.config.num_classes}"
+            f"data {args.data!r} has {int(labels.max()) + 1} classes but the classifier only {config.num_classes}"
         )
     if args.limit:  # evenly spaced: splits are often sorted by class
         keep = _spread(len(labels), args.limit)
         images, labels = images[keep], labels[keep]
-    return images, labels, names, image_size, channels
+    settings = {"data": args.data, "split": args.split, "count": len(labels)}
+    return images, labels, names, settings | {"image_size": image_size, "channels": channels}
 
 
-def _common_arguments(parser: argparse.ArgumentParser) -> None:
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add the arguments both commands share, parse and check them, and refuse an output folder we may not write
+    before anything is loaded."""
     parser.add_argument("--data", default="mnist5k", help="mnist5k | cifar10 | cifar100 | a folder | an .npz")
     parser.add_argument(
         "--split",
@@ -357,20 +348,20 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="report folder (metrics.json, report.md, PNGs)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-
-
-def _spread(count: int, wanted: int) -> torch.Tensor:
-    """Up to ``wanted`` indices evenly spaced over ``range(count)`` (splits are often sorted by class)."""
-    return torch.linspace(0, count - 1, min(wanted, count)).round().long().unique()
-
-
-def _check_common(args) -> None:
+    args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if args.channels not in (None, 1, 3):
         raise UsageError(f"--channels must be 1 or 3, got {args.channels}")
     if args.limit < 0 or args.num_images < 1:
         raise UsageError(f"--limit must be >= 0 and --num-images >= 1, got {args.limit} and {args.num_images}")
+    check_report_folder(args.output)
+    return args
+
+
+def _spread(count: int, wanted: int) -> torch.Tensor:
+    """Up to ``wanted`` indices evenly spaced over ``range(count)`` (splits are often sorted by class)."""
+    return torch.linspace(0, count - 1, min(wanted, count)).round().long().unique()
 
 
 def main_accuracy(argv: list[str] | None = None) -> int:
@@ -390,10 +381,7 @@ def main_accuracy(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-steps", type=int, default=100, help="L-BFGS iterations of the linear probe")
     parser.add_argument("--probe-weight-decay", type=float, default=1e-4, help="L2 penalty of the linear probe")
     parser.add_argument("--num-images", type=int, default=16, help="images in the predictions grid")
-    _common_arguments(parser)
-    args = parser.parse_args(argv)
-    _check_common(args)
-    check_report_folder(args.output)  # refuse a folder we may not write before loading anything
+    args = _parse_args(parser, argv)
     if args.probe_steps < 1 or args.probe_weight_decay < 0:
         raise UsageError(
             f"--probe-steps must be positive and --probe-weight-decay >= 0, got {args.probe_steps} and "
@@ -406,18 +394,10 @@ def main_accuracy(argv: list[str] | None = None) -> int:
         raise UsageError(
             f"the teacher has {teacher.config.num_classes} classes but the student {student.config.num_classes}"
         )
-    images, labels, names, image_size, channels = _load_data(args, student)
-    settings = {
-        "data": args.data,
-        "split": args.split,
-        "count": len(labels),
-        "image_size": image_size,
-        "channels": channels,
-    }
+    images, labels, names, settings = _load_data(args, student.config)
     models = {"student": student} | ({"teacher": teacher} if teacher is not None else {})
-    report = Report(
-        args.output, title="Classifier accuracy", command="eval accuracy", device=device_description(device)
-    )
+    prefixes = {"student": "", "teacher": "teacher_"}  # of the metric names
+    report = Report(args.output, title="Classifier accuracy", command="eval accuracy", device=device)
 
     # 1. predictions and accuracy of each model
     predictions = {role: predict(m, images, batch_size=args.batch_size) for role, m in models.items()}
@@ -443,9 +423,8 @@ def main_accuracy(argv: list[str] | None = None) -> int:
 
     # 3. metrics with their settings
     for role, acc in accuracies.items():
-        prefix = "" if role == "student" else "teacher_"
         for key, value in acc.items():
-            report.add_metric(prefix + key, value, model=getattr(args, role), **settings)
+            report.add_metric(prefixes[role] + key, value, model=getattr(args, role), **settings)
     if teacher is not None:
         agree = int((predictions["student"] == predictions["teacher"]).sum()) / len(labels)
         report.add_metric("agreement", agree, student=args.student, teacher=args.teacher, **settings)
@@ -453,47 +432,32 @@ def main_accuracy(argv: list[str] | None = None) -> int:
     # 4. per-class accuracy
     rows = []
     for c, name in enumerate(names):
-        rows_c = labels == c
-        if not rows_c.any():
-            continue
-        row = {"class": name, "count": int(rows_c.sum())}
-        for role, p in predictions.items():
-            row[role] = (p[rows_c] == c).float().mean().item()
-        rows.append(row)
+        if (of_class := labels == c).any():
+            accuracy = {role: (p[of_class] == c).float().mean().item() for role, p in predictions.items()}
+            rows.append({"class": name, "count": int(of_class.sum())} | accuracy)
     report.add_table("Per-class accuracy", rows)
 
     # 5. linear probe of frozen features on a second dataset (CAE-DFKD transferability)
     probe = {}
     if args.probe_data:
-        load = {"image_size": image_size, "channels": channels, "data_root": args.data_root}
-        train = load_probe_data(args.probe_data, split="train", **load)
-        test = load_probe_data(args.probe_data, split="test", **load)
+        load = {"image_size": settings["image_size"], "channels": settings["channels"], "data_root": args.data_root}
+        train, test = (load_probe_data(args.probe_data, split=split, **load)[:2] for split in ("train", "test"))
+        fit = {"steps": args.probe_steps, "weight_decay": args.probe_weight_decay}
         for role, m in models.items():
-            result = linear_probe(
-                m,
-                train[0],
-                train[1],
-                test[0],
-                test[1],
-                steps=args.probe_steps,
-                weight_decay=args.probe_weight_decay,
-                batch_size=args.batch_size,
-            )
+            result = linear_probe(m, *train, *test, batch_size=args.batch_size, **fit)
             probe[role] = result["accuracy"]
-            name = "linear_probe" if role == "student" else "teacher_linear_probe"
             report.add_metric(
-                name,
+                prefixes[role] + "linear_probe",
                 result["accuracy"],
                 model=getattr(args, role),
                 probe_data=args.probe_data,
                 train_count=len(train[1]),
                 test_count=len(test[1]),
-                image_size=image_size,
+                image_size=settings["image_size"],
                 feature_dim=result["feature_dim"],
                 train_accuracy=result["train_accuracy"],
                 optimizer="lbfgs",
-                steps=args.probe_steps,
-                weight_decay=args.probe_weight_decay,
+                **fit,
                 seed=0,
                 standardized="train mean/std",
             )
@@ -501,15 +465,8 @@ def main_accuracy(argv: list[str] | None = None) -> int:
     timing = time_to_accuracy(report.run_log(args.student))
     if timing:
         report.add_training_curves(args.student)
-        seconds, accuracy = timing["curve"]
-        teacher_line = ([seconds[0], seconds[-1]], [timing["teacher_accuracy"]] * 2)
-        report.add_plot(
-            "accuracy_vs_time",
-            {"student": (seconds, accuracy), "teacher": teacher_line},
-            "held-out accuracy during distillation against wall-clock time (the run's log)",
-            xlabel="seconds",
-            ylabel="accuracy",
-        )
+        caption = "held-out accuracy during distillation against wall-clock time (the run's log)"
+        plot_accuracy_vs_time(report, timing, "accuracy_vs_time", caption)
         report.add_metric(
             "seconds_to_teacher_fraction",
             timing["seconds_to_reach"],
@@ -525,7 +482,6 @@ def main_accuracy(argv: list[str] | None = None) -> int:
     )
     path = report.save()
 
-    # 7. a one-line summary
     line = f"top-1 {accuracies['student']['top1']:.4f}"
     if "top5" in accuracies["student"]:
         line += f", top-5 {accuracies['student']['top5']:.4f}"
@@ -552,10 +508,7 @@ def main_asr(argv: list[str] | None = None) -> int:
     parser.add_argument("--trigger", default="badnets", help=f"{' | '.join(TRIGGERS)} (default settings)")
     parser.add_argument("--target", type=int, default=0, help="the backdoor's target class")
     parser.add_argument("--num-images", type=int, default=8, help="images in the clean-vs-triggered grid")
-    _common_arguments(parser)
-    args = parser.parse_args(argv)
-    _check_common(args)
-    check_report_folder(args.output)  # refuse a folder we may not write before loading anything
+    args = _parse_args(parser, argv)
     trigger = make_trigger(args.trigger)
     folders = [(Path(f).name or f, f) for f in args.model]
     folders += [(role, getattr(args, role)) for role in ("teacher", "student") if getattr(args, role)]
@@ -568,35 +521,22 @@ def main_asr(argv: list[str] | None = None) -> int:
         named.append((label if labels_seen[label] == 1 else f"{label}_{labels_seen[label]}", folder))
     device = _device(args.device)
     models = {label: _load_model(folder, "model", device) for label, folder in named}
-    first = next(iter(models.values()))
+    first = next(iter(models.values())).config
     for label, m in models.items():
         c = m.config
-        if (c.image_size, c.in_channels, c.num_classes) != (
-            first.config.image_size,
-            first.config.in_channels,
-            first.config.num_classes,
-        ):
+        if (c.image_size, c.in_channels, c.num_classes) != (first.image_size, first.in_channels, first.num_classes):
             raise UsageError(
                 f"the classifiers must take the same images and classes; {label} differs: "
                 f"{c.in_channels}x{c.image_size}x{c.image_size}, {c.num_classes} classes"
             )
-    num_classes = first.config.num_classes
-    if not 0 <= args.target < num_classes:
-        raise UsageError(f"--target {args.target} is not a class of the classifiers; valid: 0 to {num_classes - 1}")
-    images, labels, names, image_size, channels = _load_data(args, first)
-    settings = {
-        "data": args.data,
-        "split": args.split,
-        "count": len(labels),
-        "image_size": image_size,
-        "channels": channels,
-        "trigger": args.trigger,
-        "trigger_settings": _asdict(trigger),
-        "target": args.target,
-    }
-    report = Report(
-        args.output, title="Backdoor attack success rate", command="eval asr", device=device_description(device)
-    )
+    if not 0 <= args.target < first.num_classes:
+        raise UsageError(
+            f"--target {args.target} is not a class of the classifiers; valid: 0 to {first.num_classes - 1}"
+        )
+    images, labels, names, settings = _load_data(args, first)
+    trigger_settings = dataclasses.asdict(trigger) if dataclasses.is_dataclass(trigger) else {"repr": repr(trigger)}
+    settings |= {"trigger": args.trigger, "trigger_settings": trigger_settings, "target": args.target}
+    report = Report(args.output, title="Backdoor attack success rate", command="eval asr", device=device)
 
     # 1. the picture first: clean non-target images above the same images triggered
     others = torch.nonzero(labels != args.target).flatten()
@@ -636,10 +576,6 @@ def main_asr(argv: list[str] | None = None) -> int:
         f"{'; '.join(summary)} ({args.trigger} -> {args.target} on {len(others)} {args.data} images); report: {path}"
     )
     return 0
-
-
-def _asdict(trigger: Trigger) -> dict:
-    return dataclasses.asdict(trigger) if dataclasses.is_dataclass(trigger) else {"repr": repr(trigger)}
 
 
 __all__ = [

@@ -29,9 +29,10 @@ from gendistill.errors import UsageError
 from gendistill.files import error_summary
 
 from . import sources
-from .features import load_feature_extractor, read_state_dict, sha256_of
-from .fid import FeatureStats, StatsAccumulator, frechet_distance
-from .report import Report, check_report_folder, device_description
+from .features import _to_uint8_rgb, load_feature_extractor, read_state_dict, sha256_of
+from .fid import StatsAccumulator, frechet_distance
+from .generative import _stats_of_source
+from .report import Report, check_report_folder
 
 DEFAULT_MODEL = "ViT-L/14"
 SCALE = 100.0
@@ -121,10 +122,7 @@ class ClipScorer:
         self.scores: list[float] = []
 
     def _pil(self, images: torch.Tensor) -> list[Image.Image]:
-        array = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        if array.shape[-1] == 1:
-            array = np.repeat(array, 3, axis=-1)
-        return [Image.fromarray(a) for a in array]
+        return [Image.fromarray(a) for a in _to_uint8_rgb(images).permute(0, 2, 3, 1).cpu().numpy()]
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
@@ -225,22 +223,9 @@ def run(args: argparse.Namespace) -> dict:
         extractor = load_feature_extractor(
             "inception", inception_weights=args.inception_weights, check_sha256=args.check_sha256
         ).to(device)
-        if Path(args.real).suffix == ".npz":
-            real = FeatureStats.load(args.real)
-            if real.extractor != extractor.name:
-                raise UsageError(f"{args.real} was computed with {real.extractor!r}, not {extractor.name!r}")
-        else:
-            from .fid import compute_stats
-
-            real = compute_stats(
-                sources.iter_image_folder(args.real, batch_size=args.batch_size), extractor, device=device
-            )
-    report = Report(
-        Path(args.output),
-        title=f"gendistill eval clip: {fake.name}",
-        command="eval clip",
-        device=device_description(device),
-    )
+        kind = "stats" if Path(args.real).suffix == ".npz" else "folder"
+        real = _stats_of_source(args.real, kind, extractor, args, keep=False)
+    report = Report(args.output, title=f"gendistill eval clip: {fake.name}", command="eval clip", device=device)
     acc = StatsAccumulator()
     grid, done = [], 0
     for images in batches:

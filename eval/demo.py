@@ -23,7 +23,7 @@ from gendistill.data.classification import load_classification_data
 from gendistill.dfkd.models import load_classifier
 from gendistill.diffusion.teacher import DiffusionTeacher
 
-from .classifier import agreement, time_to_accuracy, topk_accuracy
+from .classifier import agreement, plot_accuracy_vs_time, time_to_accuracy, topk_accuracy
 from .compare import BATCH_SIZE, Judge, boot_samplers, class_rows, noise_batches, run_samplers
 from .report import Report, device_description
 from .samplers import solver_settings
@@ -34,15 +34,16 @@ TEACHER_STEPS = 50  # the reference: the teacher's 50-step DDIM
 AGREEMENT_TARGET, ACCURACY_TARGET = 0.80, 0.95  # the demo's promises, as fractions of the teacher's number
 
 
-def _row(what: str, teacher, student, ratio: str = "", target: str = "", met: bool | None = None) -> dict:
-    return {
-        "": what,
-        "teacher": teacher,
-        "student": student,
-        "student/teacher": ratio,
-        "target": target,
-        "met": "" if met is None else ("yes" if met else "NO"),
-    }
+def _row(what: str, teacher: str, student: str, ratio: str | float = "", target: float | None = None) -> dict:
+    """One summary row; with a ``target``, ``ratio`` is the fraction (student/teacher) that must reach it."""
+    row = {"": what, "teacher": teacher, "student": student, "student/teacher": ratio, "target": "", "met": ""}
+    if target is not None:
+        row |= {
+            "student/teacher": f"{ratio:.1%}",
+            "target": f">= {target:.0%}",
+            "met": "yes" if ratio >= target else "NO",
+        }
+    return row
 
 
 def evaluate_boot(report: Report, folder: Path, device: torch.device, eval_samples: int, seed: int) -> dict:
@@ -149,14 +150,11 @@ def evaluate_dfkd(report: Report, folder: Path, device: torch.device) -> dict:
     images, labels, _ = load_classification_data(
         "mnist5k", split="test", image_size=teacher.config.image_size, channels=teacher.config.in_channels
     )
-    acc = {
-        "teacher": topk_accuracy(teacher, images, labels, topk=(1,))["top1"],
-        "student": topk_accuracy(student, images, labels, topk=(1,))["top1"],
-    }
-    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("teacher", teacher), ("student", student))}
-    batch = images[:256].to(device)
-    throughput = {}
-    for name, model in (("teacher", teacher), ("student", student)):
+    models = {"teacher": teacher, "student": student}
+    acc = {name: topk_accuracy(m, images, labels, topk=(1,))["top1"] for name, m in models.items()}
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    batch, throughput = images[:256].to(device), {}
+    for name, model in models.items():
         with torch.no_grad():
             times = measure(lambda m=model: m(batch), device=device, warmup=2, repeats=10)
         throughput[name] = len(batch) / statistics.median(times)
@@ -182,20 +180,9 @@ def evaluate_dfkd(report: Report, folder: Path, device: torch.device) -> dict:
     }
     report.add_metric("dfkd", result, **settings)
     if timing:
-        seconds, accuracy = timing["curve"]
-        report.add_plot(
-            "dfkd_accuracy_vs_time",
-            {
-                "student (EMA)": (seconds, accuracy),
-                "teacher": ([seconds[0], seconds[-1]], [timing["teacher_accuracy"]] * 2),
-                f"{ACCURACY_TARGET:.0%} of the teacher": (
-                    [seconds[0], seconds[-1]],
-                    [ACCURACY_TARGET * timing["teacher_accuracy"]] * 2,
-                ),
-            },
-            "DFKD: held-out accuracy of the student during distillation against wall-clock time",
-            xlabel="seconds",
-            ylabel="accuracy",
+        caption = "DFKD: held-out accuracy of the student during distillation against wall-clock time"
+        plot_accuracy_vs_time(
+            report, timing, "dfkd_accuracy_vs_time", caption, student="student (EMA)", fractions=(ACCURACY_TARGET,)
         )
     report.add_training_curves(dfkd_dir, prefix="dfkd_")
     return result
@@ -204,9 +191,7 @@ def evaluate_dfkd(report: Report, folder: Path, device: torch.device) -> dict:
 def evaluate_demo(folder: str | os.PathLike, *, device: torch.device, eval_samples: int, seed: int) -> list[dict]:
     """Write ``folder/report`` (report.md, metrics.json, PNGs) and return the summary rows for the terminal."""
     folder = Path(folder)
-    report = Report(
-        folder / "report", title="gendistill demo (MNIST)", command="demo", device=device_description(device)
-    )
+    report = Report(folder / "report", title="gendistill demo (MNIST)", command="demo", device=device)
     boot = evaluate_boot(report, folder, device, eval_samples, seed)
     dfkd = evaluate_dfkd(report, folder, device)
     r = boot["results"]
@@ -219,9 +204,8 @@ def evaluate_demo(folder: str | os.PathLike, *, device: torch.device, eval_sampl
             "BOOT class agreement (teacher: DDIM 50 steps; student: 1 step)",
             f"{teacher50['class_agreement']:.3f}",
             f"{student['class_agreement']:.3f}",
-            f"{agree_ratio:.1%}",
-            f">= {AGREEMENT_TARGET:.0%}",
-            agree_ratio >= AGREEMENT_TARGET,
+            agree_ratio,
+            AGREEMENT_TARGET,
         ),
         _row(
             "BOOT FID, LeNet features (lower is better)",
@@ -244,9 +228,8 @@ def evaluate_demo(folder: str | os.PathLike, *, device: torch.device, eval_sampl
             "DFKD held-out accuracy (LeNet-5 -> LeNet-5-half, no data)",
             f"{dfkd['teacher_accuracy']:.3f}",
             f"{dfkd['student_accuracy']:.3f}",
-            f"{dfkd['accuracy_ratio']:.1%}",
-            f">= {ACCURACY_TARGET:.0%}",
-            dfkd["accuracy_ratio"] >= ACCURACY_TARGET,
+            dfkd["accuracy_ratio"],
+            ACCURACY_TARGET,
         ),
         _row(
             "DFKD parameters",

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gendistill.dfkd.models import FeatureHooks, load_classifier
 from gendistill.errors import UsageError
 from gendistill.files import read_safetensors
 
@@ -64,10 +65,6 @@ def read_state_dict(path: str | os.PathLike, *, what: str = "weights file") -> d
     return state
 
 
-def _hub_cache_file() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(INCEPTION_URL).name
-
-
 def find_inception_weights(weights: str | os.PathLike | None = None, *, download: bool = True) -> Path:
     """The local Inception weights file (see the module docstring for the search order)."""
     for source, candidate in (("--inception-weights", weights), (INCEPTION_ENV, os.environ.get(INCEPTION_ENV))):
@@ -76,18 +73,18 @@ def find_inception_weights(weights: str | os.PathLike | None = None, *, download
             if not path.is_file():
                 raise FileNotFoundError(f"Inception weights {str(path)!r} (from {source}) do not exist; {HOW_TO_GET}")
             return path
-    cached = _hub_cache_file()
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(INCEPTION_URL).name
     if cached.is_file():
         return cached
     if download:
+        part = cached.with_suffix(".part")
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            part = str(cached.with_suffix(".part"))
-            torch.hub.download_url_to_file(INCEPTION_URL, part, hash_prefix=INCEPTION_SHA256)
-            os.replace(cached.with_suffix(".part"), cached)
+            torch.hub.download_url_to_file(INCEPTION_URL, str(part), hash_prefix=INCEPTION_SHA256)
+            os.replace(part, cached)
             return cached
         except Exception as err:  # no network, proxy, HTTP error...
-            cached.with_suffix(".part").unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
             raise FileNotFoundError(
                 f"no Inception weights found and the download failed ({err}); {HOW_TO_GET}"
             ) from err
@@ -199,20 +196,13 @@ class ModuleFeatures(nn.Module):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         if self.layer is None:
             return self.module(x).flatten(1).float()
-        captured = {}
-        target = dict(self.module.named_modules())[self.layer]
-        handle = target.register_forward_hook(lambda _m, args, _out: captured.setdefault("x", args[0]))
-        try:
+        with FeatureHooks(self.module, [self.layer], inputs=True) as captured:
             self.module(x)
-        finally:
-            handle.remove()
-        return captured["x"].flatten(1).float()
+        return captured[self.layer].flatten(1).float()
 
 
 def classifier_features(folder: str | os.PathLike) -> ModuleFeatures:
     """Penultimate features of a gendistill classifier folder (``model.safetensors`` + ``config.json``)."""
-    from gendistill.dfkd.models import load_classifier
-
     model = load_classifier(folder)
     digest = sha256_of(Path(folder) / "model.safetensors")[:12]
     config = model.config

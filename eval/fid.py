@@ -42,17 +42,8 @@ class FeatureStats:
         if path.suffix != ".npz":
             raise UsageError(f"statistics files end in .npz, got {str(path)!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {
-            "mu": self.mu,
-            "sigma": self.sigma,
-            "count": np.array(self.count),
-            "extractor": np.array(self.extractor),
-            "resize": np.array(self.resize),
-        }
-        if self.features is not None:
-            arrays["features"] = self.features
         tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **arrays)
+        np.savez(tmp, **{name: np.asarray(value) for name, value in vars(self).items() if value is not None})
         os.replace(tmp, path)
         return path
 

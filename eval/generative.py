@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 
+from gendistill.dfkd.models import load_classifier
 from gendistill.errors import UsageError, as_usage_errors
 
 from . import sources
 from .features import ModuleFeatures, load_feature_extractor
 from .fid import KID_SUBSET_SIZE, KID_SUBSETS, FeatureStats, compute_stats, frechet_distance, kernel_inception_distance
-from .report import Report, check_report_folder, device_description
+from .report import Report, check_report_folder
 
 GRID_SIZE = 64
+KID_SETTINGS = {"kernel": "(x.y/d + 1)^3", "estimator": "unbiased MMD^2, mean/std over subsets"}
 
 
 def default_device() -> str:
@@ -96,27 +98,13 @@ def _kind(path: str) -> str:
     raise FileNotFoundError(f"{path!r} is neither a statistics .npz, a BOOT student folder nor a folder of images")
 
 
-def _load_prompts(path: str | None) -> list[str] | None:
-    if path is None:
-        return None
-    from gendistill.data.prompts import load_prompts
-
-    return load_prompts(path)
-
-
-class _Grid:
-    """Keeps the first GRID_SIZE images that stream past."""
-
-    def __init__(self):
-        self.images: list[torch.Tensor] = []
+class _Grid(list):
+    """Keeps the first GRID_SIZE images that stream past (``torch.cat`` it for the grid)."""
 
     def __call__(self, images: torch.Tensor) -> None:
-        kept = sum(len(x) for x in self.images)
+        kept = sum(len(x) for x in self)
         if kept < GRID_SIZE:
-            self.images.append(images[: GRID_SIZE - kept].cpu())
-
-    def tensor(self) -> torch.Tensor:
-        return torch.cat(self.images)
+            self.append(images[: GRID_SIZE - kept].cpu())
 
 
 def _stats_of_source(path, kind, extractor, args, *, keep, grid=None, limit=None) -> FeatureStats:
@@ -134,14 +122,10 @@ def _stats_of_source(path, kind, extractor, args, *, keep, grid=None, limit=None
     return compute_stats(batches, extractor, device=args.device, keep_features=keep, on_batch=grid)
 
 
-def _classifier(path: str, device) -> ModuleFeatures:
-    from gendistill.dfkd.models import load_classifier
-
+def _classifier(path: str) -> ModuleFeatures:
     model = load_classifier(path)
     config = model.config
-    return ModuleFeatures(
-        model, name=f"classifier {config.arch}", channels=config.in_channels, size=config.image_size
-    ).to(device)
+    return ModuleFeatures(model, name=f"classifier {config.arch}", channels=config.in_channels, size=config.image_size)
 
 
 def _sample_pipeline(pipe, settings, extractor, args, *, keep, classifier, desc):
@@ -160,7 +144,7 @@ def _sample_pipeline(pipe, settings, extractor, args, *, keep, classifier, desc)
 
     stats = compute_stats(batches(), extractor, device=args.device, keep_features=keep)
     agreement = correct[0] / correct[1] if correct[1] else None
-    return stats, grid.tensor(), timing["seconds"] / settings.num_samples, agreement
+    return stats, torch.cat(grid), timing["seconds"] / settings.num_samples, agreement
 
 
 @torch.no_grad()
@@ -208,6 +192,8 @@ def run(args: argparse.Namespace, *, kid: bool) -> dict:
         torch.backends.cudnn.allow_tf32 = args.tf32
     pipe = None
     if fake_kind == "pipeline":  # load and check before the (long) real statistics
+        from gendistill.data.prompts import load_prompts
+
         pipe = sources.load_student_pipeline(args.fake, teacher=args.teacher, device=device)
         k = sources.num_intervals(pipe)
         refine = sorted({k if v == "K" else int(v) for v in args.refine_steps})
@@ -219,22 +205,17 @@ def run(args: argparse.Namespace, *, kid: bool) -> dict:
             batch_size=args.batch_size,
             seed=args.seed,
             class_labels=args.class_labels,
-            prompts=_load_prompts(args.prompts),
+            prompts=None if args.prompts is None else load_prompts(args.prompts),
             guidance_scale=args.guidance_scale,
         )
         sources.check_sample_settings(pipe, base)
     elif args.teacher or args.classifier:
         raise UsageError("--teacher and --classifier apply to a BOOT student folder given as --fake")
-    classifier = _classifier(args.classifier, device) if args.classifier else None
+    classifier = _classifier(args.classifier).to(device) if args.classifier else None
     extractor = load_feature_extractor(
         args.feature_extractor, inception_weights=args.inception_weights, check_sha256=args.check_sha256
     ).to(device)
-    report = Report(
-        Path(args.output),
-        title=f"gendistill {command}: {Path(args.fake).name}",
-        command=command,
-        device=device_description(device),
-    )
+    report = Report(args.output, title=f"gendistill {command}: {Path(args.fake).name}", command=command, device=device)
     common = {
         "feature_extractor": extractor.name,
         "resize": extractor.resize,
@@ -256,7 +237,7 @@ def run(args: argparse.Namespace, *, kid: bool) -> dict:
         fake = _stats_of_source(args.fake, fake_kind, extractor, args, keep=kid, grid=fake_grid)
         results.append(("fake", None, fake, None, None))
         if fake_grid is not None:
-            report.add_grid("fake_samples", fake_grid.tensor(), f"fake images ({args.fake})")
+            report.add_grid("fake_samples", torch.cat(fake_grid), f"fake images ({args.fake})")
     else:
         for value in refine:
             settings = sources.SampleSettings(**{**base.__dict__, "refine_steps": value})
@@ -273,7 +254,7 @@ def run(args: argparse.Namespace, *, kid: bool) -> dict:
         if pipe.teacher_unet is not None:
             _teacher_vs_student(pipe, base, args, report)
     if real_grid is not None:
-        report.add_grid("real_samples", real_grid.tensor(), f"real images ({args.real})")
+        report.add_grid("real_samples", torch.cat(real_grid), f"real images ({args.real})")
 
     rows = []
     for label, settings, stats, seconds, agreement in results:
@@ -286,15 +267,7 @@ def run(args: argparse.Namespace, *, kid: bool) -> dict:
             value = kernel_inception_distance(
                 stats, real, subsets=args.kid_subsets, subset_size=args.kid_subset_size, seed=args.seed
             )
-            report.add_metric(
-                "kid" + suffix,
-                value,
-                **common,
-                num_fake=stats.count,
-                kernel="(x.y/d + 1)^3",
-                estimator="unbiased MMD^2, mean/std over subsets",
-                **sampling,
-            )
+            report.add_metric("kid" + suffix, value, **common, num_fake=stats.count, **KID_SETTINGS, **sampling)
             row["kid"] = value["mean"]
         if seconds is not None:
             report.add_metric("seconds_per_image" + suffix, seconds, device=report.device, **sampling)
@@ -305,24 +278,18 @@ def run(args: argparse.Namespace, *, kid: bool) -> dict:
         rows.append(row)
     report.add_table("Results", rows)
     if len(results) > 1:
-        steps = [r[1].refine_steps for r in results]
-        fids = [r["fid"] for r in rows]
-        report.add_plot(
-            "quality_vs_steps",
-            {"FID": (steps, fids)},
-            "FID vs teacher steps after the student's jump",
-            xlabel="refine steps (0: one-step student, K: teacher alone)",
-            ylabel="FID",
-        )
-        times = [r[3] for r in results]
-        report.add_plot(
-            "quality_vs_time",
-            {"FID": (times, fids)},
-            "FID vs time per image",
-            xlabel="seconds / image",
-            ylabel="FID",
-            logx=all(t > 0 for t in times),
-        )
+        fids, steps, times = [r["fid"] for r in rows], [r[1].refine_steps for r in results], [r[3] for r in results]
+        plots = {  # name: (x values, caption, x label, log x)
+            "quality_vs_steps": (
+                steps,
+                "teacher steps after the student's jump",
+                "refine steps (0: one-step student, K: teacher alone)",
+                False,
+            ),
+            "quality_vs_time": (times, "time per image", "seconds / image", all(t > 0 for t in times)),
+        }
+        for name, (xs, what, xlabel, logx) in plots.items():
+            report.add_plot(name, {"FID": (xs, fids)}, f"FID vs {what}", xlabel=xlabel, ylabel="FID", logx=logx)
     if pipe is not None:
         report.add_training_curves(Path(args.fake))
     if extractor.name.startswith("inception") and "UNOFFICIAL" in extractor.name:

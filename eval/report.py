@@ -96,9 +96,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _cell(value) -> str:
     if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        return f"{value:.4g}"
+        return "n/a" if math.isnan(value) else f"{value:.4g}"
     return str(value)
 
 
@@ -109,7 +107,7 @@ class Report:
     output: Path
     title: str
     command: str  # e.g. "eval fid"
-    device: str  # device_description(...)
+    device: str | torch.device  # stored as device_description(...) of a torch.device
     metrics: dict[str, dict] = field(default_factory=dict)
     _images: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
     _tables: list[tuple[str, list[dict]]] = field(default_factory=list)
@@ -121,6 +119,8 @@ class Report:
         """Claim ``output`` (see :func:`check_report_folder`): write ``MARKER`` first, then remove the previous
         report's ``report.md`` and ``metrics.json`` so that a crash cannot leave an older report looking current."""
         self.output = check_report_folder(self.output)
+        if isinstance(self.device, torch.device):
+            self.device = device_description(self.device)
         self.output.mkdir(parents=True, exist_ok=True)
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         marker = {"written_by": "gendistill", "command": self.command, "created": created}

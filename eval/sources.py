@@ -62,20 +62,18 @@ def load_student_pipeline(
     with as_usage_errors():
         pipe = load_boot_pipeline(folder)
     if teacher is not None:
-        unet_cls = type(pipe.unet)
         teacher_path = Path(teacher)
         subfolder = "unet" if (teacher_path / "unet").is_dir() else None
         if not (teacher_path / (subfolder or "") / "config.json").is_file():
             raise FileNotFoundError(f"teacher {str(teacher)!r} has no unet/config.json (a diffusers pipeline folder)")
         try:
-            teacher_unet = unet_cls.from_pretrained(teacher_path, subfolder=subfolder)
+            teacher_unet = type(pipe.unet).from_pretrained(teacher_path, subfolder=subfolder)
         except Exception as err:  # diffusers raises OSError, ValueError, safetensors errors... for bad weights
             raise UsageError(
                 f"teacher {str(teacher)!r}: its UNet could not be loaded ({error_summary(err)}); "
                 "expected a diffusers pipeline folder as save_pretrained writes it"
             ) from None
-        keys = ("in_channels", "out_channels", "sample_size")
-        pipe._check_teacher(pipe.unet, teacher_unet, keys)
+        pipe._check_teacher(pipe.unet, teacher_unet, ("in_channels", "out_channels", "sample_size"))
         pipe.register_modules(teacher_unet=teacher_unet)
     return pipe.to(device)
 

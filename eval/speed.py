@@ -18,8 +18,8 @@ import torch
 
 from gendistill.errors import UsageError
 
-from . import sources
-from .report import Report, check_report_folder, device_description
+from . import generative, sources
+from .report import Report, check_report_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,10 +45,7 @@ def measure(fn, *, device: torch.device, warmup: int = 2, repeats: int = 10) -> 
 
 
 def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    values = generative._int_list(text)
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
     return values
@@ -129,22 +126,15 @@ def run(args: argparse.Namespace) -> list[dict]:
         runners, kind = _classifier_runners(args, device, dtype)
     else:
         raise FileNotFoundError(f"--model {args.model!r} is neither a BOOT student folder nor a classifier folder")
-    report = Report(
-        Path(args.output),
-        title=f"gendistill eval speed: {model.name}",
-        command="eval speed",
-        device=device_description(device),
-    )
+    report = Report(args.output, title=f"gendistill eval speed: {model.name}", command="eval speed", device=device)
     rows, series = [], {}
     for name, make in runners.items():
         for batch in args.batch_sizes:
             times = measure(make(batch), device=device, warmup=args.warmup, repeats=args.repeats)
             median = statistics.median(times)
             rows.append({"model": name, "batch": batch, "latency_ms": 1000 * median, "images_per_s": batch / median})
-            series.setdefault(name, ([], []))
-            series[name][0].append(batch)
-            series[name][1].append(batch / median)
-    student, *others = runners
+        series[name] = (args.batch_sizes, [row["images_per_s"] for row in rows if row["model"] == name])
+    student = next(iter(runners))
     for row in rows:
         ref = next(r for r in rows if r["model"] == student and r["batch"] == row["batch"])
         row["student speed-up"] = row["latency_ms"] / ref["latency_ms"]

@@ -43,6 +43,30 @@ def guide(u_cond: torch.Tensor, u_uncond: torch.Tensor | None, scale) -> torch.T
     return u_uncond + scale * (u_cond - u_uncond)
 
 
+def unet_pair(unet, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, null: dict | None):
+    """``(u_cond, u_null)`` in the UNet's dtype from one batched call of size 2B (``x`` and ``cond`` stacked with
+    ``null``, the "no condition" keyword arguments); ``(u, None)`` from one call of size B when ``null`` is None.
+    Floating-point condition tensors are cast to the UNet's dtype."""
+    dtype = unet.dtype
+    if null is not None:
+        cond = {key: torch.cat([value, null[key]]) for key, value in cond.items()}
+        x, timesteps = torch.cat([x, x]), torch.cat([timesteps, timesteps])
+    kwargs = {key: value.to(dtype) if value.is_floating_point() else value for key, value in cond.items()}
+    u = unet(x.to(dtype), timesteps, **kwargs).sample
+    return (u, None) if null is None else tuple(u.chunk(2))
+
+
+def guided_output(unet, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, null: dict | None, scale):
+    """The guided native output ``u_null + w (u_cond - u_null)`` in float32 from one batched call (``unet_pair``);
+    the plain output when ``null`` is None. ``scale``: a number or a (B,) tensor."""
+    u_cond, u_null = unet_pair(unet, x, timesteps, cond, null)
+    if u_null is None:
+        return u_cond.float()
+    if torch.is_tensor(scale):
+        scale = scale.float().view(-1, *([1] * (x.ndim - 1)))
+    return guide(u_cond.float(), u_null.float(), scale)
+
+
 def step_fraction(alpha_t, sigma_t, alpha_s, sigma_s):
     """``d = 1 - exp(lambda_t - lambda_s)`` of a DDIM step from ``t`` to the less noisy ``s``, written as
     ``1 - alpha_t sigma_s / (sigma_t alpha_s)``: exact at the ends (zero terminal SNR, ``alpha_t = 0``, and

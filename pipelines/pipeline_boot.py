@@ -41,7 +41,7 @@ from .boot_math import (
     decode_latents,
     encode_prompts,
     guidance_embedding,
-    guide,
+    guided_output,
     signal_step,
     start_signal,
     step_fraction,
@@ -487,19 +487,14 @@ class BootImagePipeline(_BootPipelineBase):
     def teacher_x0(self, x: torch.Tensor, t: int, class_labels: torch.Tensor | None) -> torch.Tensor:
         """The teacher's clean prediction ``f(x_t, t, c)`` (B, C, H, W), with guidance applied to its native output."""
         w = self.config.guidance_scale
-        dtype = self.teacher_unet.dtype
         timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        if w == 1.0 or class_labels is None:
-            u = self.teacher_unet(x.to(dtype), timesteps, class_labels=class_labels).sample.float()
-        else:
-            null = torch.full_like(class_labels, self.config.null_class_id)
-            u_both = self.teacher_unet(
-                torch.cat([x, x]).to(dtype),
-                torch.cat([timesteps, timesteps]),
-                class_labels=torch.cat([class_labels, null]),
-            ).sample.float()
-            u_cond, u_null = u_both.chunk(2)
-            u = guide(u_cond, u_null, w)
+        cond = {} if class_labels is None else {"class_labels": class_labels}
+        null = (
+            None
+            if w == 1.0 or not cond
+            else {"class_labels": torch.full_like(class_labels, self.config.null_class_id)}
+        )
+        u = guided_output(self.teacher_unet, x, timesteps, cond, null, w)
         alpha, sigma = self._alpha_sigma(t, x.device)
         return to_x0(u, x, alpha, sigma, self.scheduler.config.prediction_type)
 
@@ -778,18 +773,10 @@ class BootPipeline(_BootPipelineBase):
         """The teacher's clean prediction ``f(x_t, t, c)`` (B, C, h, w) at ``x`` (B, C, h, w), with classifier-free
         guidance ``u = u_null + w (u_cond - u_null)`` on its native output (one batched call of size 2B) unless
         ``w = 1``. ``negative_prompt_embeds`` (B, L, D) embeds the null prompt ""."""
-        dtype = self.teacher_unet.dtype
         timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        if guidance_scale == 1.0:
-            u = self.teacher_unet(x.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
-        else:
-            u_both = self.teacher_unet(
-                torch.cat([x, x]).to(dtype),
-                torch.cat([timesteps, timesteps]),
-                encoder_hidden_states=torch.cat([prompt_embeds, negative_prompt_embeds]).to(dtype),
-            ).sample.float()
-            u_cond, u_null = u_both.chunk(2)
-            u = guide(u_cond, u_null, guidance_scale)
+        cond = {"encoder_hidden_states": prompt_embeds}
+        null = None if guidance_scale == 1.0 else {"encoder_hidden_states": negative_prompt_embeds}
+        u = guided_output(self.teacher_unet, x, timesteps, cond, null, guidance_scale)
         alpha, sigma = self._alpha_sigma(t, x.device)
         return to_x0(u, x, alpha, sigma, self.scheduler.config.prediction_type)
 

@@ -118,6 +118,10 @@ def test_text_teacher_errors(components, tmp_path):
         DiffusionTeacher.from_pretrained(folder)
     with pytest.raises(ValueError, match="null_class_id applies to class-conditional teachers"):
         load_teacher(save_sd_teacher(tmp_path / "sd2"), null_class_id=0)
+    weights = next((tmp_path / "sd2" / "text_encoder").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: diffusers' loading fails, one clear error
+    with pytest.raises(ValueError, match="cannot load it as a StableDiffusionPipeline"):
+        load_teacher(tmp_path / "sd2")
 
 
 # --- prompts -----------------------------------------------------------------------------------------------------

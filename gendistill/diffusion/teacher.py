@@ -16,12 +16,12 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from ..errors import UsageError
 from ..files import error_summary, read_json
-from ..pipelines.boot_math import decode_latents, encode_prompts, guide, to_x0
+from ..pipelines.boot_math import decode_latents, encode_prompts, guided_output, to_x0, unet_pair
 from .schedule import NoiseSchedule, check_prediction_type
 
 logger = logging.getLogger(__name__)
@@ -191,12 +191,11 @@ class DiffusionTeacher(nn.Module):
         return {"class_labels": torch.full_like(cond["class_labels"], self.null_class_id)}
 
     # --- prediction ----------------------------------------------------------------------------------------
-    def native(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The UNet's native output ``u`` (B, C, H, W) for ``x`` (B, C, H, W) at timesteps ``t`` (B,) under
-        condition ``cond`` (the UNet's keyword arguments, each with batch dimension B)."""
-        dtype = self.unet.dtype
-        kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (cond or {}).items()}
-        return self.unet(x.to(dtype), t, **kwargs).sample
+    def _null_for(self, cond: dict | None, guidance_scale) -> dict | None:
+        """The null condition, or None when there is no condition or ``w`` is the Python number 1."""
+        if not cond or (not torch.is_tensor(guidance_scale) and guidance_scale == 1.0):
+            return None
+        return self.null_condition(cond)
 
     def native_pair(
         self,
@@ -205,14 +204,10 @@ class DiffusionTeacher(nn.Module):
         cond: dict[str, torch.Tensor] | None = None,
         guidance_scale: float | torch.Tensor = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(u_cond, u_uncond)`` in the UNet's dtype from one batched call of size 2B; ``(u, None)`` when there is
-        no condition or ``w`` is the Python number 1 (no guidance, one call of size B)."""
-        if not cond or (not torch.is_tensor(guidance_scale) and guidance_scale == 1.0):
-            return self.native(x, t, cond), None
-        null = self.null_condition(cond)
-        both = {key: torch.cat([value, null[key]]) for key, value in cond.items()}
-        u_cond, u_uncond = self.native(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return u_cond, u_uncond
+        """``(u_cond, u_uncond)`` (B, C, H, W) in the UNet's dtype for ``x`` at timesteps ``t`` (B,) under ``cond``
+        (the UNet's keyword arguments) from one batched call of size 2B; ``(u, None)`` when there is no condition
+        or ``w`` is the Python number 1 (no guidance, one call of size B)."""
+        return unet_pair(self.unet, x, t, cond or {}, self._null_for(cond, guidance_scale))
 
     def guided_native(
         self,
@@ -223,15 +218,7 @@ class DiffusionTeacher(nn.Module):
     ) -> torch.Tensor:
         """``u_uncond + w (u_cond - u_uncond)`` in float32 from one batched call of size 2B; plain ``u`` when there
         is no condition or ``w`` is the Python number 1. ``guidance_scale``: a number or a (B,) tensor."""
-        u_cond, u_uncond = self.native_pair(x, t, cond, guidance_scale)
-        if u_uncond is None:
-            return u_cond.float()
-        w = (
-            guidance_scale.float().view(-1, *([1] * (x.ndim - 1)))
-            if torch.is_tensor(guidance_scale)
-            else guidance_scale
-        )
-        return guide(u_cond.float(), u_uncond.float(), w)
+        return guided_output(self.unet, x, t, cond or {}, self._null_for(cond, guidance_scale), guidance_scale)
 
     def predict_x0(
         self,
@@ -334,8 +321,6 @@ class TextDiffusionTeacher(DiffusionTeacher):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, prediction_type: str | None = None) -> TextDiffusionTeacher:
         """Load a ``StableDiffusionPipeline`` folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or hub id."""
-        import transformers
-
         source, unet_config, scheduler_config = _read_unet_and_scheduler(path)
         if unet_config.get("_class_name") not in TEXT_UNETS:
             raise UsageError(
@@ -343,43 +328,36 @@ class TextDiffusionTeacher(DiffusionTeacher):
                 f"valid: {', '.join(TEXT_UNETS)}"
             )
         local = Path(source)
-        if local.is_dir():
-            missing = [name for name in ("text_encoder", "tokenizer", "vae") if not (local / name).is_dir()]
-            if missing:
-                raise UsageError(
-                    f"teacher {source!r} has no {', '.join(missing)} subfolder: a text-to-image teacher needs its "
-                    "text encoder, tokenizer and VAE (a StableDiffusionPipeline folder)"
-                )
-            index_path = local / "model_index.json"
-            index = _read_json(index_path, "teacher pipeline index") if index_path.is_file() else {}
-        else:  # a hub id
-            try:
-                index = diffusers.DiffusionPipeline.load_config(source)
-            except OSError as err:
-                raise FileNotFoundError(f"teacher {source!r}: model_index.json could not be fetched ({err})") from None
-        # Component classes as model_index.json names them (SD 1.x/2.x defaults when a folder has none).
-        names = {"text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer"}
-        for name in names:
-            value = index.get(name, [None, names[name]])
-            names[name] = value[1] if isinstance(value, list) and len(value) == 2 else None
-        encoder_name, tokenizer_name = names["text_encoder"], names["tokenizer"]
-        if encoder_name is None or tokenizer_name is None:
+        missing = [
+            name for name in ("text_encoder", "tokenizer", "vae") if local.is_dir() and not (local / name).is_dir()
+        ]
+        if missing:
             raise UsageError(
-                f"teacher {source!r} has no text encoder or tokenizer (model_index.json: text_encoder="
-                f"{index.get('text_encoder')}, tokenizer={index.get('tokenizer')}); a text-to-image teacher needs both"
+                f"teacher {source!r} has no {', '.join(missing)} subfolder: a text-to-image teacher needs its "
+                "text encoder, tokenizer and VAE (a StableDiffusionPipeline folder)"
             )
-        if encoder_name not in TEXT_ENCODERS:
-            raise UsageError(
-                f"text encoder class {encoder_name!r} is not supported; valid: {', '.join(TEXT_ENCODERS)}"
-            )
-        if tokenizer_name not in TOKENIZERS:
-            raise UsageError(f"tokenizer class {tokenizer_name!r} is not supported; valid: {', '.join(TOKENIZERS)}")
         if prediction_type is None:
             check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
-        unet = _from_pretrained(UNet2DConditionModel, source, "unet")
-        vae = _from_pretrained(AutoencoderKL, source, "vae")
-        text_encoder = _from_pretrained(getattr(transformers, encoder_name), source, "text_encoder")
-        tokenizer = _from_pretrained(getattr(transformers, tokenizer_name), source, "tokenizer")
+        bar = diffusers.utils.logging.is_progress_bar_enabled()
+        diffusers.utils.logging.disable_progress_bar()  # the components' loading bar; restored below
+        try:  # diffusers reads model_index.json and checks each component's class; the safety checker is skipped
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                source, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
+        except Exception as err:  # OSError, ValueError, safetensors errors, ... from diffusers and transformers
+            raise UsageError(
+                f"teacher {source!r}: cannot load it as a StableDiffusionPipeline ({error_summary(err)}); "
+                "expected the folder StableDiffusionPipeline.save_pretrained writes"
+            ) from None
+        finally:
+            if bar:
+                diffusers.utils.logging.enable_progress_bar()
+        for name, valid in (("text_encoder", TEXT_ENCODERS), ("tokenizer", TOKENIZERS)):
+            if type(getattr(pipe, name)).__name__ not in valid:
+                raise UsageError(
+                    f"{name} class {type(getattr(pipe, name)).__name__!r} is not supported; valid: {', '.join(valid)}"
+                )
+        unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
         scheduler = _scheduler_from_config(scheduler_config)
         return cls(
             unet, scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, prediction_type=prediction_type

@@ -13,12 +13,7 @@ and away from the other classes' (``prototype_contrastive_loss``). Each iteratio
 teacher), then ``student_steps`` student steps on fresh generator images of random classes (no pool: the generator
 is never reset, so there is nothing to re-learn).
 
-No reference implementation was available offline; this file follows the paper's description (docs/dfkd.md): the
-embedding generator, multi-source noise, the category-aware contrast at the feature level and a generator that keeps
-training instead of re-learning images. Defaults: bn 10, oh 0.4, adv 1.1 as Fast (the paper takes Fast's weights
-for these terms), ``cr`` 0.5 at temperature 0.1 (a weight to tune; 0.5 keeps the term below
-the BN term at initialization on the benchmark's teachers), 5 student steps per generator step, generator Adam lr
-1e-3 (the training core's AdamW), tau 20, class embeddings of size 64 starting orthogonal.
+Defaults, and each change from the reference with its reason and measurement: docs/dfkd.md, "CAE-DFKD".
 """
 
 from __future__ import annotations

@@ -13,22 +13,7 @@ negatives the other globals of the batch and up to ``n_neg`` global features of 
 bank (the round's final global features are added to it when it ends). The finished batch goes to an
 :class:`ImagePool` the student samples from; a new round runs every ``synthesis_every`` student batches.
 
-Defaults: Fast-Datafree's ``cmi_cifar.sh`` (adv 0.5, bn 1, oh 1, cr 0.8, cr_tau 0.2, 200 steps, lr 1e-3 with betas
-(0.5, 0.999), a round every 400 student steps, student tau 20), bank 40960 features with 4096 negatives per step and
-a 256-d head (its ``datafree_kd.py``). Changes from the reference, and why:
-
-- Student KD temperature 20, the reference scripts' ``--T 20`` (both Fast-Datafree's and CMI's own), not the 4
-  of pixel inversion (DeepInversion): CMI's images come from a (per-round) generator and its published numbers use
-  20.
-- Features: the teacher's penultimate features (the input of its final linear layer, by hook) instead of the
-  reference's concatenated per-channel means of every BN layer's input: one well-defined vector for any teacher.
-- Contrast: the reference also replays the bank's local features as extra anchors (which only trains the head); the
-  bank here holds global features only, the negatives. As in the reference, positives and negatives are detached
-  (the generator is pushed through the local view, the head through the anchors).
-- The head is trained by the round's Adam (its moments restart each round; the reference kept a separate Adam).
-- The final iterate is kept, not the lowest-loss one (the loss is noisy under random views; no host sync per step).
-- ``adv``: the reference's masked KL at temperature 1 (``adversarial_loss(kind="kl", mask_agreement=True)``).
-- Without ``reset_generator`` the generator keeps its weights across rounds (the reference's ``feature_reuse``).
+Defaults, and each change from the reference with its reason and measurement: docs/dfkd.md, "CMI".
 """
 
 from __future__ import annotations

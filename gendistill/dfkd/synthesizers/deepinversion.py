@@ -10,22 +10,7 @@ with the student in eval mode (ADI: images the student gets wrong are preferred)
 batches go to an :class:`ImagePool`; the student samples its batches from the pool and a new round runs every
 ``synthesis_every`` student batches (the reference synthesizes once per 400 student steps).
 
-Defaults: bn 10, oh 1, adv 1, 2000 steps (Fast-Datafree's ``deepinv_cifar.sh``; NVlabs' CIFAR script
-runs 2000 steps), Adam betas (0.5, 0.99) (Fast-Datafree), tau 4 (spec: inversion methods). Changes from the
-reference, and why:
-
-- Pixels live in [0, 1] here (the classifier normalizes inside), the references optimize normalized pixels. One
-  normalized unit is one dataset std, about 0.25 of [0, 1] (CIFAR-10 0.20-0.25, MNIST 0.31), so the reference's
-  initialization ``randn`` becomes ``0.5 + 0.25 randn`` and its lr 0.1 (Fast-Datafree's ``lr_g``, NVlabs' tuned
-  CIFAR setting) becomes ``lr = 0.025``.
-- Priors: ``tv`` weighs the mean absolute neighbour difference (``image_prior_loss``), which does not grow with the
-  batch size. NVlabs' CIFAR paper setting (2.5e-5 times the summed l2 norms of the differences of 256 normalized
-  images) is about 0.1 in these units, the default. ``l2`` 1e-5 is DeepInversion's ImageNet value (its CIFAR script
-  uses 0); on [0, 1] pixels it barely acts. Fast-Datafree's benchmark ran with both at 0.
-- The final iterate is kept. The references keep the "best" iterate, but ``best = inputs.data`` aliases the
-  optimized tensor, so they too end up (nearly) with the final one; keeping it avoids a host sync per step.
-- Fast-Datafree subtracts 0.001 times the student's BN-statistics loss; dropped (the student may have no BN).
-- The student's KD uses tau 4, the usual temperature of pixel-inversion KD; Fast-Datafree's script used 20.
+Defaults, and each change from the reference with its reason and measurement: docs/dfkd.md, "DeepInversion".
 """
 
 from __future__ import annotations
@@ -43,7 +28,7 @@ ADAM_BETAS = (0.5, 0.99)  # Fast-Datafree's DeepInversion optimizer
 
 @dataclass
 class DeepInversionConfig(PoolConfig):
-    tau: float = 4.0  # temperature of the student's KD loss (spec: 4 for inversion methods)
+    tau: float = 4.0  # temperature of the student's KD loss (4, the usual one of pixel-inversion KD)
     bn: float = 10.0  # weight of the teacher's BatchNorm statistics matching (sum over its BN layers)
     oh: float = 1.0  # weight of the teacher's cross-entropy against the batch's random target labels
     adv: float = 1.0  # weight of ADI's competition term 1 - JS(student, teacher) (0: plain DeepInversion)

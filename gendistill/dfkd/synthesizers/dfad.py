@@ -6,23 +6,7 @@ generator seeks images on which they disagree most, measured as the mean absolut
 student's steps first, then one generator step, as the reference's ``train`` loop does (5 student steps per
 generator step). No augmentation: the reference feeds the generator's images to both networks as they are.
 
-As in the reference (``DFAD_mnist.py``, ``network/gan.py`` ``GeneratorA``):
-
-- the generator ends with tanh and a BatchNorm without affine parameters, so each batch has zero mean and unit
-  variance per channel in the teacher's *normalized* input space (mapped to pixels with the teacher's
-  normalization, so the teacher sees exactly that batch). This bounds what the adversary can produce: with a
-  sigmoid output instead, the generator drove the teacher to saturated, far-off-distribution inputs and the student
-  collapsed (22-38% of the teacher after 600 iterations on MNIST, falling, against 83% with the reference output
-  and loss; measured on the CPU benchmark's LeNet-5 -> LeNet-5-half);
-- the student learns the mean absolute difference of the logits (``student_loss = "l1"``), the discrepancy the
-  generator maximizes. The KL at tau 20 of the other methods alone also failed (31% with the reference output).
-
-Defaults: adv 1, 5 student steps per generator step, generator Adam lr 1e-3 (the reference's ``lr_G``).
-Changes from the reference, and why:
-
-- The generator's adversarial term compares the student with the teacher; Fast-Datafree's benchmark passed the
-  teacher as the student, which made the term zero.
-- The student's optimizer is the recipe's (AdamW); the reference's MNIST script uses SGD lr 0.01, momentum 0.9.
+Defaults, and each change from the reference with its reason and measurement: docs/dfkd.md, "DFAD".
 """
 
 from __future__ import annotations

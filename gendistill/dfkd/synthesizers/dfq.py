@@ -5,40 +5,13 @@ A generator makes images that (1) reproduce the teacher's BatchNorm statistics (
 confidently (``oh``: cross-entropy against its own argmax, since the generator is unconditional), (3) cover every
 class (``balance``: natural-log information entropy of the batch-mean teacher prediction) and (4) the student gets
 wrong (``adv``: minus ``KL(T || S)``). Each iteration runs one generator step, then the student's steps (5) on
-that step's images.
+the last generator batches (``memory_batches``), with the teacher's logits stored when the generator step computed
+them.
 
 DFQ is the recommended method (the ``gendistill dfkd`` default): it is the fastest and steadiest method of the CPU
 MNIST benchmark (``benchmarks/dfkd_mnist.py``).
 
-Defaults: adv 1, oh 1, balance 20 (the reference's), 5 student steps per generator step. Changes from the
-reference, each measured on the CPU MNIST benchmark (LeNet-5-BN -> LeNet-5-half, ``benchmarks/dfkd_mnist.py``), and
-why:
-
-- The student's steps draw from the last generator batches and the teacher's logits on them, stored when the
-  generator step computed them (``memory_batches``), instead of 5 fresh generator samples: the 5 extra generator
-  forwards and teacher forwards cost more than half of an iteration, and fresh samples of a generator that changes
-  little within an iteration teach the student little more. Reusing the step's own batch (``memory_batches`` 1)
-  took accuracy at 60 s from 73% to 89% of the teacher (side by side, one thread each). A memory of the last 10
-  batches, with batches of 128 instead of 64 and KD temperature 4 instead of 20, steadies the curve: with the
-  memory of one batch of 64 it swung by about +-2% around 96% (9-15 evaluations fell back under 95% after first
-  crossing it, none ended at 98%); with these three, 95% came at 36-44 s and at most 2 evaluations fell back in
-  130 s (three seeds, 2 threads). Separately, in side-by-side pairs (one thread each, 300 s, seed 0), each helped
-  less: a memory of 20 (mean of the second half 97.0% against 96.7%), tau 4 (97.2% against 97.0%), batch 128
-  (97.8%, but 95% only after 112 s); a memory of 5 and a higher student lr (1e-2 at batch 128) were worse.
-- The generator's images are randomly shifted (``padding`` 4 pixels, the inversion methods' crop, no flip) before
-  the teacher and the student see them, and the student learns on these views: the generator must make images
-  the teacher recognizes wherever the digit sits, which spreads the synthetic distribution.
-- Generator width ``ngf`` 8 instead of 64 and generator Adam lr 3e-3 instead of 1e-3: at 32x32 on a CPU the
-  generator, not the classifiers, costs most of an iteration (width 64 costs about 10x width 16 and 20x width 8);
-  a narrow generator that moves faster reaches the teacher sooner. Pass ``ngf=64 generator_lr=1e-3`` for the
-  reference's generator (e.g. on CIFAR with a GPU).
-- BatchNorm statistics weight ``bn`` 5 instead of 1 (95% of the teacher at 60 s against 92-94%, two seeds side by
-  side) and student AdamW lr 5e-3 (the recipe's default for DFQ; 93.6% against 92.6% with 2e-3).
-- ``bn_kind``: ``"norm"`` (Fast-Datafree's DFQ, the default) or ``"kl"``, the DFQ paper's Gaussian KL, which
-  does not grow with the scale of a layer's activations (deep teachers).
-- The adversarial term compares the student with the teacher; Fast-Datafree's benchmark passed the teacher as the
-  student, which made the term zero.
-- The adversarial KL is at ``adv_tau`` = 1, the reference's criterion (``KLDiv()``); the student's KD uses tau.
+Defaults, and each change from the reference with its reason and measurement: docs/dfkd.md, "DFQ".
 """
 
 from __future__ import annotations

@@ -20,17 +20,8 @@ generator G whose weights are a good *starting point* for synthesis. Each iterat
 ``bn_mmt * memory + (1 - bn_mmt) * batch statistics``, where the memory is an exponential moving average of the
 final batch statistics of earlier iterations (updated once per iteration, as the reference's ``update_mmt``).
 
-Defaults: Fast-Datafree's ``fast_cifar.sh`` / paper setting for CIFAR: bn 10, oh 0.4, adv 1.1, bn_mmt 0.9, tau 20,
-``g_steps`` 5 ("Fast-5"; 2 and 10 are the paper's other settings), lr_g 2e-3, lr_z 1e-2, Adam betas (0.5, 0.999)
-for the inner loop, 5 student steps per synthesis, FOMAML. Changes from the reference, and why:
+Defaults, and each change from the reference with its reason and measurement: docs/dfkd.md, "Fast".
 
-- The images kept are the last inner step's batch, not the lowest-loss one (no host sync per step; the loss is noisy
-  under random crops, and with 5 inner steps the last is nearly always the lowest).
-- The meta step is taken by the core's phase optimizer (AdamW with the recipe's betas and weight decay) instead of a
-  separate Adam with betas (0.5, 0.999): one optimizer per phase, saved in checkpoints.
-- ``warmup`` counts iterations (the reference counts epochs of its outer loop).
-- Not included: the reference's one-off re-initialization of the generator's first layers at epoch 120
-  (``reset_l0``), a schedule for long CIFAR runs.
 
 The generator phase's logged ``loss`` is the last inner step's synthesis loss; the gradient it carries is the meta
 gradient (``loss = sum_p <p, g_p> - (same).detach() + synthesis_loss.detach()``).

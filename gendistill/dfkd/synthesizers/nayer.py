@@ -15,17 +15,7 @@ on a random crop + flip of the images; the loop's last batch joins an :class:`Im
 The whole generator is re-initialized every ``g_life`` rounds. A round runs at the first student batch and then
 every ``synthesis_every`` batches.
 
-Defaults: the reference's CIFAR scripts (``scripts/nayer``): bn 10, oh 0.5, adv 1.33, 40 steps, lr_g 4e-3 with
-Adam betas (0.5, 0.999), ``g_life`` 10, 2 loops per round (10 in the 20 warm-up rounds), one noisy layer per 100
-samples, label embeddings of size 512 through a noisy layer of size 256 (the generator's ``nz``), tau 20. Changes
-from the reference, and why:
-
-- Label embeddings: the paper embeds "a photo of a {class name}" with CLIP's text encoder. No text encoder can be
-  downloaded here and a teacher's class names are often unknown, so the embeddings are a fixed random orthogonal
-  matrix (num_classes, embed_dim) (seeded by the global RNG at construction); pass your own through
-  ``NAYER.label_embeddings`` (a (num_classes, embed_dim) tensor) before training to use text embeddings.
-- The last loop's batch is kept, not the lowest-loss one (no host sync per step).
-- ``synthesis_every`` student batches per round instead of the reference's epoch of ``kd_steps`` student steps.
+Defaults, and each change from the reference with its reason and measurement: docs/dfkd.md, "NAYER".
 """
 
 from __future__ import annotations
