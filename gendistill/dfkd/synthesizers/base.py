@@ -126,6 +126,23 @@ class Synthesizer(ABC):
         """The student's distillation loss on logits (B, K): ``tau^2 KL`` at ``tau`` (methods may override)."""
         return kd_loss(student_logits, teacher_logits, tau=self.tau)
 
+    def inversion(self, images, labels, *, teacher, student, adv: float | None = None, **kwargs) -> Inversion:
+        """:func:`inversion_loss` with this method's ``bn``, ``oh`` and ``adv`` weights (``adv`` overrides the
+        configured one) and kernel backend; other keywords pass through."""
+        cfg = self.config
+        adv = cfg.adv if adv is None else adv
+        return inversion_loss(
+            images,
+            labels,
+            teacher=teacher,
+            student=student,
+            bn=cfg.bn,
+            oh=cfg.oh,
+            adv=adv,
+            kernel_backend=self.kernel_backend,
+            **kwargs,
+        )
+
     def check_teacher(self, teacher: nn.Module) -> None:
         """Raise ``ValueError`` when the method needs BatchNorm statistics and the teacher has none."""
         from ..losses import has_batchnorm

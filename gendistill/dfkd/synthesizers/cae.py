@@ -24,7 +24,7 @@ import torch
 
 from ..generators import EmbeddingGenerator
 from ..losses import prototype_contrastive_loss
-from .base import GeneratorConfig, GeneratorSynthesizer, detached, inversion_loss
+from .base import GeneratorConfig, GeneratorSynthesizer, detached
 
 
 @dataclass
@@ -71,17 +71,7 @@ class CAE(GeneratorSynthesizer):
         labels = batch["labels"]
         images = generator(batch["z"], labels)
         layer = teacher.feature_layer
-        weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv}
-        inv = inversion_loss(
-            images,
-            labels,
-            teacher=teacher,
-            student=student,
-            **weights,
-            mask_agreement=True,
-            features=[layer],
-            kernel_backend=self.kernel_backend,
-        )
+        inv = self.inversion(images, labels, teacher=teacher, student=student, mask_agreement=True, features=[layer])
         loss_cr = torch.zeros((), device=images.device)
         if cfg.cr:
             loss_cr = prototype_contrastive_loss(inv.features[layer], labels, tau=cfg.cr_tau)

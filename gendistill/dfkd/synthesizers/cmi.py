@@ -27,7 +27,7 @@ from torch import nn
 
 from ..generators import Generator, ImagePool, augment
 from ..models import FeatureHooks
-from .base import PoolConfig, PoolSynthesizer, detached, image_generator, inner_optimize, inversion_loss
+from .base import PoolConfig, PoolSynthesizer, detached, image_generator, inner_optimize
 
 GENERATOR_BETAS = (0.5, 0.999)  # the reference's optimizer of the generator and z
 LOCAL_SCALE = (0.25, 1.0)  # area fraction of the local view's crop (the reference's RandomResizedCrop scale)
@@ -165,17 +165,8 @@ class CMI(PoolSynthesizer):
         head = self._head(teacher, images.device)
         self.bank.to(images.device)
         layer = teacher.feature_layer
-        weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv}
-        inv = inversion_loss(
-            images,
-            labels,
-            teacher=teacher,
-            student=student,
-            **weights,
-            mask_agreement=True,
-            features=[layer],
-            kernel_backend=self.kernel_backend,
-        )  # the global view: the reference pads 4 at 32 x 32
+        # the global view: the reference pads 4 at 32 x 32
+        inv = self.inversion(images, labels, teacher=teacher, student=student, mask_agreement=True, features=[layer])
         loss_cr = torch.zeros((), device=images.device)
         if cfg.cr:
             with FeatureHooks(teacher, [layer], inputs=True) as features:

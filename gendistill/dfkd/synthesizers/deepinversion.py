@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..losses import image_prior_loss
-from .base import PoolConfig, PoolSynthesizer, detached, inner_optimize, inversion_loss
+from .base import PoolConfig, PoolSynthesizer, detached, inner_optimize
 
 INIT_STD = 0.25  # pixel noise of the initial batch: one normalized unit (a dataset std) of [0, 1] pixels
 ADAM_BETAS = (0.5, 0.99)  # Fast-Datafree's DeepInversion optimizer
@@ -58,17 +58,7 @@ class DeepInversion(PoolSynthesizer):
 
         One random jitter + flip of the batch (global RNG) goes through the teacher and the student."""
         cfg = self.config
-        weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv}
-        inv = inversion_loss(
-            x,
-            labels,
-            teacher=teacher,
-            student=student,
-            **weights,
-            adv_kind="js",
-            adv_tau=cfg.adv_tau,
-            kernel_backend=self.kernel_backend,
-        )
+        inv = self.inversion(x, labels, teacher=teacher, student=student, adv_kind="js", adv_tau=cfg.adv_tau)
         loss_tv, loss_l2 = image_prior_loss(x)
         loss = inv.loss + cfg.tv * loss_tv + cfg.l2 * loss_l2
         return {"loss": loss, **detached(inv.terms), "loss_tv": loss_tv.detach(), "loss_l2": loss_l2.detach()}

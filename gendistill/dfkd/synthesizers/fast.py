@@ -44,7 +44,6 @@ from .base import (
     detached,
     image_generator,
     inner_optimize,
-    inversion_loss,
     sample_pool,
 )
 
@@ -113,10 +112,9 @@ class Fast(Synthesizer):
     def synthesis_loss(self, images, labels, *, teacher, student, bn_stats) -> dict[str, torch.Tensor]:
         """Losses of ``images`` (B, C, H, W) in [0, 1] with target ``labels`` (B,), ``bn_stats`` a
         :class:`BNStatsLoss` installed on the teacher; ``"loss"`` is minimized. One random crop + flip (global RNG)."""
-        cfg = self.config
-        weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv if self.rounds >= cfg.warmup else 0.0}
-        inv = inversion_loss(
-            images, labels, teacher=teacher, student=student, **weights, mask_agreement=True, bn_stats=bn_stats
+        adv = None if self.rounds >= self.config.warmup else 0.0
+        inv = self.inversion(
+            images, labels, teacher=teacher, student=student, adv=adv, mask_agreement=True, bn_stats=bn_stats
         )
         return {"loss": inv.loss, **detached(inv.terms)}
 

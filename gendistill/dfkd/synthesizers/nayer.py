@@ -29,7 +29,7 @@ from torch import nn
 
 from ...errors import UsageError
 from ..generators import Generator
-from .base import PoolConfig, PoolSynthesizer, detached, inner_optimize, inversion_loss
+from .base import PoolConfig, PoolSynthesizer, detached, inner_optimize
 
 GENERATOR_BETAS = (0.5, 0.999)  # the reference's Adam betas
 
@@ -140,17 +140,8 @@ class NAYER(PoolSynthesizer):
 
     def synthesis_loss(self, images, labels, *, teacher, student, adversarial: bool) -> dict[str, torch.Tensor]:
         """Losses of ``images`` (B, C, H, W) in [0, 1] with target ``labels`` (B,); ``"loss"`` is minimized."""
-        cfg = self.config
-        weights = {"bn": cfg.bn, "oh": cfg.oh, "adv": cfg.adv if adversarial else 0.0}
-        inv = inversion_loss(
-            images,
-            labels,
-            teacher=teacher,
-            student=student,
-            **weights,
-            mask_agreement=True,
-            kernel_backend=self.kernel_backend,
-        )
+        adv = None if adversarial else 0.0
+        inv = self.inversion(images, labels, teacher=teacher, student=student, adv=adv, mask_agreement=True)
         return {"loss": inv.loss, **detached(inv.terms)}
 
     def _loop_losses(self, generator, labels, *, teacher, student, adversarial: bool) -> dict[str, torch.Tensor]:
