@@ -43,7 +43,7 @@ import torch
 from gendistill.dfkd.synthesizers import METHODS
 from gendistill.eval.report import device_description
 from gendistill.training import teach_classifier
-from gendistill.training.core import logged_values
+from gendistill.training.core import logged_values, resolve_mixed_precision
 from gendistill.training.demo import CLASSIFIER_TEACHER, shipped_teacher
 from gendistill.training.dfkd import DFKDRecipe, run
 from gendistill.training.recipes import convert_value, recipe_dict
@@ -186,6 +186,7 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
     summary = curve_summary(output, info["heldout_accuracy"], ema=recipe.ema_decay > 0)
     reported = ("batch_size", "lr", "ema_decay", "method_options", "mixed_precision")
     settings = {k: v for k, v in recipe_dict(recipe).items() if k in reported}
+    settings["mixed_precision"] += f" ({resolve_mixed_precision(recipe)})" if recipe.mixed_precision == "auto" else ""
     return {"setup": setup, "method": method, "seed": seed, "teacher": arch, "settings": settings, **summary}
 
 

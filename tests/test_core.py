@@ -281,3 +281,12 @@ def test_evaluations_swap_the_average_in_place_and_restore_the_live_module(tmp_p
     assert task.model.training
     for key, value in task.model.state_dict().items():
         assert torch.equal(value, live[key]), key
+
+
+def test_runs_in_one_process_each_get_their_recipes_mixed_precision(tmp_path):
+    # Accelerate keeps the first Accelerator's precision for the whole process; each Trainer gets its recipe's.
+    for i, precision in enumerate(("no", "bf16", "no")):
+        trainer = Trainer(ToyTask(), _recipe(tmp_path / str(i), mixed_precision=precision, cpu=True), command="t")
+        assert trainer.accelerator.mixed_precision == precision
+        trainer.fit()
+        trainer.end()

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from accelerate.utils import load as accelerate_load
 from diffusers.optimization import get_scheduler
@@ -269,6 +270,11 @@ class Trainer:
         self.recipe, self.command, self.task = recipe, command, task
         self.output = Path(recipe.output)
         mixed = resolve_mixed_precision(recipe)
+        if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+            # Accelerate keeps the first Accelerator's precision for the whole process (and refuses another); a later
+            # run in the same process (a Python user's second recipe, a benchmark's next run) gets its recipe's.
+            # The process group (PartialState) is kept.
+            AcceleratorState._reset_state()
         self.accelerator = accelerator = Accelerator(
             cpu=recipe.cpu,
             mixed_precision=mixed,
