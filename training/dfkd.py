@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 
 from gendistill.data.classification import load_classification_data
-from gendistill.dfkd.models import Classifier, build_classifier, canonical_arch, load_classifier, save_classifier
+from gendistill.dfkd.models import (
+    QUANT_BITS,
+    Classifier,
+    build_classifier,
+    canonical_arch,
+    load_classifier,
+    save_classifier,
+)
 from gendistill.dfkd.synthesizers import METHODS, get_method
 from gendistill.dfkd.task import DFKDTask
 from gendistill.errors import UsageError
@@ -36,6 +43,7 @@ class DFKDRecipe(TrainRecipe):
     method: str = "dfq"  # synthesizer: dafl | dfad | zskt | dfq | deepinversion | cmi | fast | nayer | cae
     teacher: str | None = None  # classifier folder (model.safetensors + config.json) (required)
     student_arch: str = "lenet5_half"  # model zoo architecture of the student
+    student_quant_bits: int | None = None  # 1 | 2 | 4 | 8: a quantization-aware student (weights fake-quantized)
     method_options: list[str] | None = None  # method options as key=value (e.g. oh=0.5,adv=1.33): the method's Config
     eval_data: str | None = None  # held-out real data for accuracy/agreement: mnist5k | cifar10 | folder | .npz
     eval_split: str = "test"  # part of --eval-data: test (built-in test split; 10% of each class of a folder) | all
@@ -63,6 +71,11 @@ class DFKDRecipe(TrainRecipe):
             self.batch_size = int(self.options().get("batch_size", cls.Config().batch_size))
         super().validate()
         self.student_arch = canonical_arch(self.student_arch, what="student architecture")
+        if self.student_quant_bits is not None and self.student_quant_bits not in QUANT_BITS:
+            raise UsageError(
+                f"student_quant_bits {self.student_quant_bits!r} is not valid; valid: "
+                f"{', '.join(map(str, QUANT_BITS))} (or unset: a full-precision student)"
+            )
         self.options()
 
     def options(self) -> dict[str, object]:
@@ -136,6 +149,7 @@ def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
         image_size=config.image_size,
         mean=None if config.mean is None else tuple(config.mean),
         std=None if config.std is None else tuple(config.std),
+        quant_bits=recipe.student_quant_bits,
     )
     return build_task(
         teacher,
