@@ -309,6 +309,18 @@ def test_shipped_recipe_parses():
     assert recipe.num_intervals == 50 and recipe.guidance_scale == 2.0
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["boot"], ["dfkd"], ["teach", "classifier"], ["teach", "diffusion"], ["demo"], ["sample"]]
+    + [["eval", name] for name in ("fid", "kid", "clip", "accuracy", "asr", "speed")],
+)
+def test_every_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as err:
+        main([*command, "--help"])
+    assert err.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
 def test_help_shows_field_comments(capsys):
     with pytest.raises(SystemExit) as err:
         main(["boot", "--help"])

@@ -217,7 +217,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, cls) -> None:
             default = f.default_factory()
         else:
             default = None
-        help_text = f"{comments.get(f.name, '')} (default: {default})".strip()
+        # argparse %-formats help strings: a literal % (e.g. "10% of each class") must be doubled.
+        help_text = f"{comments.get(f.name, '')} (default: {default})".strip().replace("%", "%%")
         if base is bool:
             parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS, help=help_text)
         else:
