@@ -274,3 +274,95 @@ def test_other_bad_quantization_input_raises_usage_errors(tmp_path):
     tiny = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 30 * 30, 2))
     with pytest.raises(UsageError, match=r"no nn.Conv2d or nn.Linear layer to quantize \(found: 0, 2; the first"):
         Classifier(tiny, ClassifierConfig("user", 2, in_channels=1, quant_bits=4, quant_skip_first_last=True))
+
+
+# --- the FAQD plug-in -------------------------------------------------------------------------------------------
+QUICK = ["--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "0", "--batch-size", "8"]
+
+
+def test_faqd_finds_the_last_feature_map_of_each_network():
+    from gendistill.dfkd.plugins.faqd import last_feature_map
+
+    assert last_feature_map(build_classifier("lenet5_bn", num_classes=10, in_channels=1), (1, 32, 32)) == "net.bn2"
+    assert last_feature_map(build_classifier("resnet8", num_classes=10, in_channels=3), (3, 32, 32)) == "net.layer3"
+
+
+def test_the_faqd_term_is_the_affinity_of_the_two_feature_maps(bn_teacher):
+    # Whether the task runs the teacher (no stored logits) or the plug-in must (a student memory's stored logits),
+    # loss_fa is fa times the feature affinity of the hooked maps of the same images.
+    from gendistill.dfkd.models import FeatureHooks
+    from gendistill.dfkd.plugins import FAQD
+    from gendistill.training.dfkd import build_task
+
+    torch.manual_seed(0)
+    teacher = load_classifier(bn_teacher)
+    student = build_classifier("lenet5_half", num_classes=10, in_channels=1)
+    plugin = FAQD(fa=2.0)
+    task = build_task(teacher, student, "dfq", options={"ngf": 8, "nz": 16}, objectives=[plugin])
+    assert (plugin.teacher_layer, plugin.student_layer) == ("net.bn2", "net.bn2")
+    images = torch.rand(4, 1, 32, 32)
+    with FeatureHooks(teacher, ["net.bn2"]) as t, FeatureHooks(student, ["net.bn2"]) as s, torch.no_grad():
+        teacher(images), student(images)
+    expected = 2.0 * feature_affinity_loss(s["net.bn2"], t["net.bn2"])
+    assert expected > 0
+    without_logits = task("student", {"images": images})
+    with torch.no_grad():
+        with_logits = task("student", {"images": images, "teacher_logits": teacher(images)})
+    torch.testing.assert_close(without_logits["loss_fa"], expected)
+    torch.testing.assert_close(with_logits["loss_fa"], expected)
+    kd = task.synthesizer.student_loss(student(images), teacher(images))
+    torch.testing.assert_close(without_logits["loss"], kd + expected)
+
+
+@pytest.mark.parametrize("method", ["dafl", "dfad", "zskt", "dfq", "cae", "deepinversion", "cmi", "fast", "nayer"])
+def test_faqd_plugs_into_every_method(method, bn_teacher, tmp_path):
+    from test_dfkd_state import TINY
+
+    from gendistill.cli import main
+
+    argv = ["dfkd", "--method", method, "--teacher", str(bn_teacher), "--max-steps", "1", *QUICK]
+    argv += ["--method-options", ",".join(["ngf=8", "nz=16", *TINY[method]]), "--plugins", "faqd"]
+    assert main([*argv, "--plugin-options", "faqd.fast=true,faqd.projections=2", "--output", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["plugins"] == ["faqd"]
+
+
+def test_resume_with_the_faqd_plugin_is_exact(bn_teacher, tmp_path):
+    # The fast estimate draws its vectors from the global RNG, which the checkpoints restore.
+    from test_dfkd_state import TINY, straight_and_resumed
+
+    from gendistill.training import dfkd
+
+    recipe_fields = dfkd.DFKDRecipe.__dataclass_fields__
+    assert "plugins" in recipe_fields
+    options = [*TINY["dfq"], "memory_batches=2"]
+    original = straight_and_resumed.__globals__["main"]
+
+    def with_plugin(argv):
+        return original([*argv, "--plugins", "faqd", "--plugin-options", "faqd.fast=true"])
+
+    straight_and_resumed.__globals__["main"] = with_plugin
+    try:
+        straight, resumed = straight_and_resumed(bn_teacher, tmp_path, "dfq", options)
+    finally:
+        straight_and_resumed.__globals__["main"] = original
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_faqd_bad_input(bn_teacher, tmp_path, capsys):
+    from gendistill.cli import main
+
+    base = ["dfkd", "--teacher", str(bn_teacher), "--max-steps", "1", *QUICK, "--output", str(tmp_path / "o")]
+    cases = [
+        (["--plugins", "nope"], "unknown DFKD plug-in 'nope'; valid: faqd"),
+        (["--plugins", "faqd", "--plugin-options", "fa=2"], "plug-in option 'fa=2' is not name.key=value"),
+        (["--plugins", "faqd", "--plugin-options", "faqd.nope=1"], "faqd has no option 'nope'; valid: fa, fast"),
+        (["--plugins", "faqd", "--plugin-options", "faqd.fa=-1"], "faqd option fa must be >= 0, got -1.0"),
+        (["--plugin-options", "faqd.fa=2"], "were given without --plugins"),
+        (["--plugins", "faqd", "--plugin-options", "faqd.student_layer=net.fc2"], "does not output (B, C, H, W)"),
+        (["--plugins", "faqd", "--plugin-options", "faqd.teacher_layer=net.fc"], "unknown module name(s) 'net.fc'"),
+        (["--plugins", "faqd", "--student-arch", "resnet8"], "they need the same H x W"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, (extra, message)
+    assert not (tmp_path / "o").exists()
