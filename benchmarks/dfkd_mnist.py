@@ -166,7 +166,7 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
             raise SystemExit(f"--recipe {item!r} is not key=value with a DFKDRecipe field")
         fields[key] = convert_value(value, hints[key], key)
     output = workdir / f"{setup}_{method}_{seed}"
-    settings = dict(
+    values = dict(
         output=str(output),
         method=method,
         teacher=str(folder),
@@ -181,7 +181,7 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
         method_options=[f"{k}={v}" for k, v in options.items()] or None,
         mixed_precision=args.mixed_precision,
     )
-    recipe = DFKDRecipe(**{**settings, **fields})  # --recipe fields win (e.g. max_steps for an iteration budget)
+    recipe = DFKDRecipe(**{**values, **fields})  # --recipe fields win (e.g. max_steps for an iteration budget)
     run(recipe)
     summary = curve_summary(output, info["heldout_accuracy"], ema=recipe.ema_decay > 0)
     reported = ("batch_size", "lr", "ema_decay", "method_options", "mixed_precision", "max_steps")
