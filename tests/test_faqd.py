@@ -326,26 +326,18 @@ def test_faqd_plugs_into_every_method(method, bn_teacher, tmp_path):
     assert json.loads((tmp_path / "o" / "results.json").read_text())["plugins"] == ["faqd"]
 
 
-def test_resume_with_the_faqd_plugin_is_exact(bn_teacher, tmp_path):
+def test_resume_with_the_faqd_plugin_is_exact(bn_teacher, tmp_path, monkeypatch):
     # The fast estimate draws its vectors from the global RNG, which the checkpoints restore.
-    from test_dfkd_state import TINY, straight_and_resumed
+    import test_dfkd_state
 
-    from gendistill.training import dfkd
-
-    recipe_fields = dfkd.DFKDRecipe.__dataclass_fields__
-    assert "plugins" in recipe_fields
-    options = [*TINY["dfq"], "memory_batches=2"]
-    original = straight_and_resumed.__globals__["main"]
-
-    def with_plugin(argv):
-        return original([*argv, "--plugins", "faqd", "--plugin-options", "faqd.fast=true"])
-
-    straight_and_resumed.__globals__["main"] = with_plugin
-    try:
-        straight, resumed = straight_and_resumed(bn_teacher, tmp_path, "dfq", options)
-    finally:
-        straight_and_resumed.__globals__["main"] = original
+    original = test_dfkd_state.main
+    plugins = ["--plugins", "faqd", "--plugin-options", "faqd.fast=true"]
+    monkeypatch.setattr(test_dfkd_state, "main", lambda argv: original([*argv, *plugins]))
+    options = [*test_dfkd_state.TINY["dfq"], "memory_batches=2"]
+    straight, resumed = test_dfkd_state.straight_and_resumed(bn_teacher, tmp_path, "dfq", options)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    recipe = json.loads((tmp_path / "resumed" / "gendistill_run.json").read_text())["recipe"]
+    assert recipe["plugins"] == ["faqd"]
 
 
 def test_faqd_bad_input(bn_teacher, tmp_path, capsys):

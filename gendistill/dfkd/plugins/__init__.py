@@ -8,10 +8,11 @@ import typing
 from ...errors import UsageError
 from .base import Plugin, PluginConfig
 from .faqd import FAQD
+from .lra import LRA
 
-PLUGINS: dict[str, type[Plugin]] = {cls.name: cls for cls in (FAQD,)}
+PLUGINS: dict[str, type[Plugin]] = {cls.name: cls for cls in (FAQD, LRA)}
 
-__all__ = ["PLUGINS", "Plugin", "PluginConfig", "build_plugins", "get_plugin"]
+__all__ = ["FAQD", "LRA", "PLUGINS", "Plugin", "PluginConfig", "build_plugins", "get_plugin"]
 
 
 def get_plugin(name: str) -> type[Plugin]:
