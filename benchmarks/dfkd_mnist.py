@@ -166,7 +166,7 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
             raise SystemExit(f"--recipe {item!r} is not key=value with a DFKDRecipe field")
         fields[key] = convert_value(value, hints[key], key)
     output = workdir / f"{setup}_{method}_{seed}"
-    recipe = DFKDRecipe(
+    values = dict(
         output=str(output),
         method=method,
         teacher=str(folder),
@@ -180,11 +180,11 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
         seed=seed,
         method_options=[f"{k}={v}" for k, v in options.items()] or None,
         mixed_precision=args.mixed_precision,
-        **fields,
     )
+    recipe = DFKDRecipe(**{**values, **fields})  # --recipe fields win (e.g. max_steps for an iteration budget)
     run(recipe)
     summary = curve_summary(output, info["heldout_accuracy"], ema=recipe.ema_decay > 0)
-    reported = ("batch_size", "lr", "ema_decay", "method_options", "mixed_precision")
+    reported = ("batch_size", "lr", "ema_decay", "method_options", "mixed_precision", "max_steps")
     settings = {k: v for k, v in recipe_dict(recipe).items() if k in reported}
     settings["mixed_precision"] += f" ({resolve_mixed_precision(recipe)})" if recipe.mixed_precision == "auto" else ""
     return {"setup": setup, "method": method, "seed": seed, "teacher": arch, "settings": settings, **summary}
