@@ -163,13 +163,10 @@ class Synthesizer(ABC):
     def phases(self) -> list[Phase]:
         return [Phase("student", steps=self.config.student_steps)]
 
-    def generator_batch(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Inputs of one generator step, drawn from the global RNG (so resume restores them)."""
-        raise NotImplementedError(f"method {self.name!r} has no generator phase")
-
-    def generator_loss(self, batch, *, generator, teacher, student) -> dict[str, torch.Tensor]:
-        """The generator's losses; ``"loss"`` is optimized."""
-        raise NotImplementedError(f"method {self.name!r} has no generator phase")
+    # A method with a generator phase (build_generator returns a module, phases lists "generator") also has
+    # generator_batch(batch_size, device) -> its inputs, drawn from the global RNG (so resume restores them), and
+    # generator_loss(batch, *, generator, teacher, student) -> its losses ("loss" is optimized): GeneratorSynthesizer
+    # declares them; Fast, which derives from this base, defines both.
 
     @abstractmethod
     def student_images(self, batch_size: int, device: torch.device, *, teacher, student, generator) -> torch.Tensor:
@@ -241,6 +238,10 @@ class GeneratorSynthesizer(Synthesizer):
         generator = Phase("generator", steps=cfg.generator_steps, lr=cfg.generator_lr)
         student = Phase("student", steps=cfg.student_steps)
         return [student, generator] if self.student_first else [generator, student]
+
+    @abstractmethod
+    def generator_loss(self, batch, *, generator, teacher, student) -> dict[str, torch.Tensor]:
+        """The generator's losses on one ``generator_batch``; ``"loss"`` is optimized."""
 
     def generator_batch(self, batch_size, device):
         return {"z": self.noise(batch_size, device)}
