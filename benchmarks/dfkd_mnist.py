@@ -185,6 +185,7 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
     run(recipe)
     summary = curve_summary(output, info["heldout_accuracy"], ema=recipe.ema_decay > 0)
     reported = ("batch_size", "lr", "ema_decay", "method_options", "mixed_precision", "max_steps")
+    reported += ("student_quant_bits", "plugins", "plugin_options")
     settings = {k: v for k, v in recipe_dict(recipe).items() if k in reported}
     settings["mixed_precision"] += f" ({resolve_mixed_precision(recipe)})" if recipe.mixed_precision == "auto" else ""
     return {"setup": setup, "method": method, "seed": seed, "teacher": arch, "settings": settings, **summary}

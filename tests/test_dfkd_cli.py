@@ -161,6 +161,7 @@ def test_dfkd_bad_input(mnist_teacher, tmp_path, capsys):
     base = ["dfkd", "--teacher", str(mnist_teacher), "--output", str(tmp_path / "o"), "--iterations", "1", *QUICK]
     _fails(capsys, [*base, "--method", "magic"], f"unknown DFKD method 'magic'; valid: {', '.join(sorted(METHODS))}")
     _fails(capsys, [*base, "--student-arch", "resnet9000"], "unknown student architecture 'resnet9000'; valid: lenet5")
+    _fails(capsys, [*base, "--student-quant-bits", "3"], "student_quant_bits 3 is not valid; valid: 1, 2, 4, 8")
     _fails(
         capsys, [*base, "--method", "dafl", "--method-options", "nope=1"], "method option 'nope=1' is not key=value"
     )
@@ -187,6 +188,23 @@ def test_dfkd_bad_input(mnist_teacher, tmp_path, capsys):
     (wrong / "config.json").write_text(json.dumps({**config, "num_classes": 7}))
     _fails(capsys, ["dfkd", "--teacher", str(wrong), "--output", str(tmp_path / "o4"), *QUICK], "do not match")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_quantized_student_trains_exports_and_evaluates(bn_teacher, tmp_path):
+    # --student-quant-bits: the student's conv/linear weights are fake-quantized while it learns (any method); the
+    # exported folder records the bit width and loads back, for gendistill eval, as the same quantized model.
+    from gendistill.dfkd.quantize import quantized_weight_codes
+
+    out = tmp_path / "q4"
+    argv = ["dfkd", "--teacher", str(bn_teacher), "--output", str(out), "--max-steps", "2", *QUICK, *tiny_generator()]
+    assert main([*argv, "--student-quant-bits", "4"]) == 0
+    student = load_classifier(out)
+    assert student.config.quant_bits == 4 and student.config.quant_skip_first_last is True
+    codes = quantized_weight_codes(student)
+    assert codes and all(int(c.abs().max()) <= 7 for c, _ in codes.values())
+    report = tmp_path / "report"
+    assert main(["eval", "accuracy", "--student", str(out), "--data", "mnist5k", "--output", str(report)]) == 0
+    assert json.loads((report / "metrics.json").read_text())["metrics"]["top1"]["value"] is not None
 
 
 def test_an_internal_error_keeps_its_traceback(bn_teacher, tmp_path, monkeypatch):

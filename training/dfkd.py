@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 
 from gendistill.data.classification import load_classification_data
-from gendistill.dfkd.models import Classifier, build_classifier, canonical_arch, load_classifier, save_classifier
+from gendistill.dfkd.models import (
+    QUANT_BITS,
+    Classifier,
+    build_classifier,
+    canonical_arch,
+    load_classifier,
+    save_classifier,
+)
+from gendistill.dfkd.plugins import build_plugins
 from gendistill.dfkd.synthesizers import METHODS, get_method
 from gendistill.dfkd.task import DFKDTask
 from gendistill.errors import UsageError
@@ -36,7 +44,10 @@ class DFKDRecipe(TrainRecipe):
     method: str = "dfq"  # synthesizer: dafl | dfad | zskt | dfq | deepinversion | cmi | fast | nayer | cae
     teacher: str | None = None  # classifier folder (model.safetensors + config.json) (required)
     student_arch: str = "lenet5_half"  # model zoo architecture of the student
+    student_quant_bits: int | None = None  # 1 | 2 | 4 | 8: a quantization-aware student (weights fake-quantized)
     method_options: list[str] | None = None  # method options as key=value (e.g. oh=0.5,adv=1.33): the method's Config
+    plugins: list[str] | None = None  # plug-ins on top of the method, comma-separated: faqd
+    plugin_options: list[str] | None = None  # plug-in options as name.key=value (e.g. faqd.fa=2,faqd.fast=true)
     eval_data: str | None = None  # held-out real data for accuracy/agreement: mnist5k | cifar10 | folder | .npz
     eval_split: str = "test"  # part of --eval-data: test (built-in test split; 10% of each class of a folder) | all
     data_root: str | None = None  # torchvision's CIFAR files for --eval-data cifar10/cifar100
@@ -63,7 +74,19 @@ class DFKDRecipe(TrainRecipe):
             self.batch_size = int(self.options().get("batch_size", cls.Config().batch_size))
         super().validate()
         self.student_arch = canonical_arch(self.student_arch, what="student architecture")
+        if self.student_quant_bits is not None and self.student_quant_bits not in QUANT_BITS:
+            raise UsageError(
+                f"student_quant_bits {self.student_quant_bits!r} is not valid; valid: "
+                f"{', '.join(map(str, QUANT_BITS))} (or unset: a full-precision student)"
+            )
         self.options()
+        self.build_plugins()
+
+    def build_plugins(self) -> list:
+        """The recipe's plug-ins, configured by ``plugin_options`` (converted like method options)."""
+        if self.plugin_options and not self.plugins:
+            raise UsageError(f"plugin_options {self.plugin_options} were given without --plugins")
+        return build_plugins(list(self.plugins or []), self.plugin_options, convert=convert_value)
 
     def options(self) -> dict[str, object]:
         """``method_options`` as a dict, each value converted to the type of the method's config field by the recipe
@@ -136,6 +159,7 @@ def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
         image_size=config.image_size,
         mean=None if config.mean is None else tuple(config.mean),
         std=None if config.std is None else tuple(config.std),
+        quant_bits=recipe.student_quant_bits,
     )
     return build_task(
         teacher,
@@ -143,6 +167,7 @@ def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
         recipe.method,
         options=recipe.options(),
         eval_data=eval_data,
+        objectives=recipe.build_plugins(),
         kernel_backend=backend_for(recipe.fused_kernels),
     )
 
@@ -153,7 +178,7 @@ def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
 
     def export(trainer, task, metrics) -> dict:
         save_classifier(trainer.export_module("student"), Path(recipe.output))
-        summary = {"method": recipe.method, **metrics}
+        summary = {"method": recipe.method, "plugins": list(recipe.plugins or []), **metrics}
         if recipe.eval_data and hasattr(task, "eval_labels"):  # what the held-out accuracy is measured on
             summary["eval_data"] = {
                 "data": recipe.eval_data,
@@ -187,7 +212,7 @@ def distill(
         method,
         options=options,
         eval_data=eval_data,
-        objectives=objectives,
+        objectives=[*(objectives or []), *recipe.build_plugins()],
         kernel_backend=backend_for(recipe.fused_kernels),
     )
     return run(recipe, task)

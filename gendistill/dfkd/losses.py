@@ -179,6 +179,95 @@ def prototype_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, *, 
     return F.cross_entropy(logits, target)
 
 
+def _check_feature_maps(student_features: torch.Tensor, teacher_features: torch.Tensor) -> None:
+    """Both (B, C, H, W) with the same B, H and W (the channel counts may differ), and at least one of each."""
+    shapes = f"student {tuple(student_features.shape)}, teacher {tuple(teacher_features.shape)}"
+    if student_features.dim() != 4 or teacher_features.dim() != 4:
+        raise UsageError(f"feature affinity needs feature maps (B, C, H, W), got {shapes}")
+    if student_features.shape[0] != teacher_features.shape[0]:
+        raise UsageError(f"student and teacher feature maps must have the same batch size B, got {shapes}")
+    if student_features.shape[2:] != teacher_features.shape[2:]:
+        raise UsageError(
+            f"student and teacher feature maps must have the same spatial size H x W (C may differ), got {shapes}; "
+            "resize one of them first"
+        )
+    if 0 in student_features.shape or 0 in teacher_features.shape:
+        raise UsageError(f"feature maps need at least one sample, channel and position, got {shapes}")
+
+
+def _unit_positions(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, HW) in float32: each position's channel vector divided by its L2 norm (a zero vector
+    stays zero, so its cosine similarity with every position is 0)."""
+    return F.normalize(features.float().flatten(2), dim=1)
+
+
+def feature_affinity_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """``fa`` (FAQD, Li et al. 2023): how differently the student and the teacher relate the spatial positions of
+    an image to each other.
+
+    ``student_features`` (B, C_s, H, W) and ``teacher_features`` (B, C_t, H, W) share B, H and W; C_s and C_t may
+    differ. With N = HW and ``f_p`` the channel vector at position p divided by its L2 norm, the affinity of sample b
+    is the N x N matrix ``A[p, q] = f_p . f_q``, the cosine similarity of positions p and q (computed per network,
+    (B, N, N)). The loss is
+
+        ``mean_b ||A_s[b] - A_t[b]||_F^2 / N^2``,
+
+    the mean squared difference of the two affinity matrices' entries, averaged over the batch; it lies in [0, 4].
+    FAQD's public reference code takes the entrywise L1 norm over (HW)^2 by default (``||.||_F / HW`` as its
+    option); the squared Frobenius form is the one :func:`fast_feature_affinity_loss` estimates without bias. It
+    forms both (B, N, N) matrices (memory O(B N^2)); use the fast estimate for large maps. Computed in float32 with
+    autocast off; differentiable with respect to both inputs (detach the teacher's). Returns a float32 scalar.
+    """
+    _check_feature_maps(student_features, teacher_features)
+    with torch.autocast(student_features.device.type, enabled=False):
+        fs, ft = _unit_positions(student_features), _unit_positions(teacher_features)  # (B, C, N)
+        difference = fs.transpose(1, 2) @ fs - ft.transpose(1, 2) @ ft  # (B, N, N)
+        n = difference.shape[-1]
+        return difference.square().sum(dim=(1, 2)).mean() / n**2
+
+
+def fast_feature_affinity_loss(
+    student_features: torch.Tensor,
+    teacher_features: torch.Tensor,
+    *,
+    num_projections: int = 15,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """FFA (FAQD's fast feature affinity): an unbiased randomized estimate of :func:`feature_affinity_loss`
+    that never forms the N x N affinity matrices (N = HW).
+
+    For each sample b, ``k = num_projections`` vectors ``z_1..z_k`` (N,) are drawn with i.i.d. standard normal
+    entries, independently per sample, and the estimate is
+
+        ``mean_b mean_j ||(A_s[b] - A_t[b]) z_j||^2 / N^2``,
+
+    whose expectation is the exact loss, since ``E[z z^T] = I`` gives ``E||D z||^2 = ||D||_F^2``. Each product is
+    taken as ``A z = F^T (F z)`` with F the (C, N) unit-position features, so the cost is O(B N C k) time and
+    O(B N (C + k)) memory. The relative standard deviation of one sample's estimate is at most ``sqrt(2 / k)``
+    (FAQD's reference code uses k = 15, the default).
+
+    Shapes as in :func:`feature_affinity_loss`: (B, C_s, H, W) and (B, C_t, H, W). The vectors come from
+    ``generator`` (a ``torch.Generator`` on the features' device: the same seed gives the same estimate) or, when it
+    is None, from the global torch RNG (so a resumed run draws the same vectors). Computed in float32 with autocast
+    off; differentiable with respect to both inputs. Returns a float32 scalar.
+    """
+    _check_feature_maps(student_features, teacher_features)
+    if isinstance(num_projections, bool) or not isinstance(num_projections, int) or num_projections < 1:
+        raise UsageError(f"num_projections must be an integer >= 1, got {num_projections!r}")
+    device = student_features.device
+    if generator is not None and generator.device.type != device.type:
+        raise UsageError(
+            f"the generator is on {generator.device.type!r} but the feature maps on {device.type!r}; "
+            "pass a torch.Generator on the features' device"
+        )
+    b, n = student_features.shape[0], student_features.shape[2] * student_features.shape[3]
+    z = torch.randn(b, n, num_projections, generator=generator, device=device, dtype=torch.float32)
+    with torch.autocast(device.type, enabled=False):
+        fs, ft = _unit_positions(student_features), _unit_positions(teacher_features)  # (B, C, N)
+        difference = fs.transpose(1, 2) @ (fs @ z) - ft.transpose(1, 2) @ (ft @ z)  # (B, N, k): (A_s - A_t) z
+        return difference.square().sum(dim=1).mean() / n**2
+
+
 def _batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """BatchNorm layers (1d/2d/3d, SyncBatchNorm) that keep running statistics, in module order."""
     return [

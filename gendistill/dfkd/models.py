@@ -339,6 +339,15 @@ class ClassifierConfig:
     image_size: int = 32  # square image side the classifier takes
     mean: list[float] | None = None  # per-channel mean subtracted from [0, 1] images (None: no normalization)
     std: list[float] | None = None  # per-channel std the centered images are divided by (None: no normalization)
+    # Quantization-aware weights (gendistill.dfkd.quantize): the bit width of the fake-quantized conv/linear weights,
+    # and whether the first conv and the last linear layer stay full precision. Both None for a full-precision
+    # classifier, whose config.json leaves them out (files written before they existed load as full precision).
+    quant_bits: int | None = None
+    quant_skip_first_last: bool | None = None
+
+
+QUANT_BITS = (1, 2, 4, 8)  # the weight bit widths a quantized classifier takes
+_QUANT_FIELDS = ("quant_bits", "quant_skip_first_last")
 
 
 def _check_config(config: ClassifierConfig) -> None:
@@ -355,6 +364,19 @@ def _check_config(config: ClassifierConfig) -> None:
                 raise UsageError(f"{name} needs one value per input channel ({config.in_channels}), got {values}")
         if min(config.std) <= 0:
             raise UsageError(f"std must be positive, got {config.std}")
+    bits, skip = config.quant_bits, config.quant_skip_first_last
+    if bits is None:
+        if skip is not None:
+            raise UsageError(
+                f"quant_skip_first_last={skip!r} needs quant_bits (one of {', '.join(map(str, QUANT_BITS))}); "
+                "a full-precision classifier has neither"
+            )
+    elif isinstance(bits, bool) or bits not in QUANT_BITS:
+        raise UsageError(
+            f"quant_bits must be one of {', '.join(map(str, QUANT_BITS))} (or None: full precision), got {bits!r}"
+        )
+    elif not isinstance(skip, bool):
+        raise UsageError(f"quant_skip_first_last must be true or false for a quantized classifier, got {skip!r}")
 
 
 def _last_linear(module: nn.Module) -> str | None:
@@ -368,6 +390,8 @@ class Classifier(nn.Module):
     Args:
         net: any ``nn.Module`` mapping normalized images (B, C, H, W) to logits (B, K); a zoo net or your own.
         config: its ``ClassifierConfig`` (saved as ``config.json``; mean/std None: the images go in unchanged).
+            With ``quant_bits`` set, the net's ``nn.Conv2d``/``nn.Linear`` layers are replaced, in place, by layers
+            that fake-quantize their weights in forward (``gendistill.dfkd.quantize``); names and parameters stay.
         feature_layer: module name (in ``self.named_modules()``) of the final linear layer, whose INPUT is the
             penultimate feature (B, D); default: the last ``nn.Linear``, e.g. ``"net.fc"``.
     """
@@ -375,6 +399,10 @@ class Classifier(nn.Module):
     def __init__(self, net: nn.Module, config: ClassifierConfig, *, feature_layer: str | None = None):
         super().__init__()
         _check_config(config)
+        if config.quant_bits is not None:
+            from .quantize import _quantize_layers  # quantize.py imports this module
+
+            net = _quantize_layers(net, config.quant_bits, skip_first_last=config.quant_skip_first_last)
         self.net = net
         self.config = config
         mean = None if config.mean is None else torch.tensor(config.mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -405,8 +433,14 @@ def build_classifier(
     image_size: int = 32,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    quant_bits: int | None = None,
+    quant_skip_first_last: bool = True,
 ) -> Classifier:
     """A freshly initialized zoo classifier (initialization follows the global torch RNG).
+
+    ``quant_bits`` (1, 2, 4 or 8) makes it quantization-aware (``gendistill.dfkd.quantize.quantize_classifier``):
+    its conv/linear layers fake-quantize their weights in forward, the first conv and the last linear layer
+    excepted when ``quant_skip_first_last``.
 
     A ``ValueError`` says so before allocating when the parameters would not fit in the memory available now.
     """
@@ -418,6 +452,8 @@ def build_classifier(
         image_size=image_size,
         mean=None if mean is None else [float(v) for v in mean],
         std=None if std is None else [float(v) for v in std],
+        quant_bits=quant_bits,
+        quant_skip_first_last=None if quant_bits is None else quant_skip_first_last,
     )
     check_image_size(arch, image_size)
     _check_config(config)
@@ -440,6 +476,10 @@ def _parameter_bytes(arch: str, *, num_classes: int, in_channels: int) -> int:
 def save_classifier(model: Classifier, folder: str | os.PathLike) -> None:
     """Write ``folder/model.safetensors`` (the net's state dict) and ``folder/config.json``.
 
+    A quantized classifier's state dict holds its float weights (the trained parameters; the quantized ones follow
+    from them) and its config.json ``quant_bits`` and ``quant_skip_first_last``; a full-precision one's config.json
+    has no quantization entry.
+
     Each file is written under a temporary name and renamed; an old config.json is removed first and the new one
     written last, so a folder with a config.json always holds the weights that go with it.
     """
@@ -454,7 +494,11 @@ def save_classifier(model: Classifier, folder: str | os.PathLike) -> None:
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, weights_path)
     tmp = folder / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(dataclasses.asdict(model.config), indent=2) + "\n", encoding="utf-8")
+    values = dataclasses.asdict(model.config)
+    if model.config.quant_bits is None:
+        for name in _QUANT_FIELDS:
+            del values[name]
+    tmp.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, config_path)
 
 
@@ -495,6 +539,7 @@ def load_classifier(folder: str | os.PathLike, *, num_classes: int | None = None
             f"num_classes={num_classes} was asked for but the classifier in {str(folder)!r} has {config.num_classes}"
         )
     try:
+        _check_config(config)
         model = build_classifier(
             config.arch,
             num_classes=config.num_classes,
@@ -502,6 +547,8 @@ def load_classifier(folder: str | os.PathLike, *, num_classes: int | None = None
             image_size=config.image_size,
             mean=config.mean,
             std=config.std,
+            quant_bits=config.quant_bits,
+            quant_skip_first_last=config.quant_skip_first_last,
         )
     except ValueError as err:
         raise UsageError(f"classifier config {str(config_path)!r}: {err}") from None

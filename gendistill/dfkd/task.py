@@ -10,6 +10,7 @@ either phase's loss; the synthesizer's state (pools, banks, counters) is checkpo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from ..errors import UsageError
 from ..task import Phase
 from .models import Classifier
+from .plugins import Plugin
 
 
 class DFKDTask(nn.Module):
@@ -36,7 +38,8 @@ class DFKDTask(nn.Module):
             their graphs: CAE's are augmented views; the student's logits are computed when the method has none, as
             in DAFL). Both return ``{name: scalar tensor}``; each term is added to the phase's ``"loss"`` and
             returned, detached, under its name. Images are (B, C, H, W), logits (B, K). Objectives are not modules
-            of the task: they hold no trained or checkpointed state.
+            of the task. Plug-ins (``gendistill.dfkd.plugins.Plugin``) are objectives that are also attached to
+            the task, may watch the student phase's forwards, and keep their state in its checkpoints.
     """
 
     def __init__(
@@ -66,6 +69,9 @@ class DFKDTask(nn.Module):
         if generator is not None:
             self.generator = generator
         self.objectives = list(objectives)
+        names = [o.name for o in self.objectives if isinstance(o, Plugin)]
+        if len(set(names)) != len(names):
+            raise UsageError(f"plug-ins {names} name one twice")
         if generator is not None and not synthesizer.exposes_generator_tensors:
             unsupported = [type(o).__name__ for o in self.objectives if hasattr(o, "generator_terms")]
             if unsupported:
@@ -80,6 +86,9 @@ class DFKDTask(nn.Module):
             self.register_buffer("eval_images", images.float(), persistent=False)
             self.register_buffer("eval_labels", labels.long(), persistent=False)
         self._teacher_eval: dict[str, torch.Tensor] | None = None
+        for objective in self.objectives:
+            if isinstance(objective, Plugin):
+                objective.attach(self)
 
     @property
     def num_classes(self) -> int:
@@ -112,10 +121,15 @@ class DFKDTask(nn.Module):
     def forward(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if phase == "student":
             images, teacher_logits = batch["images"], batch.get("teacher_logits")
-            if teacher_logits is None:
-                with torch.no_grad():
-                    teacher_logits = self.teacher(images)
-            student_logits = self.student(images)
+            with contextlib.ExitStack() as watches:
+                for plugin in self.objectives:
+                    if isinstance(plugin, Plugin):
+                        student = extract_model_from_parallel(self.student)
+                        watches.enter_context(plugin.watch_student(teacher=self.teacher, student=student))
+                if teacher_logits is None:
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(images)
+                student_logits = self.student(images)
             losses = {"loss": self.synthesizer.student_loss(student_logits, teacher_logits)}
             tensors = {"images": images, "student_logits": student_logits, "teacher_logits": teacher_logits}
             return self._add_terms(losses, "student_terms", tensors)
@@ -154,7 +168,8 @@ class DFKDTask(nn.Module):
     def extra_state(self) -> dict:
         """The synthesizer's state (pools, banks, counters, the student memory): JSON scalars and tensors, which the
         training core checkpoints beside the modules."""
-        return {"method": self.synthesizer.name, "synthesizer": self.synthesizer.state_dict()}
+        plugins = {o.name: o.state_dict() for o in self.objectives if isinstance(o, Plugin)}
+        return {"method": self.synthesizer.name, "synthesizer": self.synthesizer.state_dict(), "plugins": plugins}
 
     def load_extra_state(self, state: dict) -> None:
         if state["method"] != self.synthesizer.name:
@@ -163,6 +178,14 @@ class DFKDTask(nn.Module):
         if saved != expected:
             raise UsageError(f"the synthesizer state has entries {saved}, this method's are {expected}")
         self.synthesizer.load_state_dict(state["synthesizer"])
+        plugins = {o.name: o for o in self.objectives if isinstance(o, Plugin)}
+        saved = state.get("plugins", {})  # checkpoints written before plug-ins existed have none
+        if sorted(saved) != sorted(plugins):
+            raise UsageError(
+                f"the checkpoint was written with plug-ins {sorted(saved)}, this run has {sorted(plugins)}"
+            )
+        for name, plugin in plugins.items():
+            plugin.load_state_dict(saved[name])
 
     # --- quality signals ------------------------------------------------------------------------------------
     @torch.no_grad()
