@@ -205,6 +205,18 @@ def test_a_quantized_student_trains_exports_and_evaluates(bn_teacher, tmp_path):
     report = tmp_path / "report"
     assert main(["eval", "accuracy", "--student", str(out), "--data", "mnist5k", "--output", str(report)]) == 0
     assert json.loads((report / "metrics.json").read_text())["metrics"]["top1"]["value"] is not None
+    # eval asr reads it too, as the quantized model: its ASR is the quantized student's on triggered digits.
+    from gendistill.data.classification import load_classification_data
+    from gendistill.dfkd.backdoor import make_trigger
+
+    report = tmp_path / "asr"
+    assert main(["eval", "asr", "--student", str(out), "--trigger", "blend", "--output", str(report)]) == 0
+    images, labels, _ = load_classification_data("mnist5k", split="test", image_size=32, channels=1)
+    with torch.no_grad():
+        predicted = student.eval()(make_trigger("blend").apply(images[labels != 0])).argmax(1)
+    expected = (predicted == 0).float().mean().item()
+    got = json.loads((report / "metrics.json").read_text())["metrics"]["student_asr"]["value"]
+    assert got == pytest.approx(expected, abs=1e-9)
 
 
 def test_an_internal_error_keeps_its_traceback(bn_teacher, tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ TINY = {
     "cmi": ["synthesis_steps=2", "synthesis_every=3", "head_dim=16", "n_neg=32", "reset_generator=false"],
     "fast": ["g_steps=2", "warmup=1", "student_steps=2"],
     "nayer": ["synthesis_steps=2", "warmup=1", "warmup_loops=2", "loops=1", "embed_dim=16", "synthesis_every=3"],
+    "unlabeled": ["data=mnist5k", "crop=true"],
 }
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_dfkd_state import TINY
 from torch import nn
 
 from gendistill.dfkd.losses import fast_feature_affinity_loss, feature_affinity_loss
@@ -314,9 +315,10 @@ def test_the_faqd_term_is_the_affinity_of_the_two_feature_maps(bn_teacher):
     torch.testing.assert_close(without_logits["loss"], kd + expected)
 
 
-@pytest.mark.parametrize("method", ["dafl", "dfad", "zskt", "dfq", "cae", "deepinversion", "cmi", "fast", "nayer"])
+@pytest.mark.parametrize(
+    "method", ["dafl", "dfad", "zskt", "dfq", "cae", "deepinversion", "cmi", "fast", "nayer", "unlabeled"]
+)
 def test_faqd_plugs_into_every_method(method, bn_teacher, tmp_path):
-    from test_dfkd_state import TINY
 
     from gendistill.cli import main
 
@@ -345,7 +347,7 @@ def test_faqd_bad_input(bn_teacher, tmp_path, capsys):
 
     base = ["dfkd", "--teacher", str(bn_teacher), "--max-steps", "1", *QUICK, "--output", str(tmp_path / "o")]
     cases = [
-        (["--plugins", "nope"], "unknown DFKD plug-in 'nope'; valid: faqd"),
+        (["--plugins", "nope"], "unknown DFKD plug-in 'nope'; valid: abd, faqd, lra"),
         (["--plugins", "faqd", "--plugin-options", "fa=2"], "plug-in option 'fa=2' is not name.key=value"),
         (["--plugins", "faqd", "--plugin-options", "faqd.nope=1"], "faqd has no option 'nope'; valid: fa, fast"),
         (["--plugins", "faqd", "--plugin-options", "faqd.fa=-1"], "faqd option fa must be >= 0, got -1.0"),
@@ -353,6 +355,74 @@ def test_faqd_bad_input(bn_teacher, tmp_path, capsys):
         (["--plugins", "faqd", "--plugin-options", "faqd.student_layer=net.fc2"], "does not output (B, C, H, W)"),
         (["--plugins", "faqd", "--plugin-options", "faqd.teacher_layer=net.fc"], "unknown module name(s) 'net.fc'"),
         (["--plugins", "faqd", "--student-arch", "resnet8"], "they need the same H x W"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, (extra, message)
+    assert not (tmp_path / "o").exists()
+
+
+# --- real unlabeled images (method "unlabeled") -----------------------------------------------------------------
+def _digit_folder(root, count=24, subfolders=False):
+    """``count`` real digits of the offline MNIST subset as PNG files (labels only in folder names, if at all)."""
+    from PIL import Image
+
+    from gendistill.data.mnist import load_mnist5k
+
+    images, labels = load_mnist5k("train")
+    root.mkdir()
+    for i in range(count):
+        folder = root / str(int(labels[i])) if subfolders else root
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(images[i, 0].numpy()).save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_unlabeled_images_distill_a_quantized_student_with_faqd(bn_teacher, tmp_path):
+    from gendistill.cli import main
+
+    folder = _digit_folder(tmp_path / "digits")
+    out = tmp_path / "o"
+    argv = ["dfkd", "--method", "unlabeled", "--teacher", str(bn_teacher), "--max-steps", "2", *QUICK]
+    argv += ["--method-options", f"data={folder}", "--student-quant-bits", "2", "--plugins", "faqd"]
+    assert main([*argv, "--output", str(out)]) == 0
+    assert load_classifier(out).config.quant_bits == 2
+    assert json.loads((out / "results.json").read_text())["method"] == "unlabeled"
+
+
+def test_unlabeled_batches_are_the_folders_images_and_ignore_labels(tmp_path):
+    from gendistill.data.classification import load_classification_data
+    from gendistill.dfkd.synthesizers import get_method
+
+    flat = _digit_folder(tmp_path / "flat")
+    nested = _digit_folder(tmp_path / "nested", subfolders=True)
+    expected, _, _ = load_classification_data(str(flat), split="all", image_size=32, channels=1)
+    cls = get_method("unlabeled")
+    assert not cls.data_free
+    for folder in (flat, nested):
+        method = cls(num_classes=10, image_shape=(1, 32, 32), data=str(folder))
+        assert len(method.images) == 24
+        torch.manual_seed(0)
+        batch = method.student_images(16, torch.device("cpu"), teacher=None, student=None, generator=None)
+        torch.manual_seed(0)
+        index = torch.randint(0, 24, (16,))
+        # the same images whichever way the folder is organized (files sorted by path: compare as sets)
+        flat_set = {tuple(x.flatten().tolist()) for x in expected}
+        assert all(tuple(x.flatten().tolist()) in flat_set for x in batch)
+        if folder == flat:
+            assert torch.equal(batch, expected[index])
+
+
+def test_unlabeled_bad_input(bn_teacher, tmp_path, capsys):
+    from gendistill.cli import main
+
+    base = ["dfkd", "--method", "unlabeled", "--teacher", str(bn_teacher), "--max-steps", "1", *QUICK]
+    base += ["--output", str(tmp_path / "o")]
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([], "method 'unlabeled' needs its images: --method-options data=FOLDER"),
+        (["--method-options", f"data={tmp_path / 'missing'}"], "is neither one of"),
+        (["--method-options", f"data={tmp_path / 'empty'}"], "holds no images"),
     ]
     for extra, message in cases:
         assert main([*base, *extra]) == 2, extra

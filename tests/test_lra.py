@@ -76,7 +76,9 @@ def test_first_order_lra_differentiates_only_through_the_adapted_weights():
     assert not torch.allclose(torch.autograd.grad(term2, layer2.weight)[0], got)
 
 
-@pytest.mark.parametrize("method", ["dafl", "dfad", "zskt", "dfq", "cae", "deepinversion", "cmi", "fast", "nayer"])
+@pytest.mark.parametrize(
+    "method", ["dafl", "dfad", "zskt", "dfq", "cae", "deepinversion", "cmi", "fast", "nayer", "unlabeled"]
+)
 def test_lra_plugs_into_every_method(method, bn_teacher, tmp_path):
     argv = ["dfkd", "--method", method, "--teacher", str(bn_teacher), "--max-steps", "2", *QUICK]
     argv += ["--method-options", ",".join(["ngf=8", "nz=16", *TINY[method]]), "--plugins", "lra"]

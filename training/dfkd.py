@@ -46,7 +46,7 @@ class DFKDRecipe(TrainRecipe):
     student_arch: str = "lenet5_half"  # model zoo architecture of the student
     student_quant_bits: int | None = None  # 1 | 2 | 4 | 8: a quantization-aware student (weights fake-quantized)
     method_options: list[str] | None = None  # method options as key=value (e.g. oh=0.5,adv=1.33): the method's Config
-    plugins: list[str] | None = None  # plug-ins on top of the method, comma-separated: faqd
+    plugins: list[str] | None = None  # plug-ins on top of the method, comma-separated: abd | faqd | lra
     plugin_options: list[str] | None = None  # plug-in options as name.key=value (e.g. faqd.fa=2,faqd.fast=true)
     eval_data: str | None = None  # held-out real data for accuracy/agreement: mnist5k | cifar10 | folder | .npz
     eval_split: str = "test"  # part of --eval-data: test (built-in test split; 10% of each class of a folder) | all

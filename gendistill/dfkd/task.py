@@ -31,13 +31,16 @@ class DFKDTask(nn.Module):
         student: the classifier to train; same number of classes and input shape.
         synthesizer: a ``Synthesizer`` from ``gendistill.dfkd.synthesizers``.
         eval_data: optional held-out real images (N, C, H, W) in [0, 1] and labels (N,): accuracy and agreement.
-        objectives: plug-in objects adding terms to the losses, each with either or both optional methods
+        objectives: plug-in objects adding terms to the losses, each with any of the optional methods
             ``student_terms(*, images, student_logits, teacher_logits, task)`` (every method's student phase) and
             ``generator_terms(*, images, teacher_logits, student_logits, task)`` (the generator phase of the
             generator methods: DAFL, DFAD, ZSKT, DFQ, CAE; with the images and logits the method's loss used, with
             their graphs: CAE's are augmented views; the student's logits are computed when the method has none, as
             in DAFL). Both return ``{name: scalar tensor}``; each term is added to the phase's ``"loss"`` and
-            returned, detached, under its name. Images are (B, C, H, W), logits (B, K). Objectives are not modules
+            returned, detached, under its name. For the methods whose synthesis is an inversion (DeepInversion,
+            CMI, Fast, NAYER) a third, ``synthesis_terms(*, images, teacher_logits)``, is added to every inversion
+            step's loss instead of generator terms (the augmented views and the teacher's logits on them).
+            Images are (B, C, H, W), logits (B, K). Objectives are not modules
             of the task. Plug-ins (``gendistill.dfkd.plugins.Plugin``) are objectives that are also attached to
             the task, may watch the student phase's forwards, and keep their state in its checkpoints.
     """
@@ -72,12 +75,19 @@ class DFKDTask(nn.Module):
         names = [o.name for o in self.objectives if isinstance(o, Plugin)]
         if len(set(names)) != len(names):
             raise UsageError(f"plug-ins {names} name one twice")
-        if generator is not None and not synthesizer.exposes_generator_tensors:
-            unsupported = [type(o).__name__ for o in self.objectives if hasattr(o, "generator_terms")]
-            if unsupported:
+        if not synthesizer.exposes_generator_tensors:
+            # The synthesis is an inversion (DeepInversion, CMI, Fast, NAYER): synthesis terms join its steps.
+            synthesizer.synthesis_objectives = [o for o in self.objectives if hasattr(o, "synthesis_terms")]
+            unsupported = [
+                type(o).__name__
+                for o in self.objectives
+                if hasattr(o, "generator_terms") and not hasattr(o, "synthesis_terms")
+            ]
+            if generator is not None and unsupported:
                 raise UsageError(
                     f"objective(s) {', '.join(unsupported)} add generator terms, which method {synthesizer.name!r} "
-                    "does not support (its generator phase is not a loss on generated images); use student_terms"
+                    "does not support (its generator phase is not a loss on generated images); use student_terms "
+                    "or synthesis_terms"
                 )
         if eval_data is not None:
             images, labels = eval_data
@@ -144,8 +154,8 @@ class DFKDTask(nn.Module):
                 batch, generator=self.generator, teacher=self.teacher, student=student
             )
             tensors = self.synthesizer.pop_generator_tensors()
-            if not any(hasattr(o, "generator_terms") for o in self.objectives):
-                return losses
+            if tensors is None or not any(hasattr(o, "generator_terms") for o in self.objectives):
+                return losses  # no generator terms (an inversion method's are its synthesis terms)
             if tensors["student_logits"] is None:  # a loss without the student (DAFL)
                 tensors = {**tensors, "student_logits": student(tensors["images"])}
             return self._add_terms(losses, "generator_terms", tensors)

@@ -6,13 +6,14 @@ import dataclasses
 import typing
 
 from ...errors import UsageError
+from .abd import ABD
 from .base import Plugin, PluginConfig
 from .faqd import FAQD
 from .lra import LRA
 
-PLUGINS: dict[str, type[Plugin]] = {cls.name: cls for cls in (FAQD, LRA)}
+PLUGINS: dict[str, type[Plugin]] = {cls.name: cls for cls in (ABD, FAQD, LRA)}
 
-__all__ = ["FAQD", "LRA", "PLUGINS", "Plugin", "PluginConfig", "build_plugins", "get_plugin"]
+__all__ = ["ABD", "FAQD", "LRA", "PLUGINS", "Plugin", "PluginConfig", "build_plugins", "get_plugin"]
 
 
 def get_plugin(name: str) -> type[Plugin]:

@@ -12,10 +12,11 @@ from .dfad import DFAD
 from .dfq import DFQ
 from .fast import Fast
 from .nayer import NAYER
+from .unlabeled import Unlabeled
 from .zskt import ZSKT
 
 METHODS: dict[str, type[Synthesizer]] = {
-    cls.name: cls for cls in (DAFL, DFAD, ZSKT, DFQ, DeepInversion, CMI, Fast, NAYER, CAE)
+    cls.name: cls for cls in (DAFL, DFAD, ZSKT, DFQ, DeepInversion, CMI, Fast, NAYER, CAE, Unlabeled)
 }
 
 

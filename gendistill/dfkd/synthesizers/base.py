@@ -90,6 +90,7 @@ class Synthesizer(ABC):
     Config = SynthesizerConfig
     needs_batchnorm = False  # True: the method's loss uses the teacher's BatchNorm statistics
     exposes_generator_tensors = False  # True: generator_loss records its tensors (the task's generator terms)
+    data_free = True  # False: the method learns on real (unlabeled) images it is given
 
     def __init__(
         self,
@@ -117,6 +118,9 @@ class Synthesizer(ABC):
         self.image_shape = tuple(image_shape)
         self.normalization = normalization
         self.kernel_backend = kernel_backend
+        # Objectives whose synthesis_terms join every inversion step's loss (set by the DFKD task for methods
+        # whose generator phase is not a loss on generated images, and for the inversion methods).
+        self.synthesis_objectives: list = []
 
     @property
     def tau(self) -> float:
@@ -128,10 +132,12 @@ class Synthesizer(ABC):
 
     def inversion(self, images, labels, *, teacher, student, adv: float | None = None, **kwargs) -> Inversion:
         """:func:`inversion_loss` with this method's ``bn``, ``oh`` and ``adv`` weights (``adv`` overrides the
-        configured one) and kernel backend; other keywords pass through."""
+        configured one) and kernel backend, plus the terms of the ``synthesis_objectives`` (each one's
+        ``synthesis_terms(images=views, teacher_logits=...)``, with graphs, added to the loss and to ``terms``);
+        other keywords pass through."""
         cfg = self.config
         adv = cfg.adv if adv is None else adv
-        return inversion_loss(
+        inv = inversion_loss(
             images,
             labels,
             teacher=teacher,
@@ -142,6 +148,13 @@ class Synthesizer(ABC):
             kernel_backend=self.kernel_backend,
             **kwargs,
         )
+        for objective in self.synthesis_objectives:
+            for name, term in objective.synthesis_terms(images=inv.views, teacher_logits=inv.teacher_logits).items():
+                if name in inv.terms:
+                    raise UsageError(f"{type(objective).__name__}.synthesis_terms returns {name!r}, already a term")
+                inv.loss = inv.loss + term
+                inv.terms[name] = term
+        return inv
 
     def check_teacher(self, teacher: nn.Module) -> None:
         """Raise ``ValueError`` when the method needs BatchNorm statistics and the teacher has none."""
