@@ -214,7 +214,8 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=sorted(METHODS), help="method names, or 'default'")
+    data_free = sorted(name for name, cls in METHODS.items() if cls.data_free)
+    parser.add_argument("--methods", nargs="+", default=data_free, help="method names, or 'default'")
     parser.add_argument("--setups", nargs="+", default=["lenet"], choices=sorted(SETUPS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--budget-seconds", type=float, default=300.0, help="training time of each run")
