@@ -231,3 +231,18 @@ def test_sr_every_searches_at_every_nth_student_step_and_penalizes_at_each(bn_te
     assert penalties == [True, True, True]
     assert torch.equal(estimates[0]["mask"], estimates[1]["mask"])  # step 2: no search
     assert not torch.equal(estimates[1]["mask"], estimates[2]["mask"])  # step 3: searched again
+
+
+def test_a_batch_of_mostly_suspects_is_not_judged(bn_teacher):
+    teacher = load_classifier(bn_teacher)
+    task, plugin = _task("dfq", teacher, sv_copies=1, sv_max_fraction=0.5)
+    plugin.copies = [teacher]  # agrees everywhere: all images look suspect, which says nothing
+    out = task("student", {"images": torch.rand(4, 1, 32, 32)})
+    assert "loss_abd_filter" not in out and "loss_abd_sr" not in out
+    assert plugin.suspects.sum() == 0 and plugin.filtered_fraction == 0
+    task, plugin = _task("dfq", teacher, sv_copies=1, sv_max_fraction=1.0)
+    plugin.copies = [teacher]
+    out = task("student", {"images": torch.rand(4, 1, 32, 32)})
+    assert "loss_abd_filter" in out and plugin.suspects.sum() == 4
+    with pytest.raises(UsageError, match=r"sv_max_fraction must be in \[0, 1\], got 2"):
+        ABD(sv_max_fraction=2)

@@ -20,7 +20,9 @@ on which channel is which and do not survive the shuffle; trigger features are f
 
 - on the student (``sv_filter``): suspect images are left out of the student's distillation loss (the term
   ``loss_abd_filter`` is minus their share of it, so the loss is the method's own over the other images, divided
-  by the whole batch size).
+  by the whole batch size). Suspects are a tail: a student batch where more than ``sv_max_fraction`` of the images
+  look suspect (an adversarial generator's first, featureless images, which every copy gives the same class) is
+  not judged at all, as the paper turns the vaccine off when the suspects are no tail.
 
 **Self-retrospection.** The student is penalized for its sensitivity to an estimate of the trigger. The estimate
 is a mask and a pattern (``x' = (1 - m) x + m p``, m (1, 1, H, W) and p (1, C, H, W) in [0, 1] through sigmoids),
@@ -77,6 +79,7 @@ class ABDConfig(PluginConfig):
     sv_layers: int = 1  # the last convolutions (groups 1) whose input channels are shuffled
     sv_seed: int = 0  # seed of the channel permutations
     sv_filter: bool = True  # leave the student batch's suspect images out of its distillation loss
+    sv_max_fraction: float = 0.5  # a batch with more suspects than this is not judged (none is suspect)
     sr: float = 1.0  # weight of the self-retrospection penalty on the student (0: off)
     sr_steps: int = 5  # Adam steps on the universal perturbation per student step
     sr_lr: float = 0.1  # their step size (pixels in [0, 1])
@@ -91,6 +94,8 @@ class ABDConfig(PluginConfig):
         for name in ("sv_copies", "sv_layers", "sr_steps", "sr_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"abd option {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.sv_max_fraction <= 1:
+            raise UsageError(f"abd option sv_max_fraction must be in [0, 1], got {self.sv_max_fraction}")
         if not 0 < self.sr_portion <= 1:
             raise UsageError(f"abd option sr_portion must be in (0, 1], got {self.sr_portion}")
 
@@ -181,6 +186,8 @@ class ABD(Plugin):
         with torch.no_grad():
             predicted = teacher_logits.argmax(1)
             suspect = self._shuffled_logits(images).argmax(1) == predicted
+        if suspect.float().mean() > config.sv_max_fraction:
+            suspect = torch.zeros_like(suspect)  # no tail of suspects: the judgement says nothing about this batch
         self.suspects = self.suspects.to(images.device) + torch.bincount(
             predicted[suspect], minlength=len(self.suspects)
         )
