@@ -27,11 +27,11 @@ def _setup(**options):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).double()
     task = SimpleNamespace(student=model, synthesizer=SimpleNamespace(student_loss=_kl))
-    plugin = LRA(**options)
+    plugin = LRA(**options, replay=0.0, memory_size=4, memory_every=1, memory_fraction=1.0)
     plugin.attach(task)
     x1, t1, x2, t2 = (torch.randn(shape, dtype=torch.float64) for shape in ((4, 1, 2, 3), (4, 3)) * 2)
-    first = plugin.student_terms(images=x1, student_logits=model(x1), teacher_logits=t1, task=task)["loss_lra"]
-    assert float(first) == 0.0  # an empty memory: no retention term yet
+    first = plugin.student_terms(images=x1, student_logits=model(x1), teacher_logits=t1, task=task)
+    assert first == {}  # an empty memory: no retention term yet; then the whole batch joins it
     torch.manual_seed(1)
     term = plugin.student_terms(images=x2, student_logits=model(x2), teacher_logits=t2, task=task)["loss_lra"]
     torch.manual_seed(1)
@@ -50,7 +50,7 @@ def _setup(**options):
 
 
 def test_the_retention_term_and_its_second_order_gradient():
-    layer, term, retention = _setup(lra=2.0, inner_lr=0.5, memory_batches=1)
+    layer, term, retention = _setup(lra=2.0, inner_lr=0.5)
     torch.testing.assert_close(term, retention(layer.weight, layer.bias))
     got = torch.autograd.grad(term, layer.weight)[0]
     eps, numeric = 1e-6, torch.zeros_like(got)
@@ -66,13 +66,13 @@ def test_the_retention_term_and_its_second_order_gradient():
 
 
 def test_first_order_lra_differentiates_only_through_the_adapted_weights():
-    layer, term, retention = _setup(lra=1.0, inner_lr=0.5, memory_batches=1, first_order=True)
+    layer, term, retention = _setup(lra=1.0, inner_lr=0.5, first_order=True)
     expected = retention(layer.weight, layer.bias, second_order=False)
     torch.testing.assert_close(term, expected)
     got = torch.autograd.grad(term, layer.weight)[0]
     torch.testing.assert_close(got, torch.autograd.grad(expected, layer.weight)[0])
     # ... which is not the second-order gradient
-    layer2, term2, _ = _setup(lra=1.0, inner_lr=0.5, memory_batches=1)
+    layer2, term2, _ = _setup(lra=1.0, inner_lr=0.5)
     assert not torch.allclose(torch.autograd.grad(term2, layer2.weight)[0], got)
 
 
@@ -82,7 +82,7 @@ def test_first_order_lra_differentiates_only_through_the_adapted_weights():
 def test_lra_plugs_into_every_method(method, bn_teacher, tmp_path):
     argv = ["dfkd", "--method", method, "--teacher", str(bn_teacher), "--max-steps", "2", *QUICK]
     argv += ["--method-options", ",".join(["ngf=8", "nz=16", *TINY[method]]), "--plugins", "lra"]
-    assert main([*argv, "--plugin-options", "lra.memory_batches=2", "--output", str(tmp_path / "o")]) == 0
+    assert main([*argv, "--plugin-options", "lra.memory_every=2", "--output", str(tmp_path / "o")]) == 0
     assert json.loads((tmp_path / "o" / "results.json").read_text())["plugins"] == ["lra"]
 
 
@@ -91,7 +91,7 @@ def test_resume_with_lra_and_faqd_is_exact(bn_teacher, tmp_path, monkeypatch):
     import test_dfkd_state
 
     original = test_dfkd_state.main
-    plugins = ["--plugins", "lra,faqd", "--plugin-options", "lra.memory_batches=2,lra.first_order=true"]
+    plugins = ["--plugins", "lra,faqd", "--plugin-options", "lra.memory_every=2,lra.first_order=true"]
     monkeypatch.setattr(test_dfkd_state, "main", lambda argv: original([*argv, *plugins]))
     straight, resumed = straight_and_resumed(bn_teacher, tmp_path, "dfad", TINY["dfad"])
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -99,9 +99,38 @@ def test_resume_with_lra_and_faqd_is_exact(bn_teacher, tmp_path, monkeypatch):
     assert "lra" in json.dumps(state["task_state"])
 
 
+def test_the_memory_is_sparse_and_the_replay_term_is_the_loss_on_a_memory_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).double()
+    task = SimpleNamespace(student=model, synthesizer=SimpleNamespace(student_loss=_kl))
+    plugin = LRA(lra=0.0, replay=3.0, memory_size=5, memory_every=2, memory_fraction=0.5)
+    plugin.attach(task)
+    shapes = ((4, 1, 2, 3), (4, 3))
+    batches = [tuple(torch.randn(shape, dtype=torch.float64) for shape in shapes) for _ in range(5)]
+    for step, (x, t) in enumerate(batches):
+        expected = None
+        if len(plugin.memory):  # the memory batch the plug-in will draw, from the memory before this step
+            torch.manual_seed(step)
+            drawn, logits = plugin.memory.sample(4)
+            expected = 3.0 * _kl(model(drawn), logits)
+        torch.manual_seed(step)
+        terms = plugin.student_terms(images=x, student_logits=model(x), teacher_logits=t, task=task)
+        assert "loss_lra" not in terms  # lra 0: no retention term
+        if expected is None:
+            assert terms == {}
+        else:
+            torch.testing.assert_close(terms["loss_replay"], expected)
+        # steps 0, 2, 4 add their first 2 images; the ring buffer of 5 keeps the newest
+        kept = [img for s in range(0, step + 1, 2) for img in batches[s][0][:2]][-5:]
+        stored = {tuple(img.flatten().tolist()) for img in plugin.memory.images[: len(plugin.memory)]}
+        assert stored == {tuple(img.flatten().tolist()) for img in kept}
+
+
 def test_lra_bad_options():
-    with pytest.raises(UsageError, match="memory_batches must be >= 1, got 0"):
-        LRA(memory_batches=0)
+    with pytest.raises(UsageError, match="memory_size must be >= 1, got 0"):
+        LRA(memory_size=0)
+    with pytest.raises(UsageError, match=r"memory_fraction must be in \(0, 1\], got 0"):
+        LRA(memory_fraction=0)
     with pytest.raises(UsageError, match="lra option inner_lr must be >= 0, got -1"):
         LRA(inner_lr=-1)
     with pytest.raises(UsageError, match="unknown option"):

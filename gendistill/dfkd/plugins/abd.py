@@ -81,10 +81,10 @@ class ABDConfig(PluginConfig):
     sv_filter: bool = True  # leave the student batch's suspect images out of its distillation loss
     sv_max_fraction: float = 0.5  # a batch with more suspects than this is not judged (none is suspect)
     sr: float = 1.0  # weight of the self-retrospection penalty on the student (0: off)
-    sr_steps: int = 5  # Adam steps on the universal perturbation per student step
-    sr_lr: float = 0.1  # their step size (pixels in [0, 1])
+    sr_steps: int = 5  # Adam steps on the trigger estimate per search
+    sr_lr: float = 0.1  # their step size (on the mask's and the pattern's logits)
     sr_l1: float = 1e-2  # L1 penalty on the trigger estimate's mask during the search
-    sr_portion: float = 0.25  # fraction of each student batch perturbed (and searched on)
+    sr_portion: float = 0.25  # fraction of each student batch the trigger estimate is stamped on (and searched on)
     sr_every: int = 1  # the search runs at every N-th student step (the penalty at every step)
 
     def __post_init__(self):
@@ -142,7 +142,8 @@ def frozen_batchnorm_statistics(model: nn.Module):
 
 
 class ABD(Plugin):
-    """The shuffling vaccine (synthesis) and first-order self-retrospection (student). Options: :class:`ABDConfig`."""
+    """The shuffling vaccine (synthesis penalty, student filter) and first-order, targeted self-retrospection
+    (student). Options: :class:`ABDConfig`."""
 
     name = "abd"
     Config = ABDConfig
