@@ -20,9 +20,11 @@ on which channel is which and do not survive the shuffle; trigger features are f
 
 - on the student (``sv_filter``): suspect images are left out of the student's distillation loss (the term
   ``loss_abd_filter`` is minus their share of it, so the loss is the method's own over the other images, divided
-  by the whole batch size). Suspects are a tail: a student batch where more than ``sv_max_fraction`` of the images
-  look suspect (an adversarial generator's first, featureless images, which every copy gives the same class) is
-  not judged at all, as the paper turns the vaccine off when the suspects are no tail.
+  by the whole batch size). With ``sv_max_fraction`` < 1, a student batch where more than that share of the images
+  looks suspect is not judged at all (as the paper turns the vaccine off when the suspects are no tail). Measured:
+  0.5 keeps ZSKT's student from collapsing (an adversarial generator's first, featureless images all look suspect,
+  and filtering them left ZSKT's student at 10%) but also let the BadNets backdoor through DFQ (ASR 90% instead
+  of 0.4%), so every batch is judged by default.
 
 **Self-retrospection.** The student is penalized for its sensitivity to an estimate of the trigger. The estimate
 is a mask and a pattern (``x' = (1 - m) x + m p``, m (1, 1, H, W) and p (1, C, H, W) in [0, 1] through sigmoids),
@@ -79,7 +81,7 @@ class ABDConfig(PluginConfig):
     sv_layers: int = 1  # the last convolutions (groups 1) whose input channels are shuffled
     sv_seed: int = 0  # seed of the channel permutations
     sv_filter: bool = True  # leave the student batch's suspect images out of its distillation loss
-    sv_max_fraction: float = 0.5  # a batch with more suspects than this is not judged (none is suspect)
+    sv_max_fraction: float = 1.0  # a batch with more suspects than this is not judged (1: every batch is)
     sr: float = 1.0  # weight of the self-retrospection penalty on the student (0: off)
     sr_steps: int = 5  # Adam steps on the trigger estimate per search
     sr_lr: float = 0.1  # their step size (on the mask's and the pattern's logits)
