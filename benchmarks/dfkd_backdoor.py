@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
 from datetime import date
@@ -28,10 +28,13 @@ from pathlib import Path
 
 import torch
 
-from gendistill.cli import main as cli
-from gendistill.eval.report import device_description
-from gendistill.training import teach_classifier
-from gendistill.training.dfkd import DFKDRecipe, run
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dfkd_mnist  # noqa: E402
+
+from gendistill.cli import main as cli  # noqa: E402
+from gendistill.eval.report import device_description  # noqa: E402
+from gendistill.training import teach_classifier  # noqa: E402
+from gendistill.training.dfkd import DFKDRecipe, run  # noqa: E402
 
 TRIGGERS = ("badnets", "blend", "trojan")
 METHODS = ("dfq", "zskt", "fast")
@@ -180,16 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
             for seed in args.seeds
             for abd in (False, True)  # a pair side by side
         ]
-        runs = []
-        if args.jobs > 1:
-            with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-                for row in pool.imap(distill, jobs):
-                    runs.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k != "summary"}), flush=True)
-        else:
-            for job in jobs:
-                runs.append(distill(job))
-                print(json.dumps({k: v for k, v in runs[-1].items() if k != "summary"}), flush=True)
+        runs = dfkd_mnist.run_jobs(distill, jobs, args.jobs, hidden="summary")
     result = {
         "benchmark": "dfkd_backdoor",
         "device": device_description("cpu"),
@@ -206,14 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": verdicts(runs, {t: None for t in args.triggers}),
         "runs": runs,
     }
-    text = json.dumps(result, indent=2, default=str)
-    if args.markdown:
-        print(markdown(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
+    dfkd_mnist.write_result(result, args.out, markdown(result) if args.markdown else None)
     return result
 
 

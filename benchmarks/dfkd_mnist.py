@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import tempfile
 import time
@@ -191,6 +192,37 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
     return {"setup": setup, "method": method, "seed": seed, "teacher": arch, "settings": settings, **summary}
 
 
+def run_jobs(fn, jobs: list[dict], processes: int, *, hidden: str) -> list[dict]:
+    """``fn(job)`` for every job, ``processes`` at a time in spawned processes (in this one if 1), in order; each
+    row is printed as a JSON line (without its ``hidden`` entry) as it arrives."""
+    rows = []
+
+    def show(row):
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != hidden}, default=str), flush=True)
+
+    if processes > 1:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            for row in pool.imap(fn, jobs):
+                show(row)
+    else:
+        for job in jobs:
+            show(fn(job))
+    return rows
+
+
+def write_result(result: dict, out: str | None, table: str | None = None) -> None:
+    """Print ``table`` (the README's markdown) if given, then write the result JSON to ``out`` (or print it)."""
+    text = json.dumps(result, indent=2, default=str)
+    if table is not None:
+        print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    else:
+        print(text)
+
+
 def markdown(result: dict) -> str:
     """The README table of a result: one row per run, sorted by setup then time to 95%."""
 
@@ -272,14 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         "teachers": {arch: info for arch, (_, info) in teachers.items()},
         "runs": rows,
     }
-    text = json.dumps(result, indent=2)
-    if args.markdown:
-        print(markdown(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
+    write_result(result, args.out, markdown(result) if args.markdown else None)
     return result
 
 

@@ -19,8 +19,6 @@ mean drop at most half of it.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -146,16 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             for seed in args.seeds
             for plugin in (None, args.plugin)  # a pair side by side
         ]
-        runs = []
-        if args.jobs > 1:
-            with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-                for row in pool.imap(one, jobs):
-                    runs.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-        else:
-            for job in jobs:
-                runs.append(one(job))
-                print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}), flush=True)
+        runs = dfkd_mnist.run_jobs(one, jobs, args.jobs, hidden="curve")
     result = {
         "benchmark": "dfkd_plugins",
         "device": device_description("cpu"),
@@ -173,14 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summarize(runs, teachers),
         "runs": runs,
     }
-    text = json.dumps(result, indent=2)
-    if args.markdown:
-        print(markdown(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
+    dfkd_mnist.write_result(result, args.out, markdown(result) if args.markdown else None)
     return result
 
 
