@@ -68,7 +68,7 @@ def teacher(trigger: str, cache: Path) -> tuple[Path, dict]:
             eval_every=0,
             checkpoint_every=0,
             seed=0,
-            **{k: v for k, v in TEACHER_RECIPE.items()},
+            **TEACHER_RECIPE,
         )
         teach_classifier.run(recipe)
         (folder / "seconds.txt").write_text(f"{time.perf_counter() - tic:.1f}\n")

@@ -71,6 +71,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from ...errors import UsageError
+from ..losses import kd_loss
 from .base import Plugin, PluginConfig
 
 
@@ -122,11 +123,6 @@ def vaccine_loss(teacher_logits: torch.Tensor, shuffled_logits: torch.Tensor) ->
     mask = (shuffled_logits.argmax(1) == teacher_logits.argmax(1)).to(teacher_logits.dtype)
     kl = (F.softmax(teacher_logits, 1) * (F.log_softmax(teacher_logits, 1) - F.log_softmax(shuffled_logits, 1))).sum(1)
     return -(kl * mask).sum() / mask.sum().clamp(min=1), mask
-
-
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of KL(softmax(p) || softmax(q)), logits (B, K)."""
-    return (F.softmax(p_logits, 1) * (F.log_softmax(p_logits, 1) - F.log_softmax(q_logits, 1))).sum(1).mean()
 
 
 @contextlib.contextmanager
@@ -211,7 +207,8 @@ class ABD(Plugin):
         student = extract_model_from_parallel(task.student)
         with frozen_batchnorm_statistics(student):
             perturbed = student((1 - mask) * x + mask * pattern)
-        terms["loss_abd_sr"] = config.sr * _kl(student_logits[:count].detach().float(), perturbed.float())
+        # KL(softmax(S(x)) || softmax(S(x'))), batch mean: the distillation loss at temperature 1, S(x) as target
+        terms["loss_abd_sr"] = config.sr * kd_loss(perturbed.float(), student_logits[:count].detach().float(), tau=1.0)
         return terms
 
     def search(self, teacher: nn.Module, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
