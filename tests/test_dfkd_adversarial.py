@@ -164,6 +164,36 @@ def test_defaults_and_phases():
         DFAD(num_classes=4, image_shape=(3, 32, 32), bn=1.0)
 
 
+def test_dfq_profiles_follow_the_teachers_depth_and_yield_to_options():
+    """DFQ's options left at None come from its profile: "shallow" for LeNet-5-BN (3 BatchNorm layers), "deep" for a
+    ResNet (more than 4); an option given explicitly wins; profile= forces one."""
+    from gendistill.dfkd.synthesizers.dfq import PROFILES
+
+    def resolved(arch, **options):
+        dfq = DFQ(num_classes=10, image_shape=(3, 32, 32), **options)
+        dfq.adapt_to_teacher(build_classifier(arch, num_classes=10))
+        return dfq.config
+
+    fields = list(PROFILES["deep"])
+    for arch, profile in (("lenet5_bn", "shallow"), ("resnet8", "deep"), ("resnet20", "deep")):
+        config = resolved(arch)
+        assert config.profile == profile
+        assert {k: getattr(config, k) for k in fields} == PROFILES[profile]
+    assert PROFILES["deep"]["bn_kind"] == "kl" and PROFILES["shallow"]["bn_kind"] == "norm"
+    config = resolved("resnet20", bn=3.0, batch_size=64)
+    assert (config.bn, config.batch_size, config.bn_kind) == (3.0, 64, "kl")
+    assert resolved("resnet20", profile="shallow").bn_kind == "norm"
+    assert resolved("lenet5_bn", profile="deep").generator_lr == PROFILES["deep"]["generator_lr"]
+    # The phases read the resolved generator lr; the task resolves it from its teacher.
+    dfq = DFQ(num_classes=10, image_shape=(3, 32, 32))
+    task = DFKDTask(build_classifier("resnet20"), build_classifier("resnet8"), dfq)
+    assert [(p.name, p.lr) for p in task.phases()][0] == ("generator", PROFILES["deep"]["generator_lr"])
+    with pytest.raises(ValueError, match="profile 'medium' is not valid; valid: shallow, deep, auto"):
+        DFQ(num_classes=10, image_shape=(3, 32, 32), profile="medium")
+    with pytest.raises(ValueError, match="bn_kind 'l2' is not valid; valid: norm, kl"):
+        DFQ(num_classes=10, image_shape=(3, 32, 32), bn_kind="l2")
+
+
 def test_dfq_refuses_a_teacher_without_batchnorm(teacher, monkeypatch):
     for cls in CLASSES:
         if cls.name not in synthesizers.METHODS:

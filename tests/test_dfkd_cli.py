@@ -366,9 +366,46 @@ def test_the_student_lr_defaults_to_the_methods_own():
         recipe.validate()
         return recipe.lr
 
-    assert lr() == METHODS["dfq"].Config().student_lr == 5e-3  # the default method's tuned rate
+    assert lr() == 5e-3  # the default method's tuned rate (DFQ's shallow profile: the teacher "t" is unknown)
     assert lr(method="dafl") == 2e-3
     assert lr(method="dfq", method_options=["student_lr=1e-3"]) == 1e-3
     assert lr(method="dfq", lr=1e-4) == 1e-4  # --lr wins
     with pytest.raises(ValueError, match="lr must be positive"):
         lr(method="dfq", method_options=["student_lr=0"])
+
+
+def test_the_recipe_takes_dfqs_batch_and_lr_from_the_teachers_profile(tmp_path):
+    """A ResNet teacher folder gets DFQ's deep profile (batch 32, student lr 1e-2) from its config.json alone; a
+    LeNet-5-BN one the shallow profile; --batch-size and --lr still win; distill() resolves the same way."""
+    from gendistill.dfkd.synthesizers.dfq import PROFILES
+    from gendistill.training.dfkd import DFKDRecipe
+
+    for arch in ("resnet20", "lenet5_bn"):
+        save_classifier(build_classifier(arch, num_classes=10), tmp_path / arch)
+    deep, shallow = PROFILES["deep"], PROFILES["shallow"]
+
+    def settings(arch, **fields):
+        recipe = DFKDRecipe(teacher=str(tmp_path / arch), **fields)
+        recipe.validate()
+        return recipe.batch_size, recipe.lr
+
+    assert settings("resnet20") == (deep["batch_size"], deep["student_lr"])
+    assert settings("lenet5_bn") == (shallow["batch_size"], shallow["student_lr"])
+    assert settings("resnet20", batch_size=16, lr=1e-3) == (16, 1e-3)
+    assert settings("resnet20", method_options=["profile=shallow"]) == (128, 5e-3)
+    student = build_classifier("resnet8", num_classes=10)
+    out = tmp_path / "run"
+    distill(load_classifier(tmp_path / "resnet20"), student, output=str(out), max_steps=1, eval_every=0, ema_decay=0)
+    recipe = json.loads((out / "gendistill_run.json").read_text())["recipe"]
+    assert (recipe["batch_size"], recipe["lr"], recipe["channels_last"]) == (
+        deep["batch_size"],
+        deep["student_lr"],
+        True,
+    )
+    # channels_last (DFKD's default) trains the student in that layout; the export is contiguous and loads back
+    conv = next(m for m in student.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    exported = load_classifier(out)
+    torch.testing.assert_close(
+        exported.net.state_dict(), {k: v.contiguous() for k, v in student.net.state_dict().items()}
+    )

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from gendistill.data.classification import load_classification_data
+from gendistill.dfkd.losses import batchnorm_layer_count
 from gendistill.dfkd.models import (
     QUANT_BITS,
     Classifier,
@@ -58,6 +59,7 @@ class DFKDRecipe(TrainRecipe):
     ema_decay: float = 0.99  # EMA of the student weights; the EMA student is evaluated and exported (0: the live one)
     eval_every: int = 100  # held-out accuracy and teacher agreement every N iterations (with --eval-data)
     sample_every: int = 500  # PNG grid of synthesized images every N iterations
+    channels_last: bool = True  # convolutions in channels-last layout (oneDNN on CPUs, tensor cores on GPUs)
 
     INPUT_PATHS = ("teacher", "eval_data", "data_root")
     RESUMABLE_CHANGES = (*TrainRecipe.RESUMABLE_CHANGES, "iterations")
@@ -68,10 +70,11 @@ class DFKDRecipe(TrainRecipe):
         cls = get_method(self.method)
         if self.eval_split not in EVAL_SPLITS:
             raise UsageError(f"eval_split {self.eval_split!r} is not valid; valid: {', '.join(EVAL_SPLITS)}")
-        if self.lr is None:
-            self.lr = float(self.options().get("student_lr", cls.Config().student_lr))
-        if self.batch_size is None:
-            self.batch_size = int(self.options().get("batch_size", cls.Config().batch_size))
+        if self.lr is None or self.batch_size is None:
+            # The method's own defaults, which may depend on the teacher (DFQ's profiles)
+            config = cls.config_for_teacher(cls.Config(**self.options()), self.teacher_bn_layers())
+            self.lr = float(config.student_lr) if self.lr is None else self.lr
+            self.batch_size = int(config.batch_size) if self.batch_size is None else self.batch_size
         super().validate()
         self.student_arch = canonical_arch(self.student_arch, what="student architecture")
         if self.student_quant_bits is not None and self.student_quant_bits not in QUANT_BITS:
@@ -81,6 +84,16 @@ class DFKDRecipe(TrainRecipe):
             )
         self.options()
         self.build_plugins()
+
+    def teacher_bn_layers(self) -> int | None:
+        """How many BatchNorm layers the teacher has (the architecture in its folder's config.json; the weights are
+        not read), or None when the teacher is not known yet or its folder cannot be read (``run`` reports that)."""
+        if not self.teacher:
+            return None
+        try:
+            return batchnorm_layer_count(load_classifier(self.teacher, weights=False))
+        except (OSError, UsageError, ValueError):
+            return None
 
     def build_plugins(self) -> list:
         """The recipe's plug-ins, configured by ``plugin_options`` (converted like method options)."""
@@ -205,7 +218,6 @@ def distill(
     ``output`` and returns the summary. ``recipe_fields`` are any ``DFKDRecipe`` fields (max_steps, batch_size, lr,
     ...); ``objectives`` add terms to the losses (see ``DFKDTask``)."""
     recipe = DFKDRecipe(output=output, method=method, **recipe_fields)
-    recipe.validate()
     task = build_task(
         teacher,
         student,
@@ -215,6 +227,10 @@ def distill(
         objectives=[*(objectives or []), *recipe.build_plugins()],
         kernel_backend=backend_for(recipe.fused_kernels),
     )
+    config = task.synthesizer.config  # the method's defaults for this teacher
+    recipe.lr = float(config.student_lr) if recipe.lr is None else recipe.lr
+    recipe.batch_size = int(config.batch_size) if recipe.batch_size is None else recipe.batch_size
+    recipe.validate()
     return run(recipe, task)
 
 

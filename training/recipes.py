@@ -49,6 +49,7 @@ class TrainRecipe:
     fused_kernels: bool = True  # fused Triton kernels on CUDA (gendistill.kernels); false: the plain-torch path
     fused_optimizer: bool = True  # AdamW's fused CUDA kernel when every trainable parameter is on CUDA
     compile: str = "no"  # torch.compile backend for the trainable modules: no | eager | aot_eager | inductor
+    channels_last: bool = False  # 4-D weights (and so the convolutions) in channels-last memory layout
     ema_decay: float = 0.999  # EMA of the trainable weights, used for export (0 disables EMA)
     seed: int = 0  # global seed (per process: seed + process index)
     checkpoint_every: int = 500  # save a resumable checkpoint every N steps (0: only at the end)
@@ -72,6 +73,7 @@ class TrainRecipe:
         "fused_kernels",
         "fused_optimizer",
         "compile",
+        "channels_last",
         "cpu",
     )
 

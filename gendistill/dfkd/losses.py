@@ -277,6 +277,11 @@ def _batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm.
     ]
 
 
+def batchnorm_layer_count(model: nn.Module) -> int:
+    """How many BatchNorm layers with running statistics ``model`` has (the layers :class:`BNStatsLoss` matches)."""
+    return len(_batchnorm_layers(model))
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` has a BatchNorm layer with running statistics, i.e. whether :class:`BNStatsLoss` applies."""
     return bool(_batchnorm_layers(model))

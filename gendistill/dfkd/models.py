@@ -507,8 +507,9 @@ def _first(keys: Iterable[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_classifier(folder: str | os.PathLike, *, num_classes: int | None = None) -> Classifier:
-    """The zoo classifier saved in ``folder`` by ``save_classifier``, in eval mode, on the CPU.
+def load_classifier(folder: str | os.PathLike, *, num_classes: int | None = None, weights: bool = True) -> Classifier:
+    """The zoo classifier saved in ``folder`` by ``save_classifier``, in eval mode, on the CPU (``weights=False``:
+    built from its config.json only, freshly initialized, without reading the weights).
 
     Raises ``FileNotFoundError`` for a missing folder or file and ``ValueError`` for an unknown architecture, a
     ``num_classes`` other than the saved one, or weights that do not match the architecture.
@@ -552,6 +553,8 @@ def load_classifier(folder: str | os.PathLike, *, num_classes: int | None = None
         )
     except ValueError as err:
         raise UsageError(f"classifier config {str(config_path)!r}: {err}") from None
+    if not weights:
+        return model.eval()
     state = read_safetensors(weights_path, what="classifier weights")
     expected = model.net.state_dict()
     missing = [k for k in expected if k not in state]

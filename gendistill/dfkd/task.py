@@ -68,6 +68,7 @@ class DFKDTask(nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student.train().requires_grad_(True)
         self.synthesizer = synthesizer
+        synthesizer.adapt_to_teacher(self.teacher)
         generator = synthesizer.build_generator()
         if generator is not None:
             self.generator = generator

@@ -27,7 +27,7 @@ from torch import nn
 from ...errors import UsageError
 from ...task import Phase
 from ..generators import Generator, ImagePool, augment
-from ..losses import BNStatsLoss, adversarial_loss, kd_loss, one_hot_loss
+from ..losses import BNStatsLoss, adversarial_loss, batchnorm_layer_count, kd_loss, one_hot_loss
 from ..models import FeatureHooks
 
 
@@ -48,10 +48,10 @@ class SynthesizerConfig:
 
     def __post_init__(self):
         for name, minimum in self.AT_LEAST.items():
-            if getattr(self, name) < minimum:
+            if getattr(self, name) is not None and getattr(self, name) < minimum:
                 raise UsageError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
         for name in self.POSITIVE:
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
 
 
@@ -113,7 +113,8 @@ class Synthesizer(ABC):
             raise UsageError(
                 f"unknown option(s) {', '.join(unknown)} for method {self.name!r}; valid: {', '.join(valid)}"
             )
-        self.config = dataclasses.replace(config, **overrides)
+        self.requested_config = dataclasses.replace(config, **overrides)  # as asked for (options may be None)
+        self.config = self.config_for_teacher(self.requested_config, None)  # resolved (adapt_to_teacher)
         self.num_classes = num_classes
         self.image_shape = tuple(image_shape)
         self.normalization = normalization
@@ -167,6 +168,17 @@ class Synthesizer(ABC):
                 f"method {self.name!r} matches the teacher's BatchNorm statistics, but this teacher has no BatchNorm "
                 f"layer; methods that work without BatchNorm: {', '.join(free)}"
             )
+
+    @classmethod
+    def config_for_teacher(cls, config, teacher_bn_layers: int | None):
+        """``config`` with the settings that depend on the teacher resolved, from the number of BatchNorm layers
+        of the teacher (None: unknown). The base method has none: ``config`` as it is."""
+        return config
+
+    def adapt_to_teacher(self, teacher: nn.Module) -> None:
+        """Resolve the settings that depend on ``teacher`` (:meth:`config_for_teacher`) from the options asked for;
+        the DFKD task calls this before ``build_generator`` and ``phases``."""
+        self.config = self.config_for_teacher(self.requested_config, batchnorm_layer_count(teacher))
 
     # --- what subclasses implement -------------------------------------------------------------------------
     def build_generator(self) -> nn.Module | None:

@@ -16,12 +16,19 @@ Defaults, and each change from the reference with its reason and measurement: do
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from ...errors import UsageError
 from ..generators import augment
-from ..losses import BN_LOSS_KINDS, BNStatsLoss, adversarial_loss, information_entropy_loss, one_hot_loss
+from ..losses import (
+    BN_LOSS_KINDS,
+    BNStatsLoss,
+    adversarial_loss,
+    information_entropy_loss,
+    one_hot_loss,
+)
 from .base import GeneratorConfig, GeneratorSynthesizer
 
 
@@ -30,29 +37,58 @@ class DFQConfig(GeneratorConfig):
     adv: float = 1.0  # weight of the adversarial term: minus adv_tau^2 KL(T || S) at temperature adv_tau
     adv_tau: float = 1.0  # temperature of the adversarial KL (the reference's KLDiv() default)
     ngf: int = 8  # generator width (the reference's 64 costs about 20x more per step on a CPU; see above)
-    bn: float = 5.0  # weight of the teacher's BatchNorm statistics matching (sum over its BN layers)
-    bn_kind: str = "norm"  # BN statistics loss: "norm" (Fast-Datafree's) or "kl" (the paper's Gaussian KL)
+    profile: str = "auto"  # where the options left at None come from: shallow | deep | auto (PROFILES; auto: deep
+    # for a teacher with more than DEEP_TEACHER_BN_LAYERS BatchNorm layers, such as the zoo's ResNets, else shallow)
+    bn: float | None = None  # weight of the BatchNorm statistics matching (sum over the teacher's BN layers)
+    bn_kind: str | None = None  # BN statistics loss: "norm" (Fast-Datafree's) or "kl" (the paper's Gaussian KL)
     oh: float = 1.0  # weight of the teacher's cross-entropy against its own argmax
     balance: float = 20.0  # weight of the information entropy (natural log) of the batch-mean teacher prediction
     padding: int = 4  # random shift (pixels, no flip) of the generator's images before the networks (0: none)
     student_steps: int = 5  # student steps per generator step
-    memory_batches: int = 10  # the student learns on the last 10 generator batches (shifted) and teacher logits
-    generator_lr: float = 3e-3  # Adam learning rate of the generator (the reference's lr_g: 1e-3)
-    student_lr: float = 5e-3  # the student's AdamW learning rate when the recipe gives none
+    memory_batches: int | None = None  # the student learns on the last N generator batches (shifted) + teacher logits
+    generator_lr: float | None = None  # Adam learning rate of the generator (the reference's lr_g: 1e-3)
+    student_lr: float | None = None  # the student's AdamW learning rate when the recipe gives none
     tau: float = 4.0  # temperature of the student's KD loss (the reference's: 20)
-    batch_size: int = 128  # images per generator and student step when the recipe gives none
+    batch_size: int | None = None  # images per generator and student step when the recipe gives none
     AT_LEAST = {**GeneratorConfig.AT_LEAST, "padding": 0}
 
     def __post_init__(self):
         super().__post_init__()
-        if self.bn_kind not in BN_LOSS_KINDS:
+        if self.profile not in (*PROFILES, "auto"):
+            raise UsageError(f"profile {self.profile!r} is not valid; valid: {', '.join(PROFILES)}, auto")
+        if self.bn_kind is not None and self.bn_kind not in BN_LOSS_KINDS:
             raise UsageError(f"bn_kind {self.bn_kind!r} is not valid; valid: {', '.join(BN_LOSS_KINDS)}")
+        for name in ("generator_lr", "student_lr", "batch_size"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.bn is not None and self.bn < 0:
+            raise UsageError(f"bn must be >= 0, got {self.bn}")
+
+
+# The defaults of the options left at None, per profile: "shallow" measured on LeNet-5-BN (3 BatchNorm layers),
+# "deep" on ResNet-20 (21), both on the CPU MNIST benchmark; docs/dfkd.md, "DFQ", has the measurements.
+PROFILES = {
+    "shallow": dict(bn_kind="norm", bn=5.0, generator_lr=3e-3, student_lr=5e-3, batch_size=128, memory_batches=10),
+    "deep": dict(bn_kind="kl", bn=1.0, generator_lr=3e-2, student_lr=1e-2, batch_size=32, memory_batches=40),
+}
+DEEP_TEACHER_BN_LAYERS = 4  # profile "auto": deep above this many BatchNorm layers (LeNet-5-BN 3, ResNet-8 9)
 
 
 class DFQ(GeneratorSynthesizer):
     name = "dfq"
     Config = DFQConfig
     needs_batchnorm = True
+
+    @classmethod
+    def config_for_teacher(cls, config: DFQConfig, teacher_bn_layers: int | None) -> DFQConfig:
+        """``config`` with the options left at None taken from its profile; profile "auto" is "deep" for a teacher
+        with more than ``DEEP_TEACHER_BN_LAYERS`` BatchNorm layers, else (and for an unknown teacher) "shallow"."""
+        profile = config.profile
+        if profile == "auto":
+            deep = teacher_bn_layers is not None and teacher_bn_layers > DEEP_TEACHER_BN_LAYERS
+            profile = "deep" if deep else "shallow"
+        unset = {k: v for k, v in PROFILES[profile].items() if getattr(config, k) is None}
+        return dataclasses.replace(config, profile=profile, **unset)
 
     def generator_loss(self, batch, *, generator, teacher, student):
         """Loss of one generator step on noise ``batch["z"]`` (B, nz), on the shifted generator images x:
