@@ -192,6 +192,13 @@ def test_dfq_profiles_follow_the_teachers_depth_and_yield_to_options():
         DFQ(num_classes=10, image_shape=(3, 32, 32), profile="medium")
     with pytest.raises(ValueError, match="bn_kind 'l2' is not valid; valid: norm, kl"):
         DFQ(num_classes=10, image_shape=(3, 32, 32), bn_kind="l2")
+    for option, message in (
+        (dict(bn=-1.0), "bn must be >= 0, got -1.0"),
+        (dict(generator_lr=0.0), "generator_lr must be positive, got 0.0"),
+        (dict(batch_size=0), "batch_size must be positive, got 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            DFQ(num_classes=10, image_shape=(3, 32, 32), **option)
 
 
 def test_dfq_refuses_a_teacher_without_batchnorm(teacher, monkeypatch):

@@ -41,8 +41,8 @@ class SynthesizerConfig:
     nz: int = 256  # generator noise size
     ngf: int = 64  # generator width
 
-    # Valid values, checked at construction (subclasses extend them): the smallest of some int fields, and the fields
-    # that must be positive.
+    # Valid values, checked at construction (subclasses extend them): the smallest value of some fields, and the
+    # fields that must be positive; an option left at None (resolved later, e.g. from the teacher) is not checked.
     AT_LEAST = {}
     POSITIVE = ()
 

@@ -50,7 +50,8 @@ class DFQConfig(GeneratorConfig):
     student_lr: float | None = None  # the student's AdamW learning rate when the recipe gives none
     tau: float = 4.0  # temperature of the student's KD loss (the reference's: 20)
     batch_size: int | None = None  # images per generator and student step when the recipe gives none
-    AT_LEAST = {**GeneratorConfig.AT_LEAST, "padding": 0}
+    AT_LEAST = {**GeneratorConfig.AT_LEAST, "padding": 0, "bn": 0}
+    POSITIVE = ("generator_lr", "student_lr", "batch_size")  # the base checks skip options left at None
 
     def __post_init__(self):
         super().__post_init__()
@@ -58,11 +59,6 @@ class DFQConfig(GeneratorConfig):
             raise UsageError(f"profile {self.profile!r} is not valid; valid: {', '.join(PROFILES)}, auto")
         if self.bn_kind is not None and self.bn_kind not in BN_LOSS_KINDS:
             raise UsageError(f"bn_kind {self.bn_kind!r} is not valid; valid: {', '.join(BN_LOSS_KINDS)}")
-        for name in ("generator_lr", "student_lr", "batch_size"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.bn is not None and self.bn < 0:
-            raise UsageError(f"bn must be >= 0, got {self.bn}")
 
 
 # The defaults of the options left at None, per profile: "shallow" measured on LeNet-5-BN (3 BatchNorm layers),
