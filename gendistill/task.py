@@ -20,3 +20,5 @@ class Phase:
     name: str  # the attribute of the task that holds the trainable module
     steps: int = 1  # optimizer steps of this phase per training iteration
     lr: float | None = None  # learning-rate override for this phase (None: the recipe's lr)
+    start: int = 0  # the first training iteration (0-based) that runs this phase: the ones before skip it, which
+    # warms the other phases up (DFKD: the generator learns alone while its images are still noise)

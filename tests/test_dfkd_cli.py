@@ -287,14 +287,18 @@ def _student_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_of_a_generator_method_is_exact(bn_teacher, tmp_path):
-    """Generator, student, both optimizers and the RNG are checkpointed: 2 + 2 iterations equal 4."""
+    """Generator, student, both optimizers and the RNG are checkpointed: 2 + 2 iterations equal 4, the student's
+    steps starting after the resume (``student_start=3``: the resumed run counts the generator's warm-up on)."""
     base = ["dfkd", "--method", "dfq", "--teacher", str(bn_teacher), "--batch-size", "8", "--log-every", "1"]
-    base += ["--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "2", *tiny_generator("student_steps=2")]
+    base += ["--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "2"]
+    base += tiny_generator("student_steps=2", "student_start=3")
     assert main([*base, "--output", str(tmp_path / "straight"), "--max-steps", "4"]) == 0
     assert main([*base, "--output", str(tmp_path / "resumed"), "--max-steps", "2"]) == 0
     assert main([*base, "--output", str(tmp_path / "resumed"), "--max-steps", "4", "--resume", "latest"]) == 0
     a, b = _student_weights(tmp_path / "straight"), _student_weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss/student" in row] == [4]
 
 
 def _subprocess_env() -> dict[str, str]:

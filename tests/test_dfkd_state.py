@@ -28,7 +28,7 @@ TINY = {
     "dafl": ["student_steps=2"],
     "dfad": ["student_steps=2"],
     "zskt": ["student_steps=2"],
-    "dfq": ["student_steps=2"],
+    "dfq": ["student_steps=2", "student_start=0"],
     "cae": ["student_steps=2", "embed_dim=8"],
     "deepinversion": ["inversion_steps=2", "synthesis_every=3"],
     "cmi": ["synthesis_steps=2", "synthesis_every=3", "head_dim=16", "n_neg=32", "reset_generator=false"],

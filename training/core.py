@@ -154,7 +154,7 @@ def check_output_folder(recipe: TrainRecipe, command: str) -> None:
     out = Path(recipe.output)
     if recipe.overwrite and recipe.resume is not None:
         raise UsageError("--overwrite and --resume contradict each other: choose one")
-    check_output_not_input(out, {"--" + name.replace("_", "-"): getattr(recipe, name) for name in recipe.INPUT_PATHS})
+    check_output_not_input(out, recipe.input_paths())
     if not out.exists():
         if recipe.resume is not None:
             raise UsageError(f"--resume {recipe.resume}: output folder {recipe.output!r} does not exist")
@@ -318,7 +318,7 @@ class Trainer:
                 recipe.lr_scheduler,
                 optimizer=optimizer,
                 num_warmup_steps=recipe.lr_warmup_steps,
-                num_training_steps=recipe.max_steps * phase.steps,
+                num_training_steps=max(1, recipe.max_steps - phase.start) * phase.steps,
             )
             module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
             if recipe.compile != "no":
@@ -628,6 +628,8 @@ class Trainer:
                 break
             stepped_all = True
             for phase in self.phases:
+                if counters.step < phase.start:
+                    continue
                 for _ in range(phase.steps):
                     loss, stepped = self._phase_step(phase, recipe.batch_size)
                     stepped_all &= stepped

@@ -77,6 +77,10 @@ class TrainRecipe:
         "cpu",
     )
 
+    def input_paths(self) -> dict[str, str | None]:
+        """The files and folders the run reads, by the option that names them (``INPUT_PATHS``' fields)."""
+        return {"--" + name.replace("_", "-"): getattr(self, name) for name in self.INPUT_PATHS}
+
     def validate(self) -> None:
         _check_finite(self)
         for name in (

@@ -60,7 +60,8 @@ class GeneratorConfig(SynthesizerConfig):
     generator_steps: int = 1  # generator steps per iteration
     memory_batches: int = 0  # 0: the student learns on fresh samples; N: on the last N generator batches + logits
     # (1: every student step of an iteration reuses that iteration's generator batch)
-    AT_LEAST = {"generator_steps": 1, "memory_batches": 0}
+    student_start: int = 0  # iterations of generator steps alone before the student's steps start
+    AT_LEAST = {"generator_steps": 1, "memory_batches": 0, "student_start": 0}
 
 
 @dataclass
@@ -228,9 +229,10 @@ class Synthesizer(ABC):
 
 class GeneratorSynthesizer(Synthesizer):
     """A generator (``build_generator``: a :class:`Generator` of ``nz``/``ngf``) trained in a "generator" phase of
-    ``generator_steps`` steps at ``generator_lr``, and a "student" phase of ``student_steps`` steps, the generator's
-    first unless ``student_first``. Subclasses set ``Config`` (a :class:`GeneratorConfig`) and implement
-    :meth:`generator_loss`, which calls :meth:`remember` with the images and logits it computed.
+    ``generator_steps`` steps at ``generator_lr``, and a "student" phase of ``student_steps`` steps from iteration
+    ``student_start`` on, the generator's first unless ``student_first``. Subclasses set ``Config`` (a
+    :class:`GeneratorConfig`) and implement :meth:`generator_loss`, which calls :meth:`remember` with the images and
+    logits it computed.
 
     The student learns on fresh generator samples (B, C, H, W) of fresh noise (``generator_batch``: ``{"z": (B,
     nz)}``). With ``memory_batches`` N > 0 it learns instead on images drawn from the last N generator batches with
@@ -261,7 +263,7 @@ class GeneratorSynthesizer(Synthesizer):
     def phases(self) -> list[Phase]:
         cfg = self.config
         generator = Phase("generator", steps=cfg.generator_steps, lr=cfg.generator_lr)
-        student = Phase("student", steps=cfg.student_steps)
+        student = Phase("student", steps=cfg.student_steps, start=cfg.student_start)
         return [student, generator] if self.student_first else [generator, student]
 
     @abstractmethod

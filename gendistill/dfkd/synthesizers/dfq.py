@@ -6,7 +6,8 @@ confidently (``oh``: cross-entropy against its own argmax, since the generator i
 class (``balance``: natural-log information entropy of the batch-mean teacher prediction) and (4) the student gets
 wrong (``adv``: minus ``KL(T || S)``). Each iteration runs one generator step, then the student's steps (5) on
 the last generator batches (``memory_batches``), with the teacher's logits stored when the generator step computed
-them.
+them; the first ``student_start`` iterations run the generator step alone (while its images are still noise, the
+student's steps would cost half of each iteration and teach it nothing).
 
 DFQ is the recommended method (the ``gendistill dfkd`` default): it is the fastest and steadiest method of the CPU
 MNIST benchmark (``benchmarks/dfkd_mnist.py``).
@@ -46,6 +47,7 @@ class DFQConfig(GeneratorConfig):
     padding: int = 4  # random shift (pixels, no flip) of the generator's images before the networks (0: none)
     student_steps: int = 5  # student steps per generator step
     memory_batches: int | None = None  # the student learns on the last N generator batches (shifted) + teacher logits
+    student_start: int | None = None  # iterations of generator steps alone (its first images are noise to learn on)
     generator_lr: float | None = None  # Adam learning rate of the generator (the reference's lr_g: 1e-3)
     student_lr: float | None = None  # the student's AdamW learning rate when the recipe gives none
     tau: float = 4.0  # temperature of the student's KD loss (the reference's: 20)
@@ -64,8 +66,12 @@ class DFQConfig(GeneratorConfig):
 # The defaults of the options left at None, per profile: "shallow" measured on LeNet-5-BN (3 BatchNorm layers),
 # "deep" on ResNet-20 (21), both on the CPU MNIST benchmark; docs/dfkd.md, "DFQ", has the measurements.
 PROFILES = {
-    "shallow": dict(bn_kind="norm", bn=5.0, generator_lr=3e-3, student_lr=5e-3, batch_size=128, memory_batches=10),
-    "deep": dict(bn_kind="kl", bn=1.0, generator_lr=3e-2, student_lr=1e-2, batch_size=32, memory_batches=40),
+    "shallow": dict(
+        bn_kind="norm", bn=5.0, generator_lr=3e-3, student_lr=5e-3, batch_size=128, memory_batches=10, student_start=60
+    ),
+    "deep": dict(
+        bn_kind="kl", bn=1.0, generator_lr=3e-2, student_lr=1e-2, batch_size=32, memory_batches=40, student_start=100
+    ),
 }
 DEEP_TEACHER_BN_LAYERS = 4  # profile "auto": deep above this many BatchNorm layers (LeNet-5-BN 3, ResNet-8 9)
 
