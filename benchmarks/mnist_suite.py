@@ -9,6 +9,11 @@ held-out digits, class agreement (the LeNet classifies the sample as the request
 wall time per image (batch 100). "Equal cost": for each DPM-Solver++ setting, the best BOOT setting with at most
 as many UNet evaluations per image; the table says which wins.
 
+SiD and DMD (``--distribution-seconds S``, 0 to skip; default: the BOOT student's training time when it is trained
+here): one-step generators of the same teacher trained by ``gendistill sid`` for the same wall-clock each, from the
+teacher (SiD, DMD) and from the BOOT student (SiD), with the BOOT recipe's batch size and guidance scale, judged on
+the same noises as the rest ("SiD student, 1 step", ...).
+
 DFKD: ``dfkd_mnist.py`` (every method, each under the same wall-clock budget) with ``--dfkd-seconds`` per method,
 or the result file of an earlier ``dfkd_mnist.py`` run (``--dfkd-results``), included as is and named as such.
 
@@ -30,11 +35,11 @@ import diffusers
 import torch
 
 from gendistill.diffusion.teacher import DiffusionTeacher
-from gendistill.eval.compare import BATCH_SIZE, Judge, boot_samplers, run_samplers
+from gendistill.eval.compare import BATCH_SIZE, Judge, Sampler, boot_samplers, run_samplers
 from gendistill.eval.report import device_description
 from gendistill.eval.samplers import solver_settings
 from gendistill.eval.sources import load_student_pipeline
-from gendistill.training import boot
+from gendistill.training import boot, sid
 from gendistill.training.demo import BUDGETS, CLASSIFIER_TEACHER, DDPM_TEACHER, boot_recipe, shipped_teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,6 +48,12 @@ import dfkd_mnist  # noqa: E402  (the sibling benchmark)
 SOLVERS = {"ddim": (1, 2, 4, 8, 50), "dpmsolver++": (1, 2, 4, 8)}
 REFINE = (1, 2, 4)
 DFKD_SECONDS = {"small": 60.0, "full": 300.0}
+# The distribution-matching students: (key, label, objective, start from the BOOT student).
+DISTRIBUTION_STUDENTS = (
+    ("sid", "SiD student, 1 step", "sid", False),
+    ("dmd", "DMD student, 1 step", "dmd", False),
+    ("sid_from_boot", "SiD from the BOOT student, 1 step", "sid", True),
+)
 
 
 def agreement_verdict(boot: float, dpm: float, samples: int) -> dict:
@@ -62,7 +73,7 @@ def agreement_verdict(boot: float, dpm: float, samples: int) -> dict:
 def equal_cost(rows: dict[str, dict], samples: int) -> list[dict]:
     """For each DPM-Solver++ setting: the best BOOT setting (by FID) with at most its UNet evaluations per image,
     and which of the two wins on FID and on class agreement."""
-    boot_rows = [r for r in rows.values() if r["model"] == "student"]
+    boot_rows = [r for key, r in rows.items() if key == "student" or key.startswith("student_refine")]
     verdicts = []
     for d in (r for r in rows.values() if r["sampler"].startswith("teacher, DPM-Solver++")):
         affordable = [b for b in boot_rows if b["unet_evaluations_per_image"] <= d["unet_evaluations_per_image"]]
@@ -100,6 +111,38 @@ def run_boot(args, device: torch.device, workdir: Path) -> dict:
     teacher = DiffusionTeacher.from_pretrained(teacher_dir).to(device)
     judge = Judge.load(judge_dir, device=device)
     samplers = boot_samplers(pipe, teacher, refine=REFINE, solvers=SOLVERS)
+    run = json.loads((Path(student_dir) / "gendistill_run.json").read_text())["recipe"]
+    seconds = args.distribution_seconds if args.distribution_seconds is not None else train_seconds
+    distribution = {}
+    if seconds:
+        for key, label, objective, from_boot in DISTRIBUTION_STUDENTS:
+            folder = workdir / key
+            start = time.perf_counter()
+            summary = sid.run(
+                sid.SiDRecipe(
+                    output=str(folder),
+                    teacher=str(teacher_dir),
+                    objective=objective,
+                    init=f"boot:{student_dir}" if from_boot else "teacher",
+                    guidance_scale=float(pipe.config.guidance_scale),
+                    batch_size=run["batch_size"],
+                    lr=args.distribution_lr,
+                    max_steps=10**9,
+                    max_seconds=seconds,
+                    eval_every=0,
+                    sample_every=0,
+                    checkpoint_every=0,
+                    seed=args.seed,
+                )
+            )
+            distribution[key] = {"steps": summary["steps"], "seconds": time.perf_counter() - start}
+            student = load_student_pipeline(folder, device=device)
+            student.set_progress_bar_config(disable=True)
+
+            def fn(eps, y, student=student):
+                return student(class_labels=y, latents=eps, output_type="pt").images
+
+            samplers.append(Sampler(key, label, "student", 1, 1, fn))
     rows, _ = run_samplers(
         samplers,
         judge,
@@ -111,11 +154,17 @@ def run_boot(args, device: torch.device, workdir: Path) -> dict:
     )
     for row in rows.values():
         print(json.dumps(row), flush=True)
-    run = json.loads((Path(student_dir) / "gendistill_run.json").read_text())["recipe"]
     return {
         "student": str(student_dir) if args.boot else f"trained here with the demo's {args.budget!r} recipe",
         "student_recipe": {k: run[k] for k in ("max_steps", "batch_size", "num_intervals", "lr", "seed")},
         "student_training_seconds": train_seconds,
+        "distribution_students": {
+            "seconds_each": seconds,
+            "seconds_from": "the BOOT student's training time" if args.distribution_seconds is None else "given",
+            "lr": args.distribution_lr,
+            "batch_size": run["batch_size"],
+            "runs": distribution,
+        },
         "guidance_scale": float(pipe.config.guidance_scale),
         "samples_per_sampler": args.samples,
         "batch_size": BATCH_SIZE,
@@ -162,6 +211,25 @@ def markdown(result: dict) -> str:
             f"({calls} call{'s' * (calls != 1)}): FID {v['fid']['dpm_solver']:.2f} vs {v['fid']['boot']:.2f} "
             f"({fid_text}); class agreement {agree['dpm_solver']:.3f} vs {agree['boot']:.3f} ({agree_text})"
         )
+    dist = b.get("distribution_students") or {}
+    if dist.get("runs"):
+        rows, source = b["rows"], dist.get("seconds_from", "the BOOT student's training time")
+        boot_fid, dpm2 = rows["student"]["fid_lenet"], rows.get("teacher_dpmsolverpp2", {}).get("fid_lenet")
+        lines += [
+            "",
+            f"SiD and DMD students trained {dist['seconds_each']:.0f} s each ({source}; batch "
+            f"{dist['batch_size']}, lr {dist['lr']:g}), one UNet call per image, against BOOT's one step "
+            f"(FID {boot_fid:.2f})" + (f" and the teacher's 2-step DPM-Solver++ (FID {dpm2:.2f}):" if dpm2 else ":"),
+            "",
+        ]
+        for key, run in dist["runs"].items():
+            fid = rows[key]["fid_lenet"]
+            beats = [name for name, ref in (("BOOT", boot_fid), ("DPM-Solver++ 2 steps", dpm2)) if ref and fid < ref]
+            verdict = "beats " + " and ".join(beats) if beats else "beats neither"
+            lines.append(
+                f"- {rows[key]['sampler']}: {run['steps']} iterations, FID {fid:.2f}, class agreement "
+                f"{rows[key]['class_agreement']:.3f} ({verdict})"
+            )
     if result.get("dfkd"):
         d = result["dfkd"]
         lines += [
@@ -185,6 +253,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--dfkd-results", type=Path, default=None, help="include this dfkd_mnist.py result JSON instead of re-running"
     )
+    parser.add_argument(
+        "--distribution-seconds",
+        type=float,
+        default=None,
+        help="training seconds of each SiD/DMD student (0: none; default: the BOOT student's when trained here)",
+    )
+    parser.add_argument("--distribution-lr", type=float, default=1e-4, help="learning rate of the SiD/DMD runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--markdown", action="store_true", help="also print the README tables")

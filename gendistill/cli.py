@@ -16,6 +16,7 @@ from gendistill.errors import EXIT_DIVERGED, EXIT_USAGE, DivergedError, UsageErr
 
 COMMANDS = {
     "boot": "distill a diffusers teacher into a one-step BOOT student pipeline",
+    "sid": "distill a pixel diffusers teacher into a one-step generator with SiD or DMD (fake score network)",
     "teach": "train a teacher (methods: diffusion, classifier)",
     "dfkd": "distill a classifier into a student on synthesized images only (DAFL, Fast, CMI, ...)",
     "demo": "run the embedded default end to end (MNIST: BOOT one-step student, DFKD student, report)",
@@ -35,6 +36,8 @@ USAGE = (
 def _dispatch(command: str, argv: list[str]) -> int:
     if command == "boot":
         from gendistill.training.boot import main
+    elif command == "sid":
+        from gendistill.training.sid import main
     elif command == "teach":
         if not argv or argv[0] not in TEACH_METHODS:
             got = argv[0] if argv else "nothing"

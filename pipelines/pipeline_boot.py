@@ -360,6 +360,10 @@ class BootImagePipeline(_BootPipelineBase):
             ``x_{t_0} = eps``; ``"raw"`` reads it as the signal itself.
         null_class_id (`int`, *optional*): The teacher's null class for classifier-free guidance; never a valid label.
         guidance_scale (`float`): The guidance scale ``w`` the student was distilled with; used in refinement.
+        student_timestep (`int`, *optional*): For a one-step generator (gendistill's SiD/DMD students): the timestep
+            the UNet is always given, whatever grid time is asked for; its output is the image, and refinement
+            re-noises that image with ``eps`` at ``t_{K-k}``. ``None`` (BOOT students): the UNet is given the grid
+            time itself.
     """
 
     model_cpu_offload_seq = "unet->teacher_unet"
@@ -377,17 +381,29 @@ class BootImagePipeline(_BootPipelineBase):
         parameterization: str = "teacher",
         null_class_id: int | None = None,
         guidance_scale: float = 1.0,
+        student_timestep: int | None = None,
     ):
         super().__init__()
         boot_timesteps = self._check_config(
             unet, scheduler, teacher_unet, boot_timesteps, parameterization, null_class_id, guidance_scale
         )
+        num_train_timesteps = len(scheduler.alphas_cumprod)
+        if student_timestep is not None and (
+            isinstance(student_timestep, bool)
+            or int(student_timestep) != student_timestep
+            or not 0 <= int(student_timestep) < num_train_timesteps
+        ):
+            raise ValueError(
+                f"student_timestep={student_timestep!r} is not valid; valid: an int in 0..{num_train_timesteps - 1} "
+                "or None"
+            )
         self.register_modules(unet=unet, scheduler=scheduler, teacher_unet=teacher_unet)
         self.register_to_config(
             boot_timesteps=boot_timesteps,
             parameterization=parameterization,
             null_class_id=None if null_class_id is None else int(null_class_id),
             guidance_scale=float(guidance_scale),
+            student_timestep=None if student_timestep is None else int(student_timestep),
         )
 
     @classmethod
@@ -479,7 +495,10 @@ class BootImagePipeline(_BootPipelineBase):
 
     # --- networks ------------------------------------------------------------------------------------------------
     def student_signal(self, eps: torch.Tensor, t: int, class_labels: torch.Tensor | None) -> torch.Tensor:
-        """``g(eps, t, c)``: the student's estimate of the signal ``y_t`` (B, C, H, W), float32."""
+        """``g(eps, t, c)``: the student's estimate of the signal ``y_t`` (B, C, H, W), float32 (a one-step
+        generator's image whatever ``t``, when the folder sets ``student_timestep``)."""
+        if self.config.get("student_timestep") is not None:
+            t = self.config.student_timestep
         timesteps = torch.full((eps.shape[0],), t, dtype=torch.long, device=eps.device)
         u = self.unet(eps.to(self.unet.dtype), timesteps, class_labels=class_labels).sample.float()
         return self._signal_from_student_output(u, eps)

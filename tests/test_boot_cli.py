@@ -307,11 +307,16 @@ def test_shipped_recipe_parses():
     values = load_yaml(ROOT / "training" / "recipes" / "boot_pixel.yaml")
     recipe = build_recipe(BootRecipe, {**values, "teacher": "t"}, method="boot")
     assert recipe.num_intervals == 50 and recipe.guidance_scale == 2.0
+    from gendistill.training.sid import SiDRecipe
+
+    values = load_yaml(ROOT / "training" / "recipes" / "sid_pixel.yaml")
+    recipe = build_recipe(SiDRecipe, {**values, "teacher": "t"}, method="sid")
+    assert recipe.objective == "sid" and recipe.adam_beta1 == 0.0
 
 
 @pytest.mark.parametrize(
     "command",
-    [["boot"], ["dfkd"], ["teach", "classifier"], ["teach", "diffusion"], ["demo"], ["sample"]]
+    [["boot"], ["sid"], ["dfkd"], ["teach", "classifier"], ["teach", "diffusion"], ["demo"], ["sample"]]
     + [["eval", name] for name in ("fid", "kid", "clip", "accuracy", "asr", "speed")],
 )
 def test_every_command_prints_its_help(command, capsys):
