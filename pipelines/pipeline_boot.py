@@ -138,6 +138,23 @@ class _BootPipelineBase(DiffusionPipeline):
         return grid
 
     @staticmethod
+    def _check_student_timestep(scheduler, student_timestep) -> int | None:
+        """``student_timestep`` as an int in the scheduler's range, or None."""
+        if student_timestep is None:
+            return None
+        num_train_timesteps = len(scheduler.alphas_cumprod)
+        if (
+            isinstance(student_timestep, bool)
+            or int(student_timestep) != student_timestep
+            or not 0 <= int(student_timestep) < num_train_timesteps
+        ):
+            raise ValueError(
+                f"student_timestep={student_timestep!r} is not valid; valid: an int in 0..{num_train_timesteps - 1} "
+                "or None"
+            )
+        return int(student_timestep)
+
+    @staticmethod
     def _check_teacher(unet, teacher_unet, keys: tuple[str, ...]) -> None:
         """The teacher must read and write what the student does."""
         if teacher_unet is None:
@@ -387,23 +404,14 @@ class BootImagePipeline(_BootPipelineBase):
         boot_timesteps = self._check_config(
             unet, scheduler, teacher_unet, boot_timesteps, parameterization, null_class_id, guidance_scale
         )
-        num_train_timesteps = len(scheduler.alphas_cumprod)
-        if student_timestep is not None and (
-            isinstance(student_timestep, bool)
-            or int(student_timestep) != student_timestep
-            or not 0 <= int(student_timestep) < num_train_timesteps
-        ):
-            raise ValueError(
-                f"student_timestep={student_timestep!r} is not valid; valid: an int in 0..{num_train_timesteps - 1} "
-                "or None"
-            )
+        student_timestep = self._check_student_timestep(scheduler, student_timestep)
         self.register_modules(unet=unet, scheduler=scheduler, teacher_unet=teacher_unet)
         self.register_to_config(
             boot_timesteps=boot_timesteps,
             parameterization=parameterization,
             null_class_id=None if null_class_id is None else int(null_class_id),
             guidance_scale=float(guidance_scale),
-            student_timestep=None if student_timestep is None else int(student_timestep),
+            student_timestep=student_timestep,
         )
 
     @classmethod
@@ -616,6 +624,9 @@ class BootPipeline(_BootPipelineBase):
         guidance_range (`list[float]`, *optional*): ``[w_min, w_max]`` for a student that takes ``w`` through
             ``timestep_cond`` (``unet.config.time_cond_proj_dim``, see ``guidance_embedding``); ``None`` for a student
             distilled at the fixed ``guidance_scale``.
+        student_timestep (`int`, *optional*): For a one-step generator (gendistill's SiD/DMD students): the timestep
+            the UNet is always given; its output is the latent, and refinement re-noises it with ``eps`` at
+            ``t_{K-k}``. ``None`` (BOOT students): the UNet is given the grid time itself.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->teacher_unet->vae"
@@ -636,11 +647,13 @@ class BootPipeline(_BootPipelineBase):
         parameterization: str = "teacher",
         guidance_scale: float = 7.5,
         guidance_range: list[float] | None = None,
+        student_timestep: int | None = None,
     ):
         super().__init__()
         boot_timesteps, guidance_range = self._check_config(
             vae, unet, scheduler, teacher_unet, boot_timesteps, parameterization, guidance_scale, guidance_range
         )
+        student_timestep = self._check_student_timestep(scheduler, student_timestep)
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -654,6 +667,7 @@ class BootPipeline(_BootPipelineBase):
             parameterization=parameterization,
             guidance_scale=float(guidance_scale),
             guidance_range=guidance_range,
+            student_timestep=student_timestep,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -770,7 +784,10 @@ class BootPipeline(_BootPipelineBase):
         self, eps: torch.Tensor, t: int, prompt_embeds: torch.Tensor, guidance_scale: float
     ) -> torch.Tensor:
         """``g(eps, t, c)``: the student's estimate of the signal ``y_t`` (B, C, h, w), float32, for noise ``eps``
-        (B, C, h, w) and prompt embeddings (B, L, D); ``guidance_scale`` feeds a guidance-range student only."""
+        (B, C, h, w) and prompt embeddings (B, L, D); ``guidance_scale`` feeds a guidance-range student only. A
+        one-step generator (``student_timestep`` set) returns its latent whatever ``t``."""
+        if self.config.get("student_timestep") is not None:
+            t = self.config.student_timestep
         dtype = self.unet.dtype
         timesteps = torch.full((eps.shape[0],), t, dtype=torch.long, device=eps.device)
         kwargs = {}

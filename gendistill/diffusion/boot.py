@@ -83,15 +83,42 @@ class BootConfig:
                 raise UsageError(f"guidance_embedding_dim must be >= 2, got {self.guidance_embedding_dim}")
         if self.num_eval_noises < 1:
             raise UsageError(f"num_eval_noises must be positive, got {self.num_eval_noises}")
-        if self.lora_rank < 0:
-            raise UsageError(f"lora_rank must be >= 0 (0: full student), got {self.lora_rank}")
-        if self.lora_alpha is not None and self.lora_rank == 0:
-            raise UsageError("lora_alpha was given but lora_rank is 0 (no LoRA student)")
-        if self.lora_rank > 0 and importlib.util.find_spec("peft") is None:
-            raise UsageError(
-                f"lora_rank={self.lora_rank} needs peft, which is not installed: pip install 'gendistill[lora]' "
-                "(or use lora_rank 0 for a full student)"
-            )
+        check_lora(self.lora_rank, self.lora_alpha)
+
+
+def check_lora(rank: int, alpha: float | None) -> None:
+    """Raise a ``UsageError`` for LoRA settings that cannot work (a negative rank, an alpha without a rank, peft
+    missing)."""
+    if rank < 0:
+        raise UsageError(f"lora_rank must be >= 0 (0: full student), got {rank}")
+    if alpha is not None and rank == 0:
+        raise UsageError("lora_alpha was given but lora_rank is 0 (no LoRA student)")
+    if rank > 0 and importlib.util.find_spec("peft") is None:
+        raise UsageError(
+            f"lora_rank={rank} needs peft, which is not installed: pip install 'gendistill[lora]' "
+            "(or use lora_rank 0 for a full student)"
+        )
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
+    """Freeze ``unet`` and add trainable LoRA adapters of ``rank`` (scale ``alpha / rank``, default 1) on its
+    ``LORA_TARGETS`` layers, initialized so that the adapted UNet computes what it did (peft's B = 0)."""
+    from peft import LoraConfig  # optional extra: check_lora says how to install it
+
+    names = [name for name, _ in unet.named_modules()]
+    targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+    if not targets:
+        raise UsageError(f"the teacher {type(unet).__name__} has none of the LoRA target layers {LORA_TARGETS}")
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha or rank,
+            init_lora_weights="gaussian",  # B = 0: the adapted student starts as the teacher
+            target_modules=targets,
+        )
+    )
+    return unet
 
 
 def build_student(teacher: DiffusionTeacher, config: BootConfig) -> nn.Module:
@@ -116,21 +143,7 @@ def build_student(teacher: DiffusionTeacher, config: BootConfig) -> nn.Module:
         student = copy.deepcopy(unet)
     student = student.float().train()
     if config.lora_rank > 0:
-        from peft import LoraConfig  # optional extra: BootConfig.validate says how to install it
-
-        names = [name for name, _ in student.named_modules()]
-        targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
-        if not targets:
-            raise UsageError(f"the teacher {type(unet).__name__} has none of the LoRA target layers {LORA_TARGETS}")
-        student.requires_grad_(False)
-        student.add_adapter(
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha or config.lora_rank,
-                init_lora_weights="gaussian",  # B = 0: the adapted student starts as the teacher
-                target_modules=targets,
-            )
-        )
+        add_lora(student, config.lora_rank, config.lora_alpha)
         if config.guidance_range is not None:
             student.time_embedding.cond_proj.requires_grad_(True)
     else:
@@ -140,7 +153,47 @@ def build_student(teacher: DiffusionTeacher, config: BootConfig) -> nn.Module:
     return student
 
 
-class BootTask(nn.Module):
+class PromptConditions:
+    """What a task distilled on a text teacher's prompts shares: ``self.teacher``, ``self.prompts`` (a list, or
+    None for other teachers) and ``self.prompt_embeddings`` (a ``PromptEmbeddings`` cache, or None)."""
+
+    teacher: DiffusionTeacher
+    prompts: list[str] | None
+    prompt_embeddings: PromptEmbeddings | None
+
+    def check_prompts(self, teacher: DiffusionTeacher, prompts, prompt_embeddings, class_ids) -> None:
+        """Set ``prompts`` and ``prompt_embeddings`` after checking them against the teacher's kind."""
+        if teacher.is_text_conditional:
+            if not prompts:
+                raise UsageError("a text-to-image teacher needs prompts to distill on (a prompts file or list)")
+            if class_ids is not None:
+                raise UsageError("class_ids were given but the teacher is text-conditional")
+        elif prompts is not None or prompt_embeddings is not None:
+            raise UsageError("prompts were given but the teacher is not text-conditional")
+        self.prompts = list(prompts) if prompts is not None else None
+        self.prompt_embeddings = None
+        if prompt_embeddings is not None:
+            self.use_prompt_embeddings(prompt_embeddings)
+
+    def use_prompt_embeddings(self, embeddings: PromptEmbeddings) -> None:
+        """Draw prompt conditions from ``embeddings`` (one row per prompt, in order) instead of the text encoder."""
+        if len(embeddings) != len(self.prompts or []):
+            raise UsageError(f"{len(embeddings)} prompt embeddings were given for {len(self.prompts or [])} prompts")
+        self.prompt_embeddings = embeddings
+
+    def prompt_states(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Encoder hidden states (B, L, D) of prompts ``index`` (B,): from the cache, else by the text encoder."""
+        if self.prompt_embeddings is not None:
+            return self.prompt_embeddings[index].to(device, non_blocking=True)
+        return self.teacher.encode_prompts([self.prompts[i] for i in index.tolist()]).to(device)
+
+    @staticmethod
+    def condition(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The UNet condition kwargs held in a batch."""
+        return {key: batch[key] for key in CONDITION_KEYS if key in batch}
+
+
+class BootTask(PromptConditions, nn.Module):
     """Frozen teacher + trainable student; ``forward("student", batch)`` returns the BOOT losses.
 
     Args:
@@ -172,17 +225,7 @@ class BootTask(nn.Module):
                 f"guidance_scale {config.guidance_scale} needs a class- or text-conditional teacher; this one is "
                 "unconditional"
             )
-        if teacher.is_text_conditional:
-            if not prompts:
-                raise UsageError("a text-to-image teacher needs prompts to distill on (a prompts file or list)")
-            if config.class_ids is not None:
-                raise UsageError("class_ids were given but the teacher is text-conditional")
-        elif prompts is not None or prompt_embeddings is not None:
-            raise UsageError("prompts were given but the teacher is not text-conditional")
-        self.prompts = list(prompts) if prompts is not None else None
-        self.prompt_embeddings = None
-        if prompt_embeddings is not None:
-            self.use_prompt_embeddings(prompt_embeddings)
+        self.check_prompts(teacher, prompts, prompt_embeddings, config.class_ids)
         if config.class_ids is not None:
             if not config.class_ids:
                 raise UsageError("class_ids is empty; give at least one class or leave it unset for all classes")
@@ -265,24 +308,6 @@ class BootTask(nn.Module):
         alpha, sigma = self.teacher.schedule.coefficients(t_prev, ndim=eps.ndim)
         d = self.teacher.schedule.step_fraction(t_prev, grid[k], ndim=eps.ndim)
         return t_prev, alpha, sigma, alpha * y + sigma * eps.float(), d
-
-    # --- conditions ----------------------------------------------------------------------------------------
-    def use_prompt_embeddings(self, embeddings: PromptEmbeddings) -> None:
-        """Draw prompt conditions from ``embeddings`` (one row per prompt, in order) instead of the text encoder."""
-        if len(embeddings) != len(self.prompts or []):
-            raise UsageError(f"{len(embeddings)} prompt embeddings were given for {len(self.prompts or [])} prompts")
-        self.prompt_embeddings = embeddings
-
-    def prompt_states(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Encoder hidden states (B, L, D) of prompts ``index`` (B,): from the cache, else by the text encoder."""
-        if self.prompt_embeddings is not None:
-            return self.prompt_embeddings[index].to(device, non_blocking=True)
-        return self.teacher.encode_prompts([self.prompts[i] for i in index.tolist()]).to(device)
-
-    @staticmethod
-    def condition(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The UNet condition kwargs held in a batch."""
-        return {key: batch[key] for key in CONDITION_KEYS if key in batch}
 
     # --- training ------------------------------------------------------------------------------------------
     def sample_batch(self, phase: str, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:

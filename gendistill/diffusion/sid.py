@@ -15,8 +15,10 @@ classifier-free guidance) and ``f_psi`` at ``x_t`` give the loss:
   ``(f_psi - f_phi) / w`` applied to ``x_g`` alone (no gradient through the denoisers). DMD's regression loss,
   which needs teacher samples, is left out as DMD2 does.
 
-Every loss is a mean over elements (the references sum; the scale only changes the learning rate's meaning).
-Derivation, the choices that differ from the papers and measurements: docs/sid.md.
+Teachers: pixel-space ``UNet2DModel`` (unconditional or class-conditional) and Stable Diffusion (latent, from
+prompts only, with LoRA generators as BOOT's). Every loss is a mean over elements (the references sum; the scale
+only changes what a learning rate means). Derivation, the choices that differ from the papers and measurements:
+docs/sid.md.
 
 The generator reads its noise ``z`` as the teacher's input at ``read_timestep`` and its network output as the
 teacher's prediction type there (``parameterization`` "teacher"), with the network told ``input_timestep``: from
@@ -35,14 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.prompts import PromptEmbeddings
 from ..errors import UsageError
 from ..pipelines.boot_math import to_x0
 from ..task import Phase
+from .boot import PromptConditions, add_lora, check_lora
 from .teacher import DiffusionTeacher
 
 OBJECTIVES = ("sid", "dmd")
 PARAMETERIZATIONS = ("teacher", "raw")
-CONDITION_KEYS = ("class_labels", "encoder_hidden_states")
 SID_SIGMA_INIT = 2.5  # SiD's generator noise level sigma_init (EDM units: sigma/alpha), for data in [-1, 1]
 
 
@@ -89,6 +92,11 @@ def denoising_target(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, predicti
     raise UsageError(f"unsupported prediction type {prediction_type!r}; valid: epsilon, v_prediction, sample")
 
 
+def _cast(cond: dict | None, dtype: torch.dtype) -> dict:
+    """UNet condition kwargs with their floating-point tensors (prompt embeddings) in ``dtype``."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in (cond or {}).items()}
+
+
 def init_timestep_for(alphas_cumprod: torch.Tensor, sigma_over_alpha: float = SID_SIGMA_INIT) -> int:
     """The timestep whose noise-to-signal ratio ``sigma_t / alpha_t`` is closest to ``sigma_over_alpha``."""
     ac = alphas_cumprod.detach().double().clamp(1e-12, 1.0)
@@ -110,6 +118,8 @@ class SiDConfig:
     num_eval_noises: int = 16  # fixed noises (and classes) of the sample grids and the evaluation
     eval_seed: int = 1234  # seed of that fixed set (independent of the training RNG)
     gradient_checkpointing: bool = False  # recompute activations of the generator and fake score in backward
+    lora_rank: int = 0  # > 0: the generator trains LoRA adapters of this rank on its frozen start (needs peft)
+    lora_alpha: float | None = None  # LoRA scaling numerator (default: the rank, i.e. scale 1)
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -125,6 +135,7 @@ class SiDConfig:
             raise UsageError(f"num_eval_noises must be positive, got {self.num_eval_noises}")
         if self.fake_lr is not None and not self.fake_lr > 0:
             raise UsageError(f"fake_lr must be positive, got {self.fake_lr}")
+        check_lora(self.lora_rank, self.lora_alpha)
 
 
 @dataclass
@@ -150,37 +161,49 @@ def teacher_init(teacher: DiffusionTeacher, init_timestep: int | None = None) ->
     return GeneratorInit(copy.deepcopy(teacher.unet).float(), read_timestep=t, input_timestep=t)
 
 
-class SiDTask(nn.Module):
+class SiDTask(PromptConditions, nn.Module):
     """Frozen teacher, trainable fake score (phase "fake_score", first) and one-step generator (phase "student").
 
     Args:
-        teacher: a pixel ``DiffusionTeacher`` (unconditional or class-conditional).
+        teacher: a pixel ``DiffusionTeacher`` (unconditional or class-conditional) or a ``TextDiffusionTeacher``
+            (Stable Diffusion, latent).
         config: the objective's settings.
         init: the generator's start (default: :func:`teacher_init`).
+        prompts: the prompts a text teacher is distilled on (required for text teachers, refused otherwise).
+        prompt_embeddings: their encoder hidden states, computed once (``PromptEmbeddings``).
     """
 
     def __init__(
-        self, teacher: DiffusionTeacher, config: SiDConfig | None = None, *, init: GeneratorInit | None = None
+        self,
+        teacher: DiffusionTeacher,
+        config: SiDConfig | None = None,
+        *,
+        init: GeneratorInit | None = None,
+        prompts: list[str] | None = None,
+        prompt_embeddings: PromptEmbeddings | None = None,
     ):
         super().__init__()
         self.config = config = config or SiDConfig()
         config.validate()
-        if teacher.is_text_conditional:
-            raise UsageError("SiD/DMD take pixel-space teachers here; Stable Diffusion teachers are not supported yet")
-        if config.guidance_scale != 1.0 and not teacher.is_class_conditional:
-            raise UsageError(f"guidance_scale {config.guidance_scale} needs a class-conditional teacher")
+        if config.guidance_scale != 1.0 and not (teacher.is_class_conditional or teacher.is_text_conditional):
+            raise UsageError(f"guidance_scale {config.guidance_scale} needs a class- or text-conditional teacher")
+        self.teacher = teacher
+        self.check_prompts(teacher, prompts, prompt_embeddings, config.class_ids)
         if config.class_ids is not None:
             if not config.class_ids:
                 raise UsageError("class_ids is empty; give at least one class or leave it unset for all classes")
             teacher.check_class_labels(list(config.class_ids))
-        self.teacher = teacher
         self.class_ids = list(config.class_ids) if config.class_ids is not None else teacher.class_ids
         init = init or teacher_init(teacher, config.init_timestep)
         if init.parameterization not in PARAMETERIZATIONS:
             raise UsageError(f"parameterization {init.parameterization!r} is not valid; valid: {PARAMETERIZATIONS}")
         self.read_timestep, self.input_timestep = init.read_timestep, init.input_timestep
         self.parameterization, self.boot_grid = init.parameterization, init.grid
-        self.student = init.unet.float().train().requires_grad_(True)
+        self.student = init.unet.float().train()
+        if config.lora_rank > 0:
+            add_lora(self.student, config.lora_rank, config.lora_alpha)
+        else:
+            self.student.requires_grad_(True)
         self.fake_score = copy.deepcopy(teacher.unet).float().train().requires_grad_(True)
         if config.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
@@ -205,7 +228,7 @@ class SiDTask(nn.Module):
         student = self.student if student is None else student
         t_in = torch.full((z.shape[0],), self.input_timestep, device=z.device, dtype=torch.long)
         dtype = next(student.parameters()).dtype
-        u = student(z.to(dtype), t_in, **(cond or {})).sample.float()
+        u = student(z.to(dtype), t_in, **_cast(cond, dtype)).sample.float()
         if self.parameterization == "raw":
             return u
         t_read = torch.full_like(t_in, self.read_timestep)
@@ -214,17 +237,14 @@ class SiDTask(nn.Module):
 
     def fake_x0(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         """The fake score's clean prediction (B, C, H, W) float32 at ``x`` (no guidance)."""
-        u = self.fake_score(x, t, **(cond or {})).sample.float()
+        u = self.fake_score(x, t, **_cast(cond, torch.float32)).sample.float()
         alpha, sigma = self.teacher.schedule.coefficients(t, ndim=x.ndim)
         return to_x0(u, x, alpha, sigma, self.teacher.prediction_type)
 
     # --- training ------------------------------------------------------------------------------------------
-    @staticmethod
-    def condition(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {key: batch[key] for key in CONDITION_KEYS if key in batch}
-
     def sample_batch(self, phase: str, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Generator noise ``z``, diffusion noise ``eps``, timesteps ``t`` and classes, from the global RNG."""
+        """Generator noise ``z``, diffusion noise ``eps``, timesteps ``t`` and classes or prompts (uniformly), from
+        the global RNG."""
         shape = (batch_size, *self.teacher.sample_shape)
         batch = {
             "z": torch.randn(shape, device=device),
@@ -234,6 +254,9 @@ class SiDTask(nn.Module):
         if self.class_ids:
             ids = self.class_id_tensor.to(device)
             batch["class_labels"] = ids[torch.randint(len(ids), (batch_size,), device=device)]
+        if self.prompts is not None:
+            index = torch.randint(len(self.prompts), (batch_size,))  # CPU: indexes a host-side list/cache
+            batch["encoder_hidden_states"] = self.prompt_states(index, device)
         return batch
 
     def forward(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -244,7 +267,7 @@ class SiDTask(nn.Module):
             with torch.no_grad():
                 x_g = self.generate(z, cond)
             x_t = alpha * x_g + sigma * eps
-            u = self.fake_score(x_t, t, **cond).sample.float()
+            u = self.fake_score(x_t, t, **_cast(cond, torch.float32)).sample.float()
             target = denoising_target(x_g, eps, alpha, sigma, self.teacher.prediction_type)
             loss = F.mse_loss(u, target)
             return {"loss": loss, "loss_fake_score": loss.detach()}
@@ -268,7 +291,7 @@ class SiDTask(nn.Module):
 
     # --- quality signals -----------------------------------------------------------------------------------
     def eval_set(self, device: torch.device) -> dict:
-        """Fixed noises and classes (computed once, from ``eval_seed``)."""
+        """Fixed noises and classes or prompts (computed once, from ``eval_seed``)."""
         if self._eval_set is None or self._eval_set["z"].device != torch.device(device):
             gen = torch.Generator().manual_seed(self.config.eval_seed)
             n = self.config.num_eval_noises
@@ -277,6 +300,9 @@ class SiDTask(nn.Module):
             if self.class_ids:
                 ids = torch.tensor(self.class_ids)
                 cond["class_labels"] = ids[torch.randint(len(ids), (n,), generator=gen)].to(device)
+            if self.prompts is not None:
+                index = torch.randint(len(self.prompts), (n,), generator=gen)
+                cond["encoder_hidden_states"] = self.prompt_states(index, device)
             self._eval_set = {"z": z, "cond": cond}
         return self._eval_set
 
@@ -298,6 +324,7 @@ class SiDTask(nn.Module):
 
     @torch.no_grad()
     def sample_images(self, student=None, fake_score=None) -> torch.Tensor:
-        """The generator's samples from the fixed noises, in [0, 1]."""
+        """The generator's samples from the fixed noises, in [0, 1] (latents decoded by the teacher's VAE)."""
         data = self.eval_set(self.class_id_tensor.device)
-        return (self.generate(data["z"], data["cond"], student=student) / 2 + 0.5).clamp(0, 1)
+        images = self.teacher.decode(self.generate(data["z"], data["cond"], student=student))
+        return (images / 2 + 0.5).clamp(0, 1)
