@@ -413,3 +413,18 @@ def test_the_recipe_takes_dfqs_batch_and_lr_from_the_teachers_profile(tmp_path):
     torch.testing.assert_close(
         exported.net.state_dict(), {k: v.contiguous() for k, v in student.net.state_dict().items()}
     )
+
+
+def test_a_run_that_ends_before_the_students_first_step_warns(bn_teacher, tmp_path, caplog):
+    """DFQ's shallow profile runs the generator alone for 60 iterations: a 2-iteration run says that its student is
+    untrained (not an error: a first part that is resumed later is legitimate); an earlier start trains it."""
+    argv = ["dfkd", "--teacher", str(bn_teacher), "--batch-size", "8", "--max-steps", "2", *QUICK]
+    with caplog.at_level("WARNING", logger="gendistill.training.dfkd"):
+        assert main([*argv, "--output", str(tmp_path / "a"), *tiny_generator()]) == 0
+    assert "--max-steps 2 ends before the student's first step" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gendistill.training.dfkd"):
+        assert main([*argv, "--output", str(tmp_path / "b"), *tiny_generator("student_start=1")]) == 0
+    assert "ends before the student's first step" not in caplog.text
+    rows = [json.loads(line) for line in (tmp_path / "b" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss/student" in row] == [2]

@@ -281,9 +281,10 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     fails(_sid(teacher, tmp_path / "c", "--init", f"boot:{tmp_path}/nothing"), "no model_index.json")
     fails(_sid(teacher, tmp_path / "d", "--timestep-range", "0.9,0.1"), "timestep_range must be [low, high]")
     fails(_sid(teacher, tmp_path / "e", "--init", "boot:x", "--init-timestep", "5"), "--init-timestep applies")
-    fails(_sid(teacher, tmp_path / "f", "--init-timestep", "1000"), "init_timestep 1000 is out of range")
+    fails(_sid(teacher, tmp_path / "f", "--init-timestep", "1000"), "init_timestep 1000 is out of range; valid: 1..")
+    fails(_sid(teacher, tmp_path / "g", "--init-timestep", "0"), "init_timestep 0 is out of range")
     fails(_sid(teacher, tmp_path / "teacher" / "unet"), "")
-    for name in "abcdef":
+    for name in "abcdefg":
         assert not (tmp_path / name / "model_index.json").exists()
 
 

@@ -10,6 +10,7 @@ architecture, is exported the same way (``model.safetensors`` + ``config.json``)
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from .recipes import TrainRecipe, convert_value, parse_recipe
 
 EVAL_SPLITS = ("test", "all")  # --eval-split: the held-out part of --eval-data, or all of it
 COMMAND = "dfkd"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -200,7 +203,27 @@ def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
             }
         return summary
 
-    return run_recipe(recipe, COMMAND, lambda: task_from_recipe(recipe) if task is None else task, export)
+    def build() -> DFKDTask:
+        built = task_from_recipe(recipe) if task is None else task
+        check_student_start(recipe, built)
+        return built
+
+    return run_recipe(recipe, COMMAND, build, export)
+
+
+def check_student_start(recipe: DFKDRecipe, task: DFKDTask) -> None:
+    """Warn when the run ends before the student's first step (the exported student would be untrained); a run that
+    is resumed later with more ``--max-steps`` (its first part) is legitimate, so this is not an error."""
+    start = getattr(task.synthesizer.config, "student_start", 0) or 0
+    if start and recipe.max_steps <= start:
+        logger.warning(
+            "--max-steps %d ends before the student's first step: method %r runs its generator alone for the first "
+            "%d iterations (student_start), so the exported student is untrained unless the run is resumed with "
+            "more --max-steps; --method-options student_start=N moves the first step",
+            recipe.max_steps,
+            recipe.method,
+            start,
+        )
 
 
 def distill(

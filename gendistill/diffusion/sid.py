@@ -156,8 +156,8 @@ class GeneratorInit:
 def teacher_init(teacher: DiffusionTeacher, init_timestep: int | None = None) -> GeneratorInit:
     """A float32 copy of the teacher UNet reading its noise at ``init_timestep`` (default: sigma/alpha = 2.5)."""
     t = init_timestep_for(teacher.schedule.alphas_cumprod) if init_timestep is None else int(init_timestep)
-    if not 0 <= t < teacher.schedule.num_train_timesteps:
-        raise UsageError(f"init_timestep {t} is out of range; valid: 0..{teacher.schedule.num_train_timesteps - 1}")
+    if not 1 <= t < teacher.schedule.num_train_timesteps:  # 0 would leave no noise to read
+        raise UsageError(f"init_timestep {t} is out of range; valid: 1..{teacher.schedule.num_train_timesteps - 1}")
     return GeneratorInit(copy.deepcopy(teacher.unet).float(), read_timestep=t, input_timestep=t)
 
 
