@@ -192,6 +192,26 @@ class PromptConditions:
         """The UNet condition kwargs held in a batch."""
         return {key: batch[key] for key in CONDITION_KEYS if key in batch}
 
+    def draw_conditions(
+        self, n: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``n`` conditions drawn uniformly: class labels (``self.class_ids``, a device tensor
+        ``self.class_id_tensor``) and/or prompt states. Without ``generator`` the classes come from the device's global
+        RNG and the prompt indices from the CPU's (training batches, restored on resume); with it (a CPU generator),
+        both come from it (fixed evaluation sets)."""
+        cond = {}
+        if self.class_ids:
+            if generator is None:
+                ids = self.class_id_tensor.to(device)
+                cond["class_labels"] = ids[torch.randint(len(ids), (n,), device=device)]
+            else:
+                ids = torch.tensor(self.class_ids)
+                cond["class_labels"] = ids[torch.randint(len(ids), (n,), generator=generator)].to(device)
+        if self.prompts is not None:
+            index = torch.randint(len(self.prompts), (n,), generator=generator)  # CPU: indexes a host-side cache
+            cond["encoder_hidden_states"] = self.prompt_states(index, device)
+        return cond
+
 
 class BootTask(PromptConditions, nn.Module):
     """Frozen teacher + trainable student; ``forward("student", batch)`` returns the BOOT losses.
@@ -323,13 +343,7 @@ class BootTask(PromptConditions, nn.Module):
         k[:num_boundary] = 1
         boundary = torch.zeros(batch_size, dtype=torch.bool, device=device)
         boundary[:num_boundary] = True
-        batch = {"eps": eps, "k": k, "boundary": boundary}
-        if self.class_ids:
-            ids = self.class_id_tensor.to(device)
-            batch["class_labels"] = ids[torch.randint(len(ids), (batch_size,), device=device)]
-        if self.prompts is not None:
-            index = torch.randint(len(self.prompts), (batch_size,))  # CPU: indexes a host-side list/cache
-            batch["encoder_hidden_states"] = self.prompt_states(index, device)
+        batch = {"eps": eps, "k": k, "boundary": boundary, **self.draw_conditions(batch_size, device)}
         if self.config.guidance_range is not None:
             w_min, w_max = self.config.guidance_range
             batch["guidance_scale"] = w_min + (w_max - w_min) * torch.rand(batch_size, device=device)
@@ -392,13 +406,7 @@ class BootTask(PromptConditions, nn.Module):
             gen = torch.Generator().manual_seed(self.config.eval_seed)
             n = self.config.num_eval_noises
             eps = torch.randn(n, *self.teacher.sample_shape, generator=gen).to(device)
-            cond = {}
-            if self.class_ids:
-                ids = torch.tensor(self.class_ids)
-                cond["class_labels"] = ids[torch.randint(len(ids), (n,), generator=gen)].to(device)
-            if self.prompts is not None:
-                index = torch.randint(len(self.prompts), (n,), generator=gen)
-                cond["encoder_hidden_states"] = self.prompt_states(index, device)
+            cond = self.draw_conditions(n, device, generator=gen)
             target = self.teacher_trajectory(eps, cond)
             self._eval_set = {"eps": eps, "cond": cond, "target": target}
         return self._eval_set

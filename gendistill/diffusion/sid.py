@@ -251,13 +251,7 @@ class SiDTask(PromptConditions, nn.Module):
             "eps": torch.randn(shape, device=device),
             "t": torch.randint(self.t_min, self.t_max + 1, (batch_size,), device=device),
         }
-        if self.class_ids:
-            ids = self.class_id_tensor.to(device)
-            batch["class_labels"] = ids[torch.randint(len(ids), (batch_size,), device=device)]
-        if self.prompts is not None:
-            index = torch.randint(len(self.prompts), (batch_size,))  # CPU: indexes a host-side list/cache
-            batch["encoder_hidden_states"] = self.prompt_states(index, device)
-        return batch
+        return {**batch, **self.draw_conditions(batch_size, device)}
 
     def forward(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         z, eps, t, cond = batch["z"], batch["eps"], batch["t"], self.condition(batch)
@@ -296,14 +290,7 @@ class SiDTask(PromptConditions, nn.Module):
             gen = torch.Generator().manual_seed(self.config.eval_seed)
             n = self.config.num_eval_noises
             z = torch.randn(n, *self.teacher.sample_shape, generator=gen).to(device)
-            cond = {}
-            if self.class_ids:
-                ids = torch.tensor(self.class_ids)
-                cond["class_labels"] = ids[torch.randint(len(ids), (n,), generator=gen)].to(device)
-            if self.prompts is not None:
-                index = torch.randint(len(self.prompts), (n,), generator=gen)
-                cond["encoder_hidden_states"] = self.prompt_states(index, device)
-            self._eval_set = {"z": z, "cond": cond}
+            self._eval_set = {"z": z, "cond": self.draw_conditions(n, device, generator=gen)}
         return self._eval_set
 
     @torch.no_grad()
