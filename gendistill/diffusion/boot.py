@@ -161,8 +161,9 @@ class PromptConditions:
     prompts: list[str] | None
     prompt_embeddings: PromptEmbeddings | None
 
-    def check_prompts(self, teacher: DiffusionTeacher, prompts, prompt_embeddings, class_ids) -> None:
-        """Set ``prompts`` and ``prompt_embeddings`` after checking them against the teacher's kind."""
+    def set_conditions(self, teacher: DiffusionTeacher, prompts, prompt_embeddings, class_ids) -> None:
+        """Set ``prompts``, ``prompt_embeddings`` and ``class_ids`` (None: all of the teacher's classes) after checking
+        them against the teacher's kind."""
         if teacher.is_text_conditional:
             if not prompts:
                 raise UsageError("a text-to-image teacher needs prompts to distill on (a prompts file or list)")
@@ -174,6 +175,11 @@ class PromptConditions:
         self.prompt_embeddings = None
         if prompt_embeddings is not None:
             self.use_prompt_embeddings(prompt_embeddings)
+        if class_ids is not None:
+            if not class_ids:
+                raise UsageError("class_ids is empty; give at least one class or leave it unset for all classes")
+            teacher.check_class_labels(list(class_ids))
+        self.class_ids = list(class_ids) if class_ids is not None else teacher.class_ids
 
     def use_prompt_embeddings(self, embeddings: PromptEmbeddings) -> None:
         """Draw prompt conditions from ``embeddings`` (one row per prompt, in order) instead of the text encoder."""
@@ -245,12 +251,7 @@ class BootTask(PromptConditions, nn.Module):
                 f"guidance_scale {config.guidance_scale} needs a class- or text-conditional teacher; this one is "
                 "unconditional"
             )
-        self.check_prompts(teacher, prompts, prompt_embeddings, config.class_ids)
-        if config.class_ids is not None:
-            if not config.class_ids:
-                raise UsageError("class_ids is empty; give at least one class or leave it unset for all classes")
-            teacher.check_class_labels(list(config.class_ids))
-        self.class_ids = list(config.class_ids) if config.class_ids is not None else teacher.class_ids
+        self.set_conditions(teacher, prompts, prompt_embeddings, config.class_ids)
         self.student = build_student(teacher, config)
         self.grid = boot_grid(teacher.schedule.num_train_timesteps, config.num_intervals)
         # Device copies of the grid and class ids (moved by .to()), so a training step does no host->device copy.

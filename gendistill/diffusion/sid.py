@@ -41,11 +41,10 @@ from ..data.prompts import PromptEmbeddings
 from ..errors import UsageError
 from ..pipelines.boot_math import to_x0
 from ..task import Phase
-from .boot import PromptConditions, add_lora, check_lora
+from .boot import PARAMETERIZATIONS, PromptConditions, add_lora, check_lora
 from .teacher import DiffusionTeacher
 
 OBJECTIVES = ("sid", "dmd")
-PARAMETERIZATIONS = ("teacher", "raw")
 SID_SIGMA_INIT = 2.5  # SiD's generator noise level sigma_init (EDM units: sigma/alpha), for data in [-1, 1]
 
 
@@ -188,12 +187,7 @@ class SiDTask(PromptConditions, nn.Module):
         if config.guidance_scale != 1.0 and not (teacher.is_class_conditional or teacher.is_text_conditional):
             raise UsageError(f"guidance_scale {config.guidance_scale} needs a class- or text-conditional teacher")
         self.teacher = teacher
-        self.check_prompts(teacher, prompts, prompt_embeddings, config.class_ids)
-        if config.class_ids is not None:
-            if not config.class_ids:
-                raise UsageError("class_ids is empty; give at least one class or leave it unset for all classes")
-            teacher.check_class_labels(list(config.class_ids))
-        self.class_ids = list(config.class_ids) if config.class_ids is not None else teacher.class_ids
+        self.set_conditions(teacher, prompts, prompt_embeddings, config.class_ids)
         init = init or teacher_init(teacher, config.init_timestep)
         if init.parameterization not in PARAMETERIZATIONS:
             raise UsageError(f"parameterization {init.parameterization!r} is not valid; valid: {PARAMETERIZATIONS}")
