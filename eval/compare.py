@@ -64,23 +64,26 @@ def boot_samplers(
     refine: Sequence[int] = (),
     solvers: dict[str, Sequence[int]] | None = None,
     boot_grid_teacher: bool = False,
+    prompts_for: Callable[[torch.Tensor], list[str]] | None = None,
 ) -> list[Sampler]:
     """The student (1 step, then ``refine`` teacher steps along its grid) and the teacher's diffusers ``solvers``
     (``{"ddim": [1, 50], ...}``) with the student's guidance scale; ``boot_grid_teacher``: also the teacher's own
-    K-step DDIM on the BOOT grid (the trajectory the student learned)."""
+    K-step DDIM on the BOOT grid (the trajectory the student learned). ``prompts_for``: for a text-to-image
+    teacher, the prompts (one per sample) that request classes ``y``; the judge checks the requested class."""
     guidance = float(pipe.config.guidance_scale)
     k_steps = len(pipe.config.boot_timesteps) - 1
     per_step = 2 if guidance != 1.0 else 1
 
     def solver_fn(solver: str, steps: int):
         def fn(eps, y):
-            x = teacher_sample(teacher, eps, solver=solver, num_steps=steps, class_labels=y, guidance_scale=guidance)
+            condition = {"class_labels": y} if prompts_for is None else {"prompts": prompts_for(y)}
+            x = teacher_sample(teacher, eps, solver=solver, num_steps=steps, guidance_scale=guidance, **condition)
             return x.add(1).div(2).clamp(0, 1)
 
         return fn
 
     def student_fn(k: int):
-        return lambda eps, y: pipe(class_labels=y, latents=eps, refine_steps=k, output_type="pt").images
+        return lambda eps, y: student_images(pipe, eps, y, prompts_for, refine_steps=k)
 
     out = []
     for solver, steps_list in (solvers or {}).items():
@@ -100,6 +103,27 @@ def boot_samplers(
         label = f"BOOT student + {k} teacher step{'s' * (k > 1)}"
         out.append(Sampler(f"student_refine{k}", label, "student", 1 + k, 1 + k * per_step, student_fn(k)))
     return out
+
+
+def student_images(pipe, eps, y, prompts_for=None, **kwargs) -> torch.Tensor:
+    """A BOOT/SiD pipeline's images in [0, 1] for noises ``eps`` and requested classes ``y`` (as prompts when
+    ``prompts_for`` is given)."""
+    if prompts_for is None:
+        return pipe(class_labels=y, latents=eps, output_type="pt", **kwargs).images
+    return pipe(prompt=prompts_for(y), latents=eps, output_type="pt", **kwargs).images
+
+
+def to_judge(images: torch.Tensor, judge: Judge) -> torch.Tensor:
+    """Images (N, C, h, w) in [0, 1] as the judge reads them: RGB averaged to gray for a one-channel judge (a
+    text-to-image teacher's autoencoder writes three channels), then zero-padded to its input size."""
+    channels = judge.model.config.in_channels
+    if images.shape[1] == 3 and channels == 1:
+        images = images.mean(1, keepdim=True)
+    if images.shape[1] != channels:
+        raise UsageError(
+            f"samples with {images.shape[1]} channels cannot be judged by a {channels}-channel classifier"
+        )
+    return pad_to(images, judge.image_size)
 
 
 def noise_batches(count: int, shape: Sequence[int], seed: int, device: torch.device, num_classes: int):
@@ -160,7 +184,7 @@ def run_samplers(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - began
-            images.append(pad_to(x.float().cpu(), judge.image_size))
+            images.append(to_judge(x.float().cpu(), judge))
             labels.append(y.cpu())
         images, labels = torch.cat(images), torch.cat(labels)
         stats = compute_stats(images.split(250), judge.extractor, device=device)

@@ -24,7 +24,16 @@ from gendistill.dfkd.models import load_classifier
 from gendistill.diffusion.teacher import DiffusionTeacher
 
 from .classifier import agreement, plot_accuracy_vs_time, time_to_accuracy, topk_accuracy
-from .compare import BATCH_SIZE, Judge, boot_samplers, class_rows, noise_batches, run_samplers
+from .compare import (
+    BATCH_SIZE,
+    Judge,
+    Sampler,
+    boot_samplers,
+    class_rows,
+    noise_batches,
+    run_samplers,
+    student_images,
+)
 from .report import Report, device_description
 from .samplers import solver_settings
 from .sources import load_student_pipeline
@@ -56,6 +65,12 @@ def evaluate_boot(report: Report, folder: Path, device: torch.device, eval_sampl
     samplers = boot_samplers(
         pipe, teacher, refine=(1, 2), solvers={"ddim": (TEACHER_STEPS, 1)}, boot_grid_teacher=True
     )
+    sid_dir = folder / "sid"
+    if (sid_dir / "model_index.json").is_file():  # the demo's SiD stage ran (it is skipped with --sid-steps 0)
+        sid_pipe = load_student_pipeline(sid_dir, device=device)
+        sid_pipe.set_progress_bar_config(disable=True)
+        label = "SiD student (from the BOOT student), 1 step"
+        samplers.append(Sampler("sid", label, "student", 1, 1, lambda eps, y: student_images(sid_pipe, eps, y)))
     results, grids = run_samplers(
         samplers,
         judge,
@@ -78,7 +93,7 @@ def evaluate_boot(report: Report, folder: Path, device: torch.device, eval_sampl
     # Pictures first: same noises across samplers, then per-class grids.
     per = min(10, eval_samples // num_classes)
     if per >= 1:
-        order = [teacher_key, "teacher_ddim1", "student", "student_refine2"]
+        order = [teacher_key, "teacher_ddim1", "student", "student_refine2", *(["sid"] if "sid" in grids else [])]
         first = torch.cat([grids[k][:num_classes] for k in order])
         report.add_grid(
             "teacher_vs_student",
@@ -95,16 +110,21 @@ def evaluate_boot(report: Report, folder: Path, device: torch.device, eval_sampl
                 nrow=per,
             )
     series = {}
-    for model, name in (("teacher", "teacher, DDIM"), ("student", "BOOT student (+ refinement steps)")):
-        points = sorted(
-            (r["seconds_per_image"] * 1e3, r["fid_lenet"]) for r in results.values() if r["model"] == model
-        )
-        series[name] = ([p[0] for p in points], [p[1] for p in points])
+    groups = (
+        ("teacher, DDIM", lambda key, r: r["model"] == "teacher"),
+        ("BOOT student (+ refinement steps)", lambda key, r: r["model"] == "student" and key != "sid"),
+        ("SiD student", lambda key, r: key == "sid"),
+    )
+    for name, member in groups:
+        points = sorted((r["seconds_per_image"] * 1e3, r["fid_lenet"]) for k, r in results.items() if member(k, r))
+        if points:
+            series[name] = ([p[0] for p in points], [p[1] for p in points])
     report.add_plot(
         "quality_vs_time",
         series,
         "FID (LeNet features, lower is better) against milliseconds per image (batched sampling on this device): "
-        "the teacher's DDIM at 1, K and 50 steps; the student at 1 step and with 1 and 2 teacher refinement steps",
+        "the teacher's DDIM at 1, K and 50 steps; the BOOT student at 1 step and with 1 and 2 teacher refinement "
+        "steps; the SiD student's one step",
         xlabel="ms per image",
         ylabel="FID",
         logx=True,
@@ -211,6 +231,17 @@ def evaluate_demo(folder: str | os.PathLike, *, device: torch.device, eval_sampl
             "BOOT FID, LeNet features (lower is better)",
             f"{teacher50['fid_lenet']:.2f}",
             f"{student['fid_lenet']:.2f}",
+        ),
+        *(
+            [
+                _row(
+                    "SiD FID, LeNet features (student: 1 step, BOOT + SiD)",
+                    f"{teacher50['fid_lenet']:.2f}",
+                    f"{r['sid']['fid_lenet']:.2f}",
+                )
+            ]
+            if "sid" in r
+            else []
         ),
         _row(
             "BOOT time per image, batch 1",

@@ -64,19 +64,26 @@ def teacher_sample(
     solver: str,
     num_steps: int,
     class_labels: torch.Tensor | None = None,
+    prompts: list[str] | None = None,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Images (B, C, H, W) in [-1, 1] from ``noise`` (B, C, H, W) with ``num_steps`` steps of ``solver``; one UNet
-    call per step (batch 2B with guidance). ``class_labels`` (B,) for a class-conditional teacher."""
+    """Images (B, C, H, W) in [-1, 1] from ``noise`` (B, C, H, W) (latents for a latent teacher) with ``num_steps``
+    steps of ``solver``; one UNet call per step (batch 2B with guidance). ``class_labels`` (B,) for a
+    class-conditional teacher, ``prompts`` (B strings) for a text-to-image one."""
     if num_steps < 1:
         raise UsageError(f"num_steps must be positive, got {num_steps}")
     teacher.check_class_labels(class_labels)
     if teacher.is_class_conditional and class_labels is None:
         raise UsageError("a class-conditional teacher needs class_labels")
+    if teacher.is_text_conditional and (prompts is None or len(prompts) != len(noise)):
+        raise UsageError(f"a text-to-image teacher needs one prompt per noise ({len(noise)}), got {prompts!r:.200}")
     device = noise.device
     scheduler = make_scheduler(teacher, solver)
     scheduler.set_timesteps(num_steps, device=device)
-    cond = None if class_labels is None else {"class_labels": class_labels.to(device)}
+    if teacher.is_text_conditional:
+        cond = teacher.condition(teacher.encode_prompts(list(prompts)))
+    else:
+        cond = None if class_labels is None else {"class_labels": class_labels.to(device)}
     x = noise.float() * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         timesteps = t.expand(x.shape[0]).to(device)

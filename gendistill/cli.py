@@ -17,13 +17,13 @@ from gendistill.errors import EXIT_DIVERGED, EXIT_USAGE, DivergedError, UsageErr
 COMMANDS = {
     "boot": "distill a diffusers teacher into a one-step BOOT student pipeline",
     "sid": "distill a pixel diffusers teacher into a one-step generator with SiD or DMD (fake score network)",
-    "teach": "train a teacher (methods: diffusion, classifier)",
+    "teach": "train a teacher (methods: diffusion, text2image, classifier)",
     "dfkd": "distill a classifier into a student on synthesized images only (DAFL, Fast, CMI, ...)",
     "demo": "run the embedded default end to end (MNIST: BOOT one-step student, DFKD student, report)",
     "sample": "sample a grid of images from a saved BOOT student folder",
     "eval": "measure: fid, kid, clip, accuracy, asr, speed (metrics.json + report.md with images)",
 }
-TEACH_METHODS = ("diffusion", "classifier")
+TEACH_METHODS = ("diffusion", "text2image", "classifier")
 
 USAGE = (
     "usage: gendistill {"
@@ -44,6 +44,8 @@ def _dispatch(command: str, argv: list[str]) -> int:
             raise UsageError(f"unknown teach method {got!r}; valid: {', '.join(TEACH_METHODS)}")
         if argv[0] == "diffusion":
             from gendistill.training.teach_diffusion import main
+        elif argv[0] == "text2image":
+            from gendistill.training.teach_text2image import main
         else:
             from gendistill.training.teach_classifier import main
         argv = argv[1:]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gendistill.errors import UsageError
+
 
 @dataclass
 class Phase:
@@ -22,3 +24,22 @@ class Phase:
     lr: float | None = None  # learning-rate override for this phase (None: the recipe's lr)
     start: int = 0  # the first training iteration (0-based) that runs this phase: the ones before skip it, which
     # warms the other phases up (DFKD: the generator learns alone while its images are still noise)
+    stop: int | None = None  # the first training iteration that no longer runs this phase (None: it runs to the end);
+    # a stage that must finish before the next starts (a text-to-image teacher: the autoencoder, then the denoiser)
+    ema: bool = True  # keep an EMA of this phase's weights when the recipe asks for one (export and sample grids use
+    # it); False: the live weights are final (an autoencoder whose latents a later phase was trained on)
+
+    def __post_init__(self):
+        if self.start < 0:
+            raise UsageError(f"phase {self.name!r}: start must be >= 0, got {self.start}")
+        if self.stop is not None and self.stop <= self.start:
+            raise UsageError(f"phase {self.name!r}: stop ({self.stop}) must be after start ({self.start})")
+
+    def runs_at(self, step: int) -> bool:
+        """Whether training iteration ``step`` (0-based) runs this phase."""
+        return step >= self.start and (self.stop is None or step < self.stop)
+
+    def num_steps(self, max_steps: int) -> int:
+        """The iterations of ``0..max_steps-1`` that run this phase (its learning-rate schedule's length)."""
+        end = max_steps if self.stop is None else min(self.stop, max_steps)
+        return max(0, end - self.start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import shutil
@@ -13,7 +14,7 @@ from diffusers import DDIMScheduler
 from diffusers.models.embeddings import get_timestep_embedding
 
 from gendistill.data.prompts import PromptEmbeddings, load_prompts, prompts_fingerprint
-from gendistill.diffusion.boot import BootConfig, BootTask, guidance_embedding
+from gendistill.diffusion.boot import BootConfig, BootTask, guidance_embedding, resolve_parameterization
 from gendistill.diffusion.teacher import DiffusionTeacher, TextDiffusionTeacher, load_teacher
 
 PROMPTS = ["a red cat", "a blue dog", "a cat", "red", "blue blue dog"]
@@ -182,10 +183,22 @@ def test_guidance_embedding_is_the_lcm_sinusoid():
     assert torch.equal(guidance_embedding(w, 16), get_timestep_embedding(w * 1000, 16, False, 1))
 
 
+def test_auto_parameterization_reads_an_epsilon_teachers_student_as_the_signal(components):
+    teacher = make_teacher(components)  # epsilon prediction, Stable Diffusion's schedule (alpha_T = 0.068)
+    task = BootTask(teacher, BootConfig(num_intervals=4, guidance_scale=3.0), prompts=PROMPTS)
+    assert task.config.parameterization == "raw" and BootConfig().parameterization == "auto"
+    eps, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 333])
+    cond = teacher.condition(encode(components, ["a cat", "a dog"]))
+    with torch.no_grad():
+        u = task.student(eps, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        torch.testing.assert_close(task.student_signal(eps, t, cond), u)
+    assert resolve_parameterization("v_prediction") == "teacher" and resolve_parameterization("sample") == "teacher"
+
+
 def test_guidance_range_student_starts_as_teacher_and_reads_the_scale(components):
     teacher = make_teacher(components)
     config = BootConfig(num_intervals=4, guidance_scale=4.0, guidance_range=(1.0, 8.0), guidance_embedding_dim=16)
-    task = BootTask(teacher, config, prompts=PROMPTS)
+    task = BootTask(teacher, dataclasses.replace(config, parameterization="teacher"), prompts=PROMPTS)
     assert task.student.config.time_cond_proj_dim == 16 and teacher.unet.config.time_cond_proj_dim is None
     assert torch.count_nonzero(task.student.time_embedding.cond_proj.weight) == 0
     eps, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 333])

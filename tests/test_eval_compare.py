@@ -10,7 +10,8 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from gendistill.diffusion.teacher import DiffusionTeacher
-from gendistill.eval.compare import Judge, Sampler, noise_batches, pad_to, run_samplers
+from gendistill.errors import UsageError
+from gendistill.eval.compare import Judge, Sampler, noise_batches, pad_to, run_samplers, to_judge
 from gendistill.eval.features import ModuleFeatures
 from gendistill.eval.fid import compute_stats
 from gendistill.eval.samplers import make_scheduler, teacher_sample
@@ -106,7 +107,7 @@ class _PixelJudge(nn.Module):
 
 def test_run_samplers_counts_agreement_and_shares_noises():
     judge_model = _PixelJudge()
-    judge_model.config = type("C", (), {"image_size": 8})()
+    judge_model.config = type("C", (), {"image_size": 8, "in_channels": 1})()
     real = torch.rand(40, 1, 8, 8)
     extractor = ModuleFeatures(nn.Flatten(), name="pixels")
     judge = Judge(
@@ -150,3 +151,56 @@ def test_run_samplers_counts_agreement_and_shares_noises():
     assert all(torch.equal(x, y) for x, y in zip(seen["a"], expected))
     assert results["b"]["unet_evaluations_per_image"] == 4 and results["a"]["seconds_per_image"] > 0
     assert results["a"]["fid_lenet"] > 0
+
+
+def test_to_judge_averages_rgb_for_a_gray_judge_and_pads():
+    judge = type("J", (), {})()
+    judge.model = type("M", (), {"config": type("C", (), {"image_size": 6, "in_channels": 1})()})()
+    judge.image_size = 6
+    rgb = torch.rand(2, 3, 4, 4)
+    out = to_judge(rgb, judge)
+    assert out.shape == (2, 1, 6, 6) and out[:, :, 0].abs().sum() == 0 and out[:, :, :, 0].abs().sum() == 0
+    torch.testing.assert_close(out[:, 0, 1:5, 1:5], (rgb[:, 0] + rgb[:, 1] + rgb[:, 2]) / 3)
+    with pytest.raises(UsageError, match="2 channels"):
+        to_judge(torch.rand(1, 2, 4, 4), judge)
+
+
+def test_the_teachers_samplers_and_a_student_take_prompts_for_a_text_to_image_teacher(tmp_path):
+    from conftest import save_sd_teacher
+
+    from gendistill.diffusion.boot import BootConfig, BootTask
+    from gendistill.diffusion.teacher import load_teacher
+    from gendistill.eval.compare import boot_samplers
+    from gendistill.pipelines import BootPipeline
+
+    teacher = load_teacher(save_sd_teacher(tmp_path / "sd"))
+    eps, y = torch.randn(2, 4, 8, 8), torch.tensor([0, 1])
+    names = ["a red cat", "a blue dog"]
+    images = teacher_sample(teacher, eps, solver="ddim", num_steps=2, prompts=names, guidance_scale=3.0)
+    # The same two DDIM steps written out with the teacher's guided prediction and the latent decode.
+    scheduler = make_scheduler(teacher, "ddim")
+    scheduler.set_timesteps(2)
+    cond, x = teacher.condition(teacher.encode_prompts(names)), eps.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(teacher.guided_native(x, t.expand(2), cond, 3.0), t, x).prev_sample
+    torch.testing.assert_close(images, teacher.decode(x))
+    with pytest.raises(UsageError, match="one prompt per noise"):
+        teacher_sample(teacher, eps, solver="ddim", num_steps=1, prompts=names[:1])
+
+    task = BootTask(teacher, BootConfig(num_intervals=2, guidance_scale=3.0), prompts=names)
+    pipe = BootPipeline(
+        vae=teacher.vae,
+        text_encoder=teacher.text_encoder,
+        tokenizer=teacher.tokenizer,
+        unet=task.student,
+        scheduler=teacher.scheduler,
+        boot_timesteps=task.grid,
+        parameterization=task.config.parameterization,
+        guidance_scale=3.0,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    samplers = boot_samplers(pipe, teacher, solvers={"ddim": (2,)}, prompts_for=lambda y: [names[int(c)] for c in y])
+    teacher_fn, student_fn = samplers[0].fn, samplers[1].fn
+    torch.testing.assert_close(teacher_fn(eps, y), images.add(1).div(2).clamp(0, 1))
+    expected = pipe(prompt=names, latents=eps, output_type="pt").images
+    torch.testing.assert_close(student_fn(eps, y), expected)

@@ -49,7 +49,8 @@ class BootRecipe(TrainRecipe):
     guidance_range: list[float] | None = None  # w_min,w_max: one student serves every scale in it (text teachers)
     guidance_embedding_dim: int = 256  # size of the student's guidance embedding (with a guidance range)
     class_ids: list[int] | None = None  # classes to distill (default: all but the null class)
-    parameterization: str = "teacher"  # "teacher" (output read as the teacher's prediction at x_T) or "raw"
+    parameterization: str = "auto"  # "teacher" (output read as the teacher's prediction at x_T), "raw" or "auto"
+    # ("raw" for an epsilon teacher, "teacher" otherwise)
     boundary_fraction: float = 0.25  # share of each batch on the boundary interval k = 1
     boundary_weight: float = 1.0  # weight of the boundary loss
     num_eval_noises: int = 16  # fixed noises for the trajectory error and sample grids

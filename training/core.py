@@ -318,7 +318,7 @@ class Trainer:
                 recipe.lr_scheduler,
                 optimizer=optimizer,
                 num_warmup_steps=recipe.lr_warmup_steps,
-                num_training_steps=max(1, recipe.max_steps - phase.start) * phase.steps,
+                num_training_steps=max(1, phase.num_steps(recipe.max_steps)) * phase.steps,
             )
             module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
             if recipe.compile != "no":
@@ -327,7 +327,7 @@ class Trainer:
                 module = torch.compile(module, backend=recipe.compile)
             setattr(task, phase.name, module)
             self.optimizers[phase.name], self.schedulers[phase.name] = optimizer, scheduler
-            if recipe.ema_decay > 0:
+            if recipe.ema_decay > 0 and phase.ema:
                 # Over the trainable parameters only (a LoRA student's frozen base needs no average).
                 live = accelerator.unwrap_model(module, keep_torch_compile=False)
                 ema = EMAModel(_trainable(live), decay=recipe.ema_decay)
@@ -628,7 +628,7 @@ class Trainer:
                 break
             stepped_all = True
             for phase in self.phases:
-                if counters.step < phase.start:
+                if not phase.runs_at(counters.step):
                     continue
                 for _ in range(phase.steps):
                     loss, stepped = self._phase_step(phase, recipe.batch_size)

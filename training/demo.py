@@ -6,11 +6,15 @@
    and are copied into ``OUTPUT/teachers``; ``--train-teachers`` trains them again with the same recipes instead.
 2. BOOT: the DDPM is distilled into a one-step student (classifier-free guidance baked in) from noise alone,
    saved as a diffusers pipeline folder (``OUTPUT/boot``) that also holds the teacher UNet for refinement.
-3. DFKD: the LeNet-5 is distilled into LeNet-5-half on synthesized images only (DFQ: a generator trained to match
+3. SiD: the BOOT student is sharpened by Score identity Distillation for a few steps (``OUTPUT/sid``, the same kind
+   of pipeline folder): a fake score network learns the student's own distribution and the student moves where the
+   teacher's denoiser and the fake one disagree; still no image is touched.
+4. DFKD: the LeNet-5 is distilled into LeNet-5-half on synthesized images only (DFQ: a generator trained to match
    the teacher's BatchNorm statistics while fooling the student), saved as ``OUTPUT/dfkd``.
-4. Evaluation (``OUTPUT/report``: report.md + metrics.json + PNGs): class agreement and LeNet-feature FID of the
-   teacher's 50-step DDIM, the teacher's own 1-step DDIM and the student (1 step, and with 1 or 2 teacher
-   refinement steps), all from the same noises; per-class grids; held-out accuracy of both classifiers; speed-ups.
+5. Evaluation (``OUTPUT/report``: report.md + metrics.json + PNGs): class agreement and LeNet-feature FID of the
+   teacher's 50-step DDIM, the teacher's own 1-step DDIM, the BOOT student (1 step, and with 1 or 2 teacher
+   refinement steps) and the SiD student (1 step), all from the same noises; per-class grids; held-out accuracy of
+   both classifiers; speed-ups.
    A short summary table is printed at the end.
 
 ``--budget small`` (default) is sized to finish within 10 minutes on 2 CPU cores; ``--budget full`` trains much
@@ -33,7 +37,7 @@ import torch
 from gendistill.dfkd.synthesizers.dfq import PROFILES
 from gendistill.errors import UsageError
 
-from . import boot, dfkd, teach_classifier, teach_diffusion
+from . import boot, dfkd, sid, teach_classifier, teach_diffusion
 
 MARKER = "gendistill_demo.json"
 DEVICES = ("auto", "cpu", "cuda")
@@ -45,6 +49,7 @@ class Budget:
     boot_steps: int  # BOOT optimizer steps
     boot_batch_size: int
     num_intervals: int  # K: the teacher DDIM trajectory the student learns
+    sid_steps: int  # SiD iterations sharpening the BOOT student (0: no SiD stage)
     dfkd_iterations: int  # DFKD iterations (1 generator step + 5 student steps each)
     dfkd_batch_size: int | None  # None: the method's own (DFQ: 128)
     eval_samples: int  # generated images per sampler in the evaluation (balanced over the 10 classes)
@@ -55,6 +60,7 @@ BUDGETS = {
         boot_steps=300,
         boot_batch_size=32,
         num_intervals=16,
+        sid_steps=60,
         dfkd_iterations=1800,
         dfkd_batch_size=None,
         eval_samples=300,
@@ -63,6 +69,7 @@ BUDGETS = {
         boot_steps=6000,
         boot_batch_size=128,
         num_intervals=32,
+        sid_steps=2000,
         dfkd_iterations=6000,
         dfkd_batch_size=256,
         eval_samples=5000,
@@ -126,6 +133,24 @@ def boot_recipe(output: str, teacher: str, budget: Budget, *, seed: int = 0, cpu
     )
 
 
+def sid_recipe(output: str, teacher: str, boot_folder: str, budget: Budget, *, seed: int = 0, cpu: bool = False):
+    """The demo's SiD run: the BOOT student sharpened by Score identity Distillation (a fake score network learns
+    the student's distribution; the student moves where the teacher's denoiser and the fake one disagree), with the
+    BOOT student's guidance scale and batch size and SiD's recipe defaults otherwise."""
+    return sid.SiDRecipe(
+        output=output,
+        teacher=teacher,
+        init=f"boot:{boot_folder}",
+        max_steps=budget.sid_steps,
+        batch_size=budget.boot_batch_size,
+        eval_every=0,
+        checkpoint_every=0,
+        sample_every=0,
+        seed=seed,
+        cpu=cpu,
+    )
+
+
 def dfkd_recipe(output: str, teacher: str, budget: Budget, *, seed: int = 0, cpu: bool = False) -> dfkd.DFKDRecipe:
     """The demo's DFKD run: DFQ with its defaults (the recommended method, ``benchmarks/dfkd_mnist.py``) into
     LeNet-5-half, held-out accuracy logged for the accuracy-against-time curve, the EMA student exported. The
@@ -162,6 +187,13 @@ def _copy_teacher(name: str, destination: Path) -> Path:
     return destination
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -182,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-teachers", action="store_true", help="train both teachers with their recipes instead of copying"
     )
     parser.add_argument("--boot-steps", type=_positive, default=None, help="override the budget's BOOT steps")
+    parser.add_argument(
+        "--sid-steps", type=_non_negative, default=None, help="override the SiD steps after BOOT (0: no SiD stage)"
+    )
     parser.add_argument("--dfkd-iterations", type=_positive, default=None, help="override the DFKD iterations")
     parser.add_argument("--eval-samples", type=_positive, default=None, help="override the samples per sampler")
     parser.add_argument("--num-intervals", type=_positive, default=None, help="override K of the BOOT trajectory")
@@ -221,6 +256,7 @@ def main(argv: list[str] | None = None, *, evaluate: Callable[..., list[dict]] |
     budget = BUDGETS[args.budget]
     overrides = {
         "boot_steps": args.boot_steps,
+        "sid_steps": args.sid_steps,
         "dfkd_iterations": args.dfkd_iterations,
         "eval_samples": args.eval_samples,
         "num_intervals": args.num_intervals,
@@ -244,30 +280,38 @@ def main(argv: list[str] | None = None, *, evaluate: Callable[..., list[dict]] |
     tic = time.perf_counter()
     if args.train_teachers:
         steps = {} if args.teacher_steps is None else {"max_steps": args.teacher_steps}
-        print(f"[1/4] training the teachers on the MNIST subset's train split -> {teachers}")
+        print(f"[1/5] training the teachers on the MNIST subset's train split -> {teachers}")
         teach_diffusion.run(ddpm_teacher_recipe(str(ddpm_dir), seed=args.seed, cpu=cpu, **steps))
         teach_classifier.run(classifier_teacher_recipe(str(lenet_dir), seed=args.seed, cpu=cpu, **steps))
     else:
-        print(f"[1/4] teachers: the shipped MNIST DDPM and LeNet-5 (see {shipped_teacher(DDPM_TEACHER).parent})")
+        print(f"[1/5] teachers: the shipped MNIST DDPM and LeNet-5 (see {shipped_teacher(DDPM_TEACHER).parent})")
         _copy_teacher(DDPM_TEACHER, ddpm_dir)
         _copy_teacher(CLASSIFIER_TEACHER, lenet_dir)
     stages["teachers"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    print(f"[2/4] BOOT: distilling the DDPM into a one-step student ({budget.boot_steps} steps) -> {out / 'boot'}")
+    print(f"[2/5] BOOT: distilling the DDPM into a one-step student ({budget.boot_steps} steps) -> {out / 'boot'}")
     boot.run(boot_recipe(str(out / "boot"), str(ddpm_dir), budget, seed=args.seed, cpu=cpu))
     stages["boot"] = time.perf_counter() - tic
 
+    if budget.sid_steps:
+        tic = time.perf_counter()
+        print(f"[3/5] SiD: sharpening the BOOT student ({budget.sid_steps} steps) -> {out / 'sid'}")
+        sid.run(sid_recipe(str(out / "sid"), str(ddpm_dir), str(out / "boot"), budget, seed=args.seed, cpu=cpu))
+        stages["sid"] = time.perf_counter() - tic
+    else:
+        print("[3/5] SiD: skipped (--sid-steps 0)")
+
     tic = time.perf_counter()
     print(
-        f"[3/4] DFKD: distilling LeNet-5 into LeNet-5-half from synthesized images only (DFQ, "
+        f"[4/5] DFKD: distilling LeNet-5 into LeNet-5-half from synthesized images only (DFQ, "
         f"{budget.dfkd_iterations} iterations) -> {out / 'dfkd'}"
     )
     dfkd.run(dfkd_recipe(str(out / "dfkd"), str(lenet_dir), budget, seed=args.seed, cpu=cpu))
     stages["dfkd"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    print(f"[4/4] evaluating teachers and students -> {out / 'report'}")
+    print(f"[5/5] evaluating teachers and students -> {out / 'report'}")
     rows = []
     if evaluate is not None:
         rows = evaluate(out, device=device, eval_samples=budget.eval_samples, seed=args.seed)

@@ -19,6 +19,8 @@ from ..errors import UsageError
 
 SPLITS = ("train", "test", "all")
 NUM_CLASSES = 10
+# Class names of the digits, as captions spell them ("a handwritten seven").
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PER_CLASS = 500
 _RELATIVE_PATH = Path("data") / "data" / "mnist_5k.csv.gz"
 

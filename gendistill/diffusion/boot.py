@@ -7,6 +7,7 @@ of the teacher's DDIM trajectory from ``eps``. Derivation and objective: docs/bo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from .schedule import boot_grid
 from .teacher import DiffusionTeacher
 
 PARAMETERIZATIONS = ("teacher", "raw")
+# "auto": "raw" for an epsilon teacher, "teacher" otherwise (see ``resolve_parameterization``).
+PARAMETERIZATION_CHOICES = ("auto", *PARAMETERIZATIONS)
 # Layers of a diffusers UNet that a LoRA student adapts (attention, feed-forward, resnet convs, time projections).
 LORA_TARGETS = (
     "to_q",
@@ -41,13 +44,23 @@ LORA_TARGETS = (
 CONDITION_KEYS = ("class_labels", "encoder_hidden_states")  # batch entries that are UNet condition kwargs
 
 
+def resolve_parameterization(prediction_type: str) -> str:
+    """What ``parameterization="auto"`` means for a teacher: ``"raw"`` (the student's output is the signal) for an
+    epsilon teacher, whose prediction read at ``x_T`` gives ``y = (x_T - sigma_T u) / alpha_T``: with Stable
+    Diffusion's schedule ``alpha_T`` is 0.068, so every error of ``u`` is amplified 15 times (and ``alpha_T = 0`` is
+    undefined); ``"teacher"`` (a start that nearly meets the boundary condition) for v- and sample-prediction
+    teachers."""
+    return "raw" if prediction_type == "epsilon" else "teacher"
+
+
 @dataclass
 class BootConfig:
     num_intervals: int = 50  # K: DDIM intervals of the teacher trajectory the student learns
     guidance_scale: float = 1.0  # teacher CFG scale baked into the student (1 = none); the default within a range
     guidance_range: tuple[float, float] | None = None  # [w_min, w_max]: one student for every scale (text teachers)
     guidance_embedding_dim: int = 256  # size of the student's guidance embedding (time_cond_proj_dim)
-    parameterization: str = "teacher"  # "teacher": output read as the teacher's prediction type at x_T; "raw": y
+    parameterization: str = "auto"  # "teacher": output read as the teacher's prediction type at x_T; "raw": y;
+    # "auto": "raw" for an epsilon teacher (reading eps at x_T divides by alpha_T), "teacher" otherwise
     boundary_fraction: float = 0.25  # share of each batch spent on the boundary interval k = 1
     boundary_weight: float = 1.0  # lambda_bound: weight of the boundary loss L_1
     class_ids: tuple[int, ...] | None = None  # classes drawn for a class-conditional teacher (None: all)
@@ -60,9 +73,9 @@ class BootConfig:
     def validate(self) -> None:
         if self.num_intervals < 1:
             raise UsageError(f"num_intervals (K) must be positive, got {self.num_intervals}")
-        if self.parameterization not in PARAMETERIZATIONS:
+        if self.parameterization not in PARAMETERIZATION_CHOICES:
             raise UsageError(
-                f"unknown parameterization {self.parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}"
+                f"unknown parameterization {self.parameterization!r}; valid: {', '.join(PARAMETERIZATION_CHOICES)}"
             )
         if not 0.0 <= self.boundary_fraction < 1.0:
             raise UsageError(f"boundary_fraction must be in [0, 1), got {self.boundary_fraction}")
@@ -243,8 +256,11 @@ class BootTask(PromptConditions, nn.Module):
     ):
         super().__init__()
         self.kernel_backend = kernel_backend
-        self.config = config = config or BootConfig()
+        config = config or BootConfig()
         config.validate()
+        if config.parameterization == "auto":
+            config = dataclasses.replace(config, parameterization=resolve_parameterization(teacher.prediction_type))
+        self.config = config
         self.teacher = teacher
         if config.guidance_scale != 1.0 and not (teacher.is_class_conditional or teacher.is_text_conditional):
             raise UsageError(

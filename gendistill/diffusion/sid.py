@@ -29,6 +29,7 @@ generator starts as the teacher's one-step clean prediction from pure noise; fro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -160,6 +161,21 @@ def teacher_init(teacher: DiffusionTeacher, init_timestep: int | None = None) ->
     return GeneratorInit(copy.deepcopy(teacher.unet).float(), read_timestep=t, input_timestep=t)
 
 
+@contextlib.contextmanager
+def _weights_frozen(module: nn.Module):
+    """``module`` (unwrapped from DDP, whose gradient hooks must not wait for weights that get no gradient) with
+    ``requires_grad`` off on its parameters inside the block; autograd still differentiates through its input."""
+    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    params = [p for p in inner.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield inner
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class SiDTask(PromptConditions, nn.Module):
     """Frozen teacher, trainable fake score (phase "fake_score", first) and one-step generator (phase "student").
 
@@ -229,9 +245,12 @@ class SiDTask(PromptConditions, nn.Module):
         alpha, sigma = self.teacher.schedule.coefficients(t_read, ndim=z.ndim)
         return to_x0(u, z.float(), alpha, sigma, self.teacher.prediction_type)
 
-    def fake_x0(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+    def fake_x0(
+        self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None, *, network: nn.Module | None = None
+    ) -> torch.Tensor:
         """The fake score's clean prediction (B, C, H, W) float32 at ``x`` (no guidance)."""
-        u = self.fake_score(x, t, **_cast(cond, torch.float32)).sample.float()
+        network = self.fake_score if network is None else network
+        u = network(x, t, **_cast(cond, torch.float32)).sample.float()
         alpha, sigma = self.teacher.schedule.coefficients(t, ndim=x.ndim)
         return to_x0(u, x, alpha, sigma, self.teacher.prediction_type)
 
@@ -271,7 +290,10 @@ class SiDTask(PromptConditions, nn.Module):
             per_sample = dmd_generator_loss(x_g, f_real, f_fake)
         else:
             f_real = self.teacher.predict_x0(x_t, t, cond, guidance_scale=w)
-            f_fake = self.fake_x0(x_t, t, cond)
+            # The gradient reaches the generator through the fake score's input only: its weights (trained in their
+            # own phase, which starts from zero gradients) get none, which saves their share of the backward pass.
+            with _weights_frozen(self.fake_score) as fake_score:
+                f_fake = self.fake_x0(x_t, t, cond, network=fake_score)
             per_sample = sid_generator_loss(x_g, f_real, f_fake, alpha=self.config.alpha)
         loss = per_sample.mean()
         gap = (f_real - f_fake).detach().pow(2).mean()
