@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=180.0, help="training seconds of each student")
     parser.add_argument("--guidance-scale", type=float, default=2.0, help="teacher CFG scale, students and solvers")
     parser.add_argument("--boot-lr", type=float, default=2e-4)
+    parser.add_argument("--boot-intervals", type=int, default=16, help="K of the BOOT students (the demo's)")
     parser.add_argument("--sid-lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of every student")
     parser.add_argument("--samples", type=int, default=500, help="samples per sampler (balanced over the digits)")
@@ -84,8 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
             result["teacher_training_seconds"] = train_teacher(teacher_dir, args.seed)
         teacher_info = json.loads((teacher_dir / "results.json").read_text())
         run = json.loads((teacher_dir / "gendistill_run.json").read_text())["recipe"]
+        logged = [json.loads(line) for line in (teacher_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
         result["teacher"] = {
             "folder": str(args.teacher) if args.teacher else "trained here with `teach text2image` defaults",
+            "training_seconds": logged[-1]["train_s"],
+            "final_loss": teacher_info["final_loss"],
             "recipe": {k: run[k] for k in ("max_steps", "vae_steps", "block_out_channels", "vae_block_out_channels")},
         }
         prompts_file = work / "prompts.txt"
@@ -105,8 +109,18 @@ def main(argv: list[str] | None = None) -> dict:
         )
         runs = {}
         start = time.perf_counter()
-        summary = boot.run(boot.BootRecipe(output=str(work / "boot"), lr=args.boot_lr, save_teacher=True, **common))
-        runs["boot"] = {"steps": summary["steps"], "seconds": time.perf_counter() - start, "lr": args.boot_lr}
+        boot_recipe = boot.BootRecipe(
+            output=str(work / "boot"), lr=args.boot_lr, num_intervals=args.boot_intervals, save_teacher=True, **common
+        )
+        summary = boot.run(boot_recipe)
+        boot_info = json.loads((work / "boot" / "model_index.json").read_text())
+        runs["boot"] = {
+            "steps": summary["steps"],
+            "seconds": time.perf_counter() - start,
+            "lr": args.boot_lr,
+            "num_intervals": args.boot_intervals,
+            "parameterization": boot_info["parameterization"],
+        }
         for key, _, objective in STUDENTS:
             start = time.perf_counter()
             summary = sid.run(sid.SiDRecipe(output=str(work / key), objective=objective, lr=args.sid_lr, **common))
