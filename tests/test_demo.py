@@ -48,7 +48,7 @@ def test_demo_runs_end_to_end_with_the_shipped_teachers(tmp_path, capsys):
         assert f"({name}.png)" in (report / "report.md").read_text()
     metrics = json.loads((report / "metrics.json").read_text())["metrics"]
     keys = {"teacher_ddim50", "teacher_ddim1", "teacher_boot_grid4", "student", "student_refine1", "student_refine2"}
-    keys.add("sid")  # the BOOT student after the SiD stage
+    keys.add("sid")  # the SiD student
     assert {f"boot/{k}" for k in keys} <= set(metrics)
     for key in keys:
         result = metrics[f"boot/{key}"]["value"]
@@ -67,7 +67,7 @@ def test_demo_runs_end_to_end_with_the_shipped_teachers(tmp_path, capsys):
     assert [r["target"] for r in rows if r["target"]] == [">= 80%", ">= 95%"]
     printed = capsys.readouterr().out
     assert "BOOT class agreement" in printed and "DFKD held-out accuracy" in printed and "trust_remote_code" in printed
-    assert "SiD FID" in printed and json.loads((out / "sid" / "sid.json").read_text())["init"].startswith("boot:")
+    assert "SiD FID" in printed and json.loads((out / "sid" / "sid.json").read_text())["init"] == "teacher"
     timing = json.loads((out / "timing.json").read_text())["seconds"]
     assert set(timing) == {"teachers", "boot", "sid", "dfkd", "evaluation", "total"}
     # the student folder is a BOOT pipeline with its teacher; the teachers were copied next to it
@@ -136,10 +136,10 @@ def test_every_budget_makes_valid_recipes(budget, tmp_path):
     settings = demo.BUDGETS[budget]
     boot_recipe = demo.boot_recipe(str(tmp_path / "b"), str(demo.shipped_teacher(demo.DDPM_TEACHER)), settings)
     dfkd_recipe = demo.dfkd_recipe(str(tmp_path / "d"), str(demo.shipped_teacher(demo.CLASSIFIER_TEACHER)), settings)
-    sid_recipe = demo.sid_recipe(str(tmp_path / "s"), str(demo.shipped_teacher(demo.DDPM_TEACHER)), "b", settings)
+    sid_recipe = demo.sid_recipe(str(tmp_path / "s"), str(demo.shipped_teacher(demo.DDPM_TEACHER)), settings)
     boot_recipe.validate()
     dfkd_recipe.validate()
     sid_recipe.validate()
-    assert sid_recipe.max_steps == settings.sid_steps and sid_recipe.init == "boot:b"
+    assert sid_recipe.max_steps == settings.sid_steps and sid_recipe.init == "teacher"
     assert boot_recipe.max_steps == settings.boot_steps and dfkd_recipe.max_steps == settings.dfkd_iterations
     assert dfkd_recipe.method == "dfq" and boot_recipe.save_teacher
