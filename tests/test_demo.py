@@ -103,7 +103,7 @@ def test_train_teachers_reproduces_the_shipped_architectures(tmp_path):
                 "--train-teachers",
                 "--teacher-steps",
                 "2",
-                *TINY[:4],
+                *TINY[:6],  # tiny BOOT, SiD and DFKD stages
                 "--eval-samples",
                 "10",
             ]
