@@ -8,7 +8,7 @@ from the teacher). On the same latent noises and the same requested digits (prom
 every sampler is judged like the pixel ones of ``mnist_suite.py``: class agreement of the shipped LeNet-5 with the
 prompted digit, FID on its penultimate features against the 500 held-out digits (samples averaged to gray), UNet
 evaluations and wall time per image (batch 100, VAE decode included); the teacher runs diffusers' DDIM at
-1/2/4/8/50 steps and DPM-Solver++ (2M) at 1/2/4/8 steps with the students' guidance scale.
+1/2/4/8/50 steps and DPM-Solver++ (2M) at the same step counts, with the students' guidance scale.
 
     python benchmarks/text2image_suite.py --teacher mnist-text2image --out benchmarks/results/text2image_<dev>.json
 """
@@ -34,7 +34,7 @@ from gendistill.eval.sources import load_student_pipeline
 from gendistill.training import boot, sid, teach_text2image
 from gendistill.training.demo import CLASSIFIER_TEACHER, shipped_teacher
 
-SOLVERS = {"ddim": (1, 2, 4, 8, 50), "dpmsolver++": (1, 2, 4, 8)}
+SOLVERS = {"ddim": (1, 2, 4, 8, 50), "dpmsolver++": (1, 2, 4, 8, 50)}
 PROMPT = "a handwritten {name}"
 # The students trained for the same wall-clock: (key, label, objective: "boot" | "sid" | "dmd").
 STUDENTS = (("sid", "SiD student, 1 step", "sid"), ("dmd", "DMD student, 1 step", "dmd"))

@@ -108,7 +108,7 @@ class TeachText2ImageRecipe(TrainRecipe):
             if not widths or any(c < 1 or c % 8 for c in widths):
                 raise UsageError(f"{name} must be a non-empty list of multiples of 8, got {widths}")
         factor = 2 ** (len(self.vae_block_out_channels) - 1) * 2 ** (len(self.block_out_channels) - 1)
-        if self.image_size % factor:
+        if self.image_size < factor or self.image_size % factor:
             raise UsageError(
                 f"image_size {self.image_size} must be a multiple of {factor} for {len(self.vae_block_out_channels)} "
                 f"autoencoder and {len(self.block_out_channels)} UNet levels"
@@ -336,7 +336,8 @@ class TextToImageTrainingTask(nn.Module):
         return self.images[index.to(self.images.device)].to(device=device, dtype=torch.float32) / 127.5 - 1.0
 
     @torch.no_grad()
-    def _encode_dataset(self, device: torch.device) -> None:
+    def encode_dataset(self, device: torch.device) -> None:
+        """Posterior means and stds of every training image under the (frozen) autoencoder, and the latent scale."""
         means, stds = [], []
         for index in torch.arange(len(self.images)).split(500):
             mean, std = self.autoencoder(self._pixels(index, device), mode="encode")
@@ -356,7 +357,7 @@ class TextToImageTrainingTask(nn.Module):
         if phase == "autoencoder":
             return {"x0": self._pixels(index, device)}
         if self._latent_mean is None:
-            self._encode_dataset(device)
+            self.encode_dataset(device)
         i = index.to(self._latent_mean.device)
         latents = self._latent_mean[i] + self._latent_std[i] * torch.randn(self._latent_mean[i].shape, device=device)
         labels = self.labels[index.to(self.labels.device)].to(device)
@@ -472,7 +473,7 @@ def run(recipe: TeachText2ImageRecipe) -> dict:
 
         def export(trainer, task, metrics) -> dict:
             if task.scaling_factor is None:
-                task._encode_dataset(trainer.accelerator.device)
+                task.encode_dataset(trainer.accelerator.device)
             vae = trainer.export_module("autoencoder").vae
             vae.register_to_config(scaling_factor=task.scaling_factor)
             denoiser = trainer.export_module("denoiser")
