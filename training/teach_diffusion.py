@@ -98,7 +98,7 @@ def load_data(data: str, *, image_size: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 # --- model ---------------------------------------------------------------------------------------------------
-def _norm_groups(channels: list[int]) -> int:
+def norm_groups(channels: list[int]) -> int:
     """The largest of 32, 16, ..., 1 that divides every width and leaves at least 4 channels per group."""
     for groups in (32, 16, 8, 4, 2):
         if all(c % groups == 0 for c in channels) and min(channels) // groups >= 4:
@@ -124,12 +124,23 @@ def build_unet(
         layers_per_block=layers_per_block,
         down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
-        norm_num_groups=_norm_groups(list(block_out_channels)),
+        norm_num_groups=norm_groups(list(block_out_channels)),
         num_class_embeds=num_class_embeds,
     )
 
 
 # --- task ----------------------------------------------------------------------------------------------------
+def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What a UNet trained on ``scheduler``'s schedule learns to output at ``x_t = alpha_t x0 + sigma_t eps``, by the
+    scheduler's prediction type: eps, v = alpha_t eps - sigma_t x0, or x0."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    return x0
+
+
 class DiffusionTrainingTask(nn.Module):
     """The DDPM denoising objective on an in-memory dataset; one phase, ``unet``.
 
@@ -193,13 +204,7 @@ class DiffusionTrainingTask(nn.Module):
         return batch
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """What the UNet learns to output at ``x_t = alpha_t x0 + sigma_t eps``: eps, v = alpha_t eps - sigma_t x0,
-        or x0."""
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, timesteps)
-        return x0
+        return denoising_target(self.scheduler, x0, noise, timesteps)
 
     def forward(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if phase != "unet":

@@ -21,7 +21,6 @@ Captions: each image gets one of ``captions`` (templates with ``{name}``, the cl
 from __future__ import annotations
 
 import json
-import logging
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -45,9 +44,7 @@ from gendistill.task import Phase
 
 from .core import export_pipeline, logged_values, run_recipe
 from .recipes import TrainRecipe, parse_recipe
-from .teach_diffusion import BETA_SCHEDULES, MNIST, _norm_groups
-
-logger = logging.getLogger(__name__)
+from .teach_diffusion import BETA_SCHEDULES, MNIST, denoising_target, norm_groups
 
 COMMAND = "teach text2image"
 DEFAULT_CAPTIONS = ["a handwritten {name}", "the digit {name}", "a picture of the number {name}", "{name}"]
@@ -243,7 +240,7 @@ def build_components(recipe: TeachText2ImageRecipe, tokenizer) -> tuple[Autoenco
         down_block_types=("DownEncoderBlock2D",) * len(vae_widths),
         up_block_types=("UpDecoderBlock2D",) * len(vae_widths),
         layers_per_block=1,
-        norm_num_groups=_norm_groups(vae_widths),
+        norm_num_groups=norm_groups(vae_widths),
         sample_size=recipe.image_size,
     )
     text_encoder = CLIPTextModel(
@@ -270,7 +267,7 @@ def build_components(recipe: TeachText2ImageRecipe, tokenizer) -> tuple[Autoenco
         up_block_types=("CrossAttnUpBlock2D",) * len(widths),
         cross_attention_dim=recipe.text_hidden_size,
         attention_head_dim=8,
-        norm_num_groups=_norm_groups(widths),
+        norm_num_groups=norm_groups(widths),
     )
     return vae, text_encoder, unet
 
@@ -372,13 +369,6 @@ class TextToImageTrainingTask(nn.Module):
             "input_ids": ids,
         }
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, timesteps)
-        return x0
-
     def forward(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if phase == "autoencoder":
             x0 = batch["x0"]
@@ -391,7 +381,8 @@ class TextToImageTrainingTask(nn.Module):
         latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         output = self.denoiser(noisy, timesteps, batch["input_ids"])
-        return {"loss": F.mse_loss(output.float(), self.target(latents, noise, timesteps).float())}
+        target = denoising_target(self.scheduler, latents, noise, timesteps)
+        return {"loss": F.mse_loss(output.float(), target.float())}
 
     @torch.no_grad()
     def sample_images(self, autoencoder: nn.Module | None = None, denoiser: nn.Module | None = None) -> torch.Tensor:
