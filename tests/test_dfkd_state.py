@@ -31,6 +31,7 @@ TINY = {
     "dfq": ["student_steps=2", "student_start=0"],
     "cae": ["student_steps=2", "embed_dim=8"],
     "deepinversion": ["inversion_steps=2", "synthesis_every=3"],
+    "mixmix": ["inversion_steps=2", "synthesis_every=3", "mix_prob=1"],
     "cmi": ["synthesis_steps=2", "synthesis_every=3", "head_dim=16", "n_neg=32", "reset_generator=false"],
     "fast": ["g_steps=2", "warmup=1", "student_steps=2"],
     "nayer": ["synthesis_steps=2", "warmup=1", "warmup_loops=2", "loops=1", "embed_dim=16", "synthesis_every=3"],

@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DFKDRecipe(TrainRecipe):
     output: str = "dfkd-student"  # run folder; also the exported student (model.safetensors + config.json)
-    method: str = "dfq"  # synthesizer: dafl | dfad | zskt | dfq | deepinversion | cmi | fast | nayer | cae
+    method: str = "dfq"  # synthesizer: dafl | dfad | zskt | dfq | deepinversion | mixmix | cmi | fast | nayer | cae
     teacher: str | None = None  # classifier folder (model.safetensors + config.json) (required)
+    extra_teachers: list[str] | None = None  # mixmix: more classifier folders whose statistics join the synthesis
     student_arch: str = "lenet5_half"  # model zoo architecture of the student
     student_quant_bits: int | None = None  # 1 | 2 | 4 | 8: a quantization-aware student (weights fake-quantized)
     method_options: list[str] | None = None  # method options as key=value (e.g. oh=0.5,adv=1.33): the method's Config
@@ -98,6 +99,12 @@ class DFKDRecipe(TrainRecipe):
         except (OSError, UsageError, ValueError):
             return None
 
+    def input_paths(self) -> dict[str, str | None]:
+        paths = super().input_paths()
+        for i, path in enumerate(self.extra_teachers or [], start=1):
+            paths[f"--extra-teachers ({i})"] = path
+        return paths
+
     def build_plugins(self) -> list:
         """The recipe's plug-ins, configured by ``plugin_options`` (converted like method options)."""
         if self.plugin_options and not self.plugins:
@@ -130,9 +137,11 @@ def build_task(
     eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     objectives: list | None = None,
     kernel_backend: str | None = None,
+    extra_teachers: list[Classifier] | None = None,
 ) -> DFKDTask:
     """The DFKD task of ``method`` (options override the method's config fields; ``objectives``: plug-in loss terms,
-    see ``DFKDTask``; ``kernel_backend``: the BN-statistics kernel's, ``gendistill.kernels.backend_for``)."""
+    see ``DFKDTask``; ``kernel_backend``: the BN-statistics kernel's, ``gendistill.kernels.backend_for``;
+    ``extra_teachers``: MixMix's other classifiers)."""
     cls = get_method(method)
     config = teacher.config
     synthesizer = cls(
@@ -143,7 +152,14 @@ def build_task(
         **(options or {}),
     )
     synthesizer.check_teacher(teacher)
-    return DFKDTask(teacher, student, synthesizer, eval_data=eval_data, objectives=objectives or ())
+    return DFKDTask(
+        teacher,
+        student,
+        synthesizer,
+        eval_data=eval_data,
+        objectives=objectives or (),
+        extra_teachers=extra_teachers or (),
+    )
 
 
 def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
@@ -185,6 +201,7 @@ def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
         eval_data=eval_data,
         objectives=recipe.build_plugins(),
         kernel_backend=backend_for(recipe.fused_kernels),
+        extra_teachers=[load_classifier(path) for path in recipe.extra_teachers or []],
     )
 
 

@@ -28,6 +28,8 @@ class DFKDTask(nn.Module):
 
     Args:
         teacher: the classifier to distill (kept frozen, in eval mode: its BatchNorm statistics are the data's memory).
+        extra_teachers: more frozen classifiers (same classes and image size, any architecture) whose statistics and
+            classes join the synthesis of the methods that take them (MixMix); the student learns from ``teacher``.
         student: the classifier to train; same number of classes and input shape.
         synthesizer: a ``Synthesizer`` from ``gendistill.dfkd.synthesizers``.
         eval_data: optional held-out real images (N, C, H, W) in [0, 1] and labels (N,): accuracy and agreement.
@@ -53,6 +55,7 @@ class DFKDTask(nn.Module):
         *,
         eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
         objectives: Sequence = (),
+        extra_teachers: Sequence[Classifier] = (),
     ):
         super().__init__()
         t, s = teacher.config, student.config
@@ -68,6 +71,20 @@ class DFKDTask(nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student.train().requires_grad_(True)
         self.synthesizer = synthesizer
+        if extra_teachers:
+            if not getattr(synthesizer, "uses_extra_teachers", False):
+                raise UsageError(f"method {synthesizer.name!r} takes one teacher; extra teachers are for: mixmix")
+            for extra in extra_teachers:
+                e = extra.config
+                if (e.num_classes, e.image_size) != (t.num_classes, t.image_size):
+                    raise UsageError(
+                        f"an extra teacher has {e.num_classes} classes at {e.image_size}x{e.image_size}, the teacher "
+                        f"{t.num_classes} at {t.image_size}x{t.image_size}; they must agree"
+                    )
+        # Frozen like the teacher; modules of the task (so they follow it to the device), not of any checkpoint.
+        self.extra_teachers = nn.ModuleList([m.eval().requires_grad_(False) for m in extra_teachers])
+        if extra_teachers:
+            synthesizer.set_extra_teachers(list(self.extra_teachers))
         synthesizer.adapt_to_teacher(self.teacher)
         generator = synthesizer.build_generator()
         if generator is not None:
@@ -111,6 +128,7 @@ class DFKDTask(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.train(False)
+        self.extra_teachers.train(False)
         return self
 
     # --- the training core's interface ----------------------------------------------------------------------

@@ -11,12 +11,13 @@ from .deepinversion import DeepInversion
 from .dfad import DFAD
 from .dfq import DFQ
 from .fast import Fast
+from .mixmix import MixMix
 from .nayer import NAYER
 from .unlabeled import Unlabeled
 from .zskt import ZSKT
 
 METHODS: dict[str, type[Synthesizer]] = {
-    cls.name: cls for cls in (DAFL, DFAD, ZSKT, DFQ, DeepInversion, CMI, Fast, NAYER, CAE, Unlabeled)
+    cls.name: cls for cls in (DAFL, DFAD, ZSKT, DFQ, DeepInversion, MixMix, CMI, Fast, NAYER, CAE, Unlabeled)
 }
 
 
