@@ -58,9 +58,12 @@ SETUPS = {
 # minutes they would not finish a second round. These shorter schedules keep the methods themselves unchanged.
 CPU_SCHEDULES = {
     "deepinversion": {"inversion_steps": 200, "synthesis_every": 50},
+    "mixmix": {"inversion_steps": 200, "synthesis_every": 50},
     "cmi": {"synthesis_steps": 50, "synthesis_every": 50},
     "nayer": {"warmup": 2, "synthesis_every": 50},
 }
+# MixMix's second teacher per setup (another architecture, trained like the others): (arch, channels).
+MIXMIX_EXTRA = {"lenet": ("resnet20", 3), "resnet": ("lenet5_bn", 1)}
 SHARED_BUDGET = {"batch_size": 64, "lr": 2e-3, "ema_decay": 0.99}  # --shared-budget settings (earlier benchmark)
 TEACHER_RECIPES = {  # gendistill teach classifier settings of the benchmark's teachers
     "lenet5": dict(max_steps=1500, batch_size=128, lr=2e-3),
@@ -181,6 +184,10 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
         method_options=[f"{k}={v}" for k, v in options.items()] or None,
         mixed_precision=args.mixed_precision,
     )
+    extra = []
+    if getattr(METHODS[method], "uses_extra_teachers", False):
+        extra = [MIXMIX_EXTRA[setup][0]]
+        values["extra_teachers"] = [str(teachers[a][0]) for a in extra]
     recipe = DFKDRecipe(**{**values, **fields})  # --recipe fields win (e.g. max_steps for an iteration budget)
     run(recipe)
     summary = curve_summary(output, info["heldout_accuracy"], ema=recipe.ema_decay > 0)
@@ -188,7 +195,10 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
     reported += ("student_quant_bits", "plugins", "plugin_options")
     settings = {k: v for k, v in recipe_dict(recipe).items() if k in reported}
     settings["mixed_precision"] += f" ({resolve_mixed_precision(recipe)})" if recipe.mixed_precision == "auto" else ""
-    return {"setup": setup, "method": method, "seed": seed, "teacher": arch, "settings": settings, **summary}
+    row = {"setup": setup, "method": method, "seed": seed, "teacher": arch, "settings": settings}
+    if extra:
+        row["extra_teachers"] = extra
+    return {**row, **summary}
 
 
 def run_jobs(fn, jobs: list[dict], processes: int, *, hidden: str) -> list[dict]:
@@ -284,6 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
             for arch in (bn_arch, plain_arch):
                 if arch is not None and arch not in teachers:
                     teachers[arch] = teacher_folder(arch, channels, cache, seed=0)
+            extra_arch, extra_channels = MIXMIX_EXTRA[setup]
+            if any(getattr(METHODS[m], "uses_extra_teachers", False) for m in methods) and extra_arch not in teachers:
+                teachers[extra_arch] = teacher_folder(extra_arch, extra_channels, cache, seed=0)
         rows = []
         for setup in args.setups:
             for method in methods:
