@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gendistill.data.classification import load_classification_data
+from gendistill.data.images import to_channels
 from gendistill.dfkd.models import load_classifier
 from gendistill.diffusion.teacher import DiffusionTeacher
 from gendistill.errors import UsageError
@@ -117,13 +118,11 @@ def to_judge(images: torch.Tensor, judge: Judge) -> torch.Tensor:
     """Images (N, C, h, w) in [0, 1] as the judge reads them: RGB averaged to gray for a one-channel judge (a
     text-to-image teacher's autoencoder writes three channels), then zero-padded to its input size."""
     channels = judge.model.config.in_channels
-    if images.shape[1] == 3 and channels == 1:
-        images = images.mean(1, keepdim=True)
-    if images.shape[1] != channels:
+    if images.shape[1] != channels and (images.shape[1], channels) != (3, 1):
         raise UsageError(
             f"samples with {images.shape[1]} channels cannot be judged by a {channels}-channel classifier"
         )
-    return pad_to(images, judge.image_size)
+    return pad_to(to_channels(images, channels), judge.image_size)
 
 
 def noise_batches(count: int, shape: Sequence[int], seed: int, device: torch.device, num_classes: int):

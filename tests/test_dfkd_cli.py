@@ -248,7 +248,9 @@ def test_teach_classifier_bad_input(tmp_path, capsys):
     _fails(capsys, [*base, "--arch", "alexnet"], "unknown architecture 'alexnet'; valid: lenet5")
     _fails(capsys, [*base, "--arch", "lenet5", "--image-size", "64"], "64")
     _fails(capsys, [*base, "--data", str(tmp_path / "nothing")], "neither one of mnist5k")
-    _fails(capsys, ["teach", "regression"], "unknown teach method 'regression'; valid: diffusion, text2image, classifier")
+    _fails(
+        capsys, ["teach", "regression"], "unknown teach method 'regression'; valid: diffusion, text2image, classifier"
+    )
 
 
 def test_api_refuses_mismatched_teacher_and_student(tmp_path):

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from gendistill.cli import main
+from gendistill.data.images import to_channels
 from gendistill.dfkd.losses import BNStatsLoss, one_hot_loss
 from gendistill.dfkd.models import build_classifier, load_classifier, save_classifier
-from gendistill.dfkd.synthesizers.mixmix import MixMix, TeacherEnsemble, cutmix, to_channels
+from gendistill.dfkd.synthesizers.mixmix import MixMix, TeacherEnsemble, cutmix
 
 
 def _warm(model, channels):

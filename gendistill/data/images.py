@@ -55,3 +55,14 @@ def load_image_folder(folder: str | Path, *, image_size: int) -> tuple[torch.Ten
         images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3))
         labels.append(class_index[path.relative_to(root).parts[0]] if class_names else 0)
     return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), class_names or [root.name]
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, C, H, W) images as ``channels`` channels: gray repeated to RGB, RGB averaged to gray, else unchanged."""
+    if images.shape[1] == channels:
+        return images
+    if images.shape[1] == 1:
+        return images.expand(-1, channels, -1, -1)
+    if channels == 1:
+        return images.mean(1, keepdim=True)
+    raise UsageError(f"cannot feed {images.shape[1]}-channel images to a {channels}-channel classifier")

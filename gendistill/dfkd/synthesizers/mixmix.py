@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...data.images import to_channels
 from ...errors import UsageError
 from ..losses import image_prior_loss
 from .base import detached
@@ -43,17 +44,6 @@ class MixMixConfig(DeepInversionConfig):
         super().__post_init__()
         if not 0.0 <= self.mix_prob <= 1.0:
             raise UsageError(f"mix_prob must be in [0, 1], got {self.mix_prob}")
-
-
-def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, C, H, W) images as ``channels`` channels: gray repeated to RGB, RGB averaged to gray, else unchanged."""
-    if images.shape[1] == channels:
-        return images
-    if images.shape[1] == 1:
-        return images.expand(-1, channels, -1, -1)
-    if channels == 1:
-        return images.mean(1, keepdim=True)
-    raise ValueError(f"cannot feed {images.shape[1]}-channel images to a {channels}-channel classifier")
 
 
 class TeacherEnsemble(nn.Module):
