@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 from gendistill.cli import main
 from gendistill.data.images import to_channels
-from gendistill.dfkd.losses import BNStatsLoss, one_hot_loss
+from gendistill.dfkd.losses import BNStatsLoss, image_prior_loss, one_hot_loss
 from gendistill.dfkd.models import build_classifier, load_classifier, save_classifier
-from gendistill.dfkd.synthesizers.mixmix import MixMix, TeacherEnsemble, cutmix
+from gendistill.dfkd.synthesizers import base as synth_base
+from gendistill.dfkd.synthesizers.mixmix import MixMix, cutmix, teacher_terms
 
 
 def _warm(model, channels):
@@ -66,26 +67,62 @@ def test_cutmix_passes_gradients_to_both_sources():
     assert torch.equal(images.grad.sum(0), torch.full((3, 8, 8), 4.0))  # every pixel is used once per image slot
 
 
-def test_the_ensemble_sums_every_teachers_bn_terms_and_averages_their_logits(teachers):
+def test_each_teacher_has_its_own_bn_and_class_terms_on_its_own_channels(teachers):
     lenet, resnet = teachers
-    ensemble = TeacherEnsemble([lenet, resnet])
-    x = torch.rand(8, 1, 32, 32)
-    with BNStatsLoss(ensemble) as bn, torch.no_grad():
-        logits = ensemble(x)
-        mixed_bn = bn.loss()
+    x, labels = torch.rand(8, 1, 32, 32), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        bn_terms, class_terms = teacher_terms(x, labels, [lenet, resnet])
     with BNStatsLoss(lenet) as bn1, torch.no_grad():
         logits1 = lenet(x)
         bn_lenet = bn1.loss()
     with BNStatsLoss(resnet) as bn2, torch.no_grad():
         logits2 = resnet(x.repeat(1, 3, 1, 1))  # the gray images as RGB
         bn_resnet = bn2.loss()
-    torch.testing.assert_close(mixed_bn, bn_lenet + bn_resnet)
-    torch.testing.assert_close(logits, (logits1 + logits2) / 2)
+    torch.testing.assert_close(torch.stack(bn_terms), torch.stack([bn_lenet, bn_resnet]))
+    torch.testing.assert_close(class_terms[0], F.cross_entropy(logits1, labels))
+    torch.testing.assert_close(class_terms[1], F.cross_entropy(logits2, labels))
     assert torch.equal(to_channels(torch.ones(2, 3, 4, 4) * torch.tensor([0.0, 0.3, 0.6]).view(1, 3, 1, 1), 1),
                        torch.full((2, 1, 4, 4), 0.3))  # fmt: skip
 
 
-def test_an_inversion_step_mixes_the_batch_and_the_teachers(teachers, monkeypatch):
+@pytest.mark.parametrize("balance", [True, False])
+def test_the_extra_teachers_bn_term_is_rescaled_to_the_distilled_teachers(teachers, monkeypatch, balance):
+    """The loss and its gradient against an independent sum of the terms (no augmentation, no mixing): with the
+    balance, the extra teacher's BN term counts as much as the distilled teacher's, its gradient scaled by their
+    ratio."""
+    lenet, resnet = teachers
+    monkeypatch.setattr(synth_base, "augment", lambda images, padding: images)
+    synth = MixMix(num_classes=10, image_shape=(1, 32, 32), mix_prob=0.0, adv=0.0, bn_balance=balance)
+    synth.set_extra_teachers([resnet])
+    cfg = synth.config
+    x = (torch.rand(4, 1, 32, 32) * 0.8 + 0.1).requires_grad_()
+    labels = torch.tensor([1, 2, 3, 4])
+    losses = synth.synthesis_loss(x, labels, teacher=lenet, student=lenet)
+    (grad,) = torch.autograd.grad(losses["loss"], x)
+
+    def bn_and_logits(model, images):
+        with BNStatsLoss(model) as bn:
+            logits = model(images)
+            return bn.loss(), logits
+
+    bn_t, logits_t = bn_and_logits(lenet, x)
+    bn_e, logits_e = bn_and_logits(resnet, x.repeat(1, 3, 1, 1))
+    ratio = float(bn_t.detach() / bn_e.detach()) if balance else 1.0
+    tv, l2 = image_prior_loss(x)
+    expected = (
+        cfg.bn * (bn_t + ratio * bn_e)
+        + cfg.oh * (F.cross_entropy(logits_t, labels) + F.cross_entropy(logits_e, labels))
+        + cfg.tv * tv
+        + cfg.l2 * l2
+    )
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(losses["loss"], expected.detach())
+    torch.testing.assert_close(grad, expected_grad)
+    torch.testing.assert_close(losses["loss_bn_extra"], (bn_t if balance else bn_e).detach())
+    assert balance or float(bn_e / bn_t) > 1.5  # the ResNet's raw term is the larger one: the balance matters
+
+
+def test_an_inversion_step_mixes_the_batch(teachers, monkeypatch):
     lenet, resnet = teachers
     synth = MixMix(num_classes=10, image_shape=(1, 32, 32), mix_prob=1.0)
     synth.set_extra_teachers([resnet])
@@ -104,8 +141,7 @@ def test_an_inversion_step_mixes_the_batch_and_the_teachers(teachers, monkeypatc
     torch.rand(())  # the mix_prob draw
     mixed, targets = cutmix(x, labels, 10)
     assert torch.equal(seen["images"], mixed) and torch.equal(seen["labels"], targets)
-    assert isinstance(seen["teacher"], TeacherEnsemble) and list(seen["teacher"].members) == [lenet, resnet]
-    assert torch.isfinite(losses["loss"])
+    assert seen["teacher"] is lenet and torch.isfinite(losses["loss"]) and "loss_oh_extra" in losses
     # The class term against soft targets is the cross-entropy with those probabilities.
     logits = torch.randn(4, 10)
     expected = -(targets * F.log_softmax(logits, 1)).sum(1).mean()
@@ -113,8 +149,9 @@ def test_an_inversion_step_mixes_the_batch_and_the_teachers(teachers, monkeypatc
     # mix_prob 0 and no extra teachers: DeepInversion's step (the batch, the hard labels, the teacher alone).
     plain = MixMix(num_classes=10, image_shape=(1, 32, 32), mix_prob=0.0)
     monkeypatch.setattr(plain, "inversion", spy)
-    plain.synthesis_loss(x, labels, teacher=lenet, student=lenet)
+    losses = plain.synthesis_loss(x, labels, teacher=lenet, student=lenet)
     assert seen["images"] is x and seen["labels"] is labels and seen["teacher"] is lenet
+    assert "loss_bn_extra" not in losses
 
 
 def test_dfkd_cli_runs_mixmix_with_an_extra_teacher_of_another_architecture(teachers, bn_teacher, tmp_path, capsys):

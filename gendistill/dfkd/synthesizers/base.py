@@ -350,6 +350,7 @@ def inversion_loss(
     adv_tau: float = 1.0,
     mask_agreement: bool = False,
     bn_stats: BNStatsLoss | None = None,
+    bn_kind: str = "norm",
     features: Sequence[str] = (),
     padding: int | None = None,
     kernel_backend: str | None = None,
@@ -360,13 +361,13 @@ def inversion_loss(
         bn * BN-statistics(T) + oh * CE(T(view), labels) + adv * adversarial_loss(S(view), T(view))
 
     ``padding`` defaults to 1/8 of the image width (the references pad 4 pixels at 32 x 32). ``bn_stats``: a
-    :class:`BNStatsLoss` already installed on the teacher (Fast's momentum memory), else one is installed for the
-    forward (on ``kernel_backend``). ``features``: teacher modules whose inputs are returned (the penultimate
-    features by ``teacher.feature_layer``). ``adv`` 0 skips the student forward (``loss_adv`` is then 0)."""
+    :class:`BNStatsLoss` already installed on the teacher (Fast's momentum memory), else one of ``bn_kind`` is
+    installed for the forward (on ``kernel_backend``). ``features``: teacher modules whose inputs are returned (the
+    penultimate features by ``teacher.feature_layer``). ``adv`` 0 skips the student forward (``loss_adv``: 0)."""
     views = augment(images, padding=max(1, images.shape[-1] // 8) if padding is None else padding)
     with contextlib.ExitStack() as hooks:
         if bn_stats is None:
-            bn_stats = hooks.enter_context(BNStatsLoss(teacher, backend=kernel_backend))
+            bn_stats = hooks.enter_context(BNStatsLoss(teacher, kind=bn_kind, backend=kernel_backend))
         hooked = hooks.enter_context(FeatureHooks(teacher, features, inputs=True)) if features else {}
         teacher_logits = teacher(views)
         loss_bn = bn_stats.loss()

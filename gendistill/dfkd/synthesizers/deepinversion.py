@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import image_prior_loss
+from ...errors import UsageError
+from ..losses import BN_LOSS_KINDS, image_prior_loss
 from .base import PoolConfig, PoolSynthesizer, detached, inner_optimize
 
 INIT_STD = 0.25  # pixel noise of the initial batch: one normalized unit (a dataset std) of [0, 1] pixels
@@ -30,6 +31,7 @@ ADAM_BETAS = (0.5, 0.99)  # Fast-Datafree's DeepInversion optimizer
 class DeepInversionConfig(PoolConfig):
     tau: float = 4.0  # temperature of the student's KD loss (4, the usual one of pixel-inversion KD)
     bn: float = 10.0  # weight of the teacher's BatchNorm statistics matching (sum over its BN layers)
+    bn_kind: str = "norm"  # its form: "norm" (DeepInversion's) or "kl" (per-channel Gaussian KL; scale-free)
     oh: float = 1.0  # weight of the teacher's cross-entropy against the batch's random target labels
     adv: float = 1.0  # weight of ADI's competition term 1 - JS(student, teacher) (0: plain DeepInversion)
     adv_tau: float = 3.0  # temperature of the Jensen-Shannon competition term (DeepInversion's T = 3)
@@ -39,6 +41,11 @@ class DeepInversionConfig(PoolConfig):
     inversion_lr: float = 0.025  # Adam learning rate of the pixels (the reference's 0.1 on normalized pixels)
     AT_LEAST = {**PoolConfig.AT_LEAST, "inversion_steps": 0}
     POSITIVE = ("inversion_lr",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bn_kind not in BN_LOSS_KINDS:
+            raise UsageError(f"bn_kind {self.bn_kind!r} is not valid; valid: {', '.join(BN_LOSS_KINDS)}")
 
 
 class DeepInversion(PoolSynthesizer):
@@ -58,7 +65,9 @@ class DeepInversion(PoolSynthesizer):
 
         One random jitter + flip of the batch (global RNG) goes through the teacher and the student."""
         cfg = self.config
-        inv = self.inversion(x, labels, teacher=teacher, student=student, adv_kind="js", adv_tau=cfg.adv_tau)
+        inv = self.inversion(
+            x, labels, teacher=teacher, student=student, adv_kind="js", adv_tau=cfg.adv_tau, bn_kind=cfg.bn_kind
+        )
         loss_tv, loss_l2 = image_prior_loss(x)
         loss = inv.loss + cfg.tv * loss_tv + cfg.l2 * loss_l2
         return {"loss": loss, **detached(inv.terms), "loss_tv": loss_tv.detach(), "loss_l2": loss_l2.detach()}
