@@ -151,7 +151,8 @@ def test_the_filter_and_the_retrospection_against_hand_written_computations(bn_t
         moved = student((1 - m) * x + m * p)
     expected = 2.0 * _np_kl(plain[:4].double().numpy(), moved.double().numpy()).mean()
     assert expected > 1e-4
-    np.testing.assert_allclose(out["loss_abd_sr"].item(), expected, rtol=1e-4)
+    # float32 KL of two close distributions (~2e-4) against float64: cancellation leaves ~1e-7 of noise
+    np.testing.assert_allclose(out["loss_abd_sr"].item(), expected, rtol=1e-3, atol=1e-7)
 
 
 def test_no_retrospection_before_a_suspect_image(bn_teacher):
