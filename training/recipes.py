@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib.util
 import inspect
+import json
 import math
 import re
 import types
@@ -154,6 +155,15 @@ def convert_value(value, tp, name: str):
         if not isinstance(value, list | tuple):
             value = [value]
         return origin(convert_value(v, item, name) for v in value)
+    if base is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{name} must be a JSON object, e.g. '{{\"key\": 1}}': {err}") from None
+        if not isinstance(value, dict):
+            raise UsageError(f"{name} must be a JSON object (a mapping), got {value!r}")
+        return dict(value)
     if base is bool:
         if isinstance(value, bool):
             return value
