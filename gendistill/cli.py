@@ -19,6 +19,7 @@ COMMANDS = {
     "sid": "distill a pixel diffusers teacher into a one-step generator with SiD or DMD (fake score network)",
     "teach": "train a teacher (methods: diffusion, text2image, classifier)",
     "dfkd": "distill a classifier into a student on synthesized images only (DAFL, Fast, CMI, ...)",
+    "federated": "federated learning with data-free distillation on Flower (FedAvg, FedGen, FedFTG, FedD2S)",
     "demo": "run the embedded default end to end (MNIST: BOOT one-step student, DFKD student, report)",
     "sample": "sample a grid of images from a saved BOOT student folder",
     "eval": "measure: fid, kid, clip, accuracy, asr, speed (metrics.json + report.md with images)",
@@ -51,6 +52,11 @@ def _dispatch(command: str, argv: list[str]) -> int:
         argv = argv[1:]
     elif command == "dfkd":
         from gendistill.training.dfkd import main
+    elif command == "federated":
+        from gendistill.eval.federated import write_federated_report
+        from gendistill.training.federated import main as federated_main
+
+        return federated_main(argv, report=write_federated_report)
     elif command == "demo":
         from gendistill.eval.demo import evaluate_demo
         from gendistill.training.demo import main as demo_main
