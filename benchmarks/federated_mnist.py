@@ -5,6 +5,7 @@ Setup (the issue's): 10 clients holding a Dirichlet(alpha = 0.1) label-skewed sh
 LeNet-5 on every client, every client trains in every round (1 local epoch of SGD, batch 32, lr 0.01), the
 global model judged on the 500 held-out digits after every round, every client's model on the held-out digits
 weighted by its own label distribution at the end (FedAvg's global model after one epoch of local fine-tuning).
+Every setting of a run is in its ``setup`` and ``options``.
 
     python benchmarks/federated_mnist.py --rounds 20 --seeds 0 1 2 \
         --out benchmarks/results/federated_mnist_cpu_DATE.json
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
             setup = FederatedSetup(clients=args.clients, alpha=args.alpha, local_epochs=args.local_epochs, seed=seed)
             result = run_federated(method, setup, rounds=args.rounds, options=options[method])
             result.pop("arrays")
-            row = {k: result[k] for k in ("method", "options", "seconds", "mean_personalized_accuracy")}
+            row = {k: result[k] for k in ("method", "options", "setup", "seconds", "mean_personalized_accuracy")}
             row["seed"] = seed
             for key in ("final_global_accuracy", "mean_finetuned_accuracy"):
                 if key in result:

@@ -230,3 +230,19 @@ def test_fedftg_fine_tunes_the_average_from_its_start_round():
     assert all(torch.equal(before[k], averaged[k]) for k in averaged)
     after = method.server_update(3, arrays, replies)
     assert not torch.equal(after["net.fc2.weight"], averaged["net.fc2.weight"])
+
+
+def test_bad_options_are_refused_before_anything_is_written(tmp_path, capsys):
+    from gendistill.cli import main
+
+    out = tmp_path / "run"
+    assert main(["federated", "--method", "fedgen", "--options", '{"bogus": 1}', "--output", str(out)]) == 2
+    assert "fedgen has no option bogus" in capsys.readouterr().err and not out.exists()
+    assert main(["federated", "--alpha", "0", "--output", str(out)]) == 2
+    assert "alpha must be > 0" in capsys.readouterr().err and not out.exists()
+    assert main(["federated", "--method", "fedsgd", "--output", str(out)]) == 2
+    assert "valid: fedavg, fedgen, fedftg, fedd2s" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["federated", "--output", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

@@ -41,6 +41,7 @@ class FederatedRecipe:
     local_epochs: int = 1  # client SGD epochs per round
     batch_size: int = 32  # client batch size
     lr: float = 0.01  # client SGD learning rate (momentum 0.9)
+    grad_clip: float = 5.0  # client gradient-norm clipping (0: none)
     finetune_epochs: int = 1  # local fine-tuning of the global model before the personalized score (0: none)
     options: dict = field(default_factory=dict)  # the method's options, e.g. {"generator_steps": 50} (YAML/JSON)
     seed: int = 0  # split, initialization and every client's randomness
@@ -95,8 +96,14 @@ def run(recipe: FederatedRecipe, *, report: Callable[[dict, Path], None] | None 
         import flwr  # noqa: F401
     except ImportError:
         raise UsageError("gendistill federated needs Flower: pip install 'gendistill[federated]'") from None
+    from gendistill.federated.base import load_split
+
     out = check_output(recipe)
     setup = recipe.setup()
+    # Validate the split, the data and the method's options before anything is written.
+    clients, num_classes = load_split(setup)
+    method = make_method(recipe.method, recipe.options, setup, num_classes=num_classes,
+                         channels=clients[0].images.shape[1])  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("results.json", "global_model", "report"):  # only ever inside a folder this command wrote
         path = out / stale
@@ -113,11 +120,6 @@ def run(recipe: FederatedRecipe, *, report: Callable[[dict, Path], None] | None 
     )  # fmt: skip
     arrays = results.pop("arrays")
     if "final_global_accuracy" in results and arrays is not None:
-        from gendistill.federated.base import load_split
-
-        clients, num_classes = load_split(setup)
-        method = make_method(recipe.method, recipe.options, setup, num_classes=num_classes,
-                             channels=clients[0].images.shape[1])  # fmt: skip
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             save_classifier(method.global_classifier(arrays), Path(tmp) / "global_model")
             (Path(tmp) / "global_model").rename(out / "global_model")

@@ -40,6 +40,7 @@ class FederatedSetup:
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.01  # local SGD (momentum 0.9)
+    grad_clip: float = 5.0  # local gradient-norm clipping (0: none); FedGen's extra terms need it at higher lr
     seed: int = 0
 
     def as_config(self) -> dict:
@@ -165,8 +166,8 @@ def train_locally(
     extra_loss=None,
 ) -> float:
     """``epochs`` (default ``setup.local_epochs``) of SGD on the client's examples, minimizing
-    ``CE(model(x), y) + extra_loss(model, x, y, index)`` (``index``: the batch's row numbers). Returns the mean
-    loss."""
+    ``CE(model(x), y) + extra_loss(model, x, y, index)`` (``index``: the batch's row numbers), gradients clipped to
+    norm ``setup.grad_clip``. Returns the mean loss."""
     model.train()
     optimizer = local_sgd(model, setup)
     total, count = 0.0, 0
@@ -178,6 +179,8 @@ def train_locally(
                 loss = loss + extra_loss(model, x, y, index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if setup.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), setup.grad_clip)
             optimizer.step()
             total, count = total + loss.item(), count + 1
     return total / max(count, 1)

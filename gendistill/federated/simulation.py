@@ -162,9 +162,9 @@ def _strategy_class():
         """Flower's FedAvg with the method's server half in ``aggregate_train`` and its arrays in the messages;
         client-side evaluation only in the last round."""
 
-        def __init__(self, method: FederatedMethod, rounds: int, finetune_epochs: int, on_round: Callable, **kwargs):
+        def __init__(self, method: FederatedMethod, rounds: int, finetune_epochs: int, **kwargs):
             super().__init__(**kwargs)
-            self.method, self.rounds, self.finetune_epochs, self.on_round = method, rounds, finetune_epochs, on_round
+            self.method, self.rounds, self.finetune_epochs = method, rounds, finetune_epochs
             self.node_client: dict[int, int] = {}
             self.client_metrics: dict[int, dict] = {}
             self.train_loss: dict[int, float] = {}
@@ -176,10 +176,8 @@ def _strategy_class():
             for message in messages:
                 node = message.metadata.dst_node_id
                 extra = dict(shared)
-                if node in self.node_client:
+                if node in self.node_client:  # known from its first reply
                     extra.update(self.method.client_extra(server_round, self.node_client[node]))
-                elif self.method.personalized:
-                    extra.update(self.method.client_extra(server_round, -1))
                 content = RecordDict({"arrays": message.content["arrays"], "config": message.content["config"],
                                       "extra": ArrayRecord(extra)})  # fmt: skip
                 out.extend(self._construct_messages(content, [node], MessageType.TRAIN))
@@ -266,7 +264,7 @@ def run_federated(
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
     strategy = _strategy_class()(
-        instance, rounds, finetune_epochs, on_round, fraction_train=fraction, fraction_evaluate=1.0,
+        instance, rounds, finetune_epochs, fraction_train=fraction, fraction_evaluate=1.0,
         min_train_nodes=max(1, int(setup.clients * fraction)), min_evaluate_nodes=setup.clients,
         min_available_nodes=setup.clients,
     )  # fmt: skip
