@@ -67,13 +67,12 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "little") % (2**63)
 
 
-def _method_from_config(config) -> tuple[FederatedMethod, FederatedSetup]:
+def _method_from_config(config) -> FederatedMethod:
     setup = FederatedSetup.from_config(config)
     clients, num_classes = load_split(setup)
     options = json.loads(str(config["method-options"]))
-    method = make_method(str(config["method"]), options, setup, num_classes=num_classes,
-                         channels=clients[0].images.shape[1])  # fmt: skip
-    return method, setup
+    return make_method(str(config["method"]), options, setup, num_classes=num_classes,
+                       channels=clients[0].images.shape[1])  # fmt: skip
 
 
 _CLIENT_METHODS: dict[str, FederatedMethod] = {}
@@ -83,7 +82,7 @@ def _client_method(config) -> FederatedMethod:
     key = json.dumps({k: config[k] for k in sorted(config.keys()) if k not in ("server-round", "finetune-epochs")})
     if key not in _CLIENT_METHODS:
         _CLIENT_METHODS.clear()
-        _CLIENT_METHODS[key] = _method_from_config(config)[0]
+        _CLIENT_METHODS[key] = _method_from_config(config)
     return _CLIENT_METHODS[key]
 
 
@@ -103,12 +102,15 @@ def client_app():
 
     app = ClientApp()
 
+    def client_of(msg, context) -> tuple:
+        """The message's config, the method it names (cached per process) and this node's client index."""
+        torch.set_num_threads(1)  # one Ray actor per client, one thread each
+        config = msg.content["config"]
+        return config, _client_method(config), int(context.node_config["partition-id"])
+
     @app.train()
     def train(msg, context):
-        torch.set_num_threads(1)
-        config = msg.content["config"]
-        method = _client_method(config)
-        client = int(context.node_config["partition-id"])
+        config, method, client = client_of(msg, context)
         data = load_split(method.setup)[0][client]
         server_round = int(config["server-round"])
         seed = _seed(method.setup.seed, server_round, client)
@@ -127,10 +129,7 @@ def client_app():
 
     @app.evaluate()
     def evaluate(msg, context):
-        torch.set_num_threads(1)
-        config = msg.content["config"]
-        method = _client_method(config)
-        client = int(context.node_config["partition-id"])
+        config, method, client = client_of(msg, context)
         clients, num_classes = load_split(method.setup)
         data = clients[client]
         images, labels = load_heldout(method.setup)
