@@ -196,6 +196,9 @@ def distill_one(method: str, setup: str, seed: int, teachers: dict, workdir: Pat
     settings = {k: v for k, v in recipe_dict(recipe).items() if k in reported}
     settings["mixed_precision"] += f" ({resolve_mixed_precision(recipe)})" if recipe.mixed_precision == "auto" else ""
     row = {"setup": setup, "method": method, "seed": seed, "teacher": arch, "settings": settings}
+    queries = logged_values(output, "teacher_queries")
+    if queries:  # a black-box method: images the teacher answered
+        row["teacher_queries"] = int(queries[-1])
     if extra:
         row["extra_teachers"] = extra
     return {**row, **summary}

@@ -30,6 +30,7 @@ TINY = {
     "zskt": ["student_steps=2"],
     "dfq": ["student_steps=2", "student_start=0"],
     "cae": ["student_steps=2", "embed_dim=8"],
+    "dfme": ["student_steps=2", "zo_directions=2"],
     "deepinversion": ["inversion_steps=2", "synthesis_every=3"],
     "mixmix": ["inversion_steps=2", "synthesis_every=3", "mix_prob=1"],
     "cmi": ["synthesis_steps=2", "synthesis_every=3", "head_dim=16", "n_neg=32", "reset_generator=false"],

@@ -288,4 +288,6 @@ def main(argv: list[str] | None = None) -> int:
             f"student accuracy {summary['student_accuracy']:.4f} (teacher {summary['teacher_accuracy']:.4f}, "
             f"agreement {summary['teacher_agreement']:.4f})"
         )
+    if summary and "teacher_queries" in summary:  # a black-box method (DFME)
+        print(f"teacher queries {int(summary['teacher_queries']):,} (images the teacher answered)")
     return 0

@@ -70,23 +70,36 @@ def zero_order_grad(
     sigma: float = 1e-3,
     generator: torch.Generator | None = None,
     chunk: int = 64,
+    resolution: int | None = None,
 ) -> torch.Tensor:
     """The antithetic zero-order estimate of ``d sum_b loss_fn(x)[b] / dx`` (module docstring).
 
     ``loss_fn`` maps images (N, C, H, W) to per-image losses (N,) using only queries of a black-box teacher.
     ``directions``: q, the random directions per image (2 q queries per image); ``sigma``: the step along each;
-    ``chunk``: directions evaluated per call of ``loss_fn``."""
+    ``chunk``: directions evaluated per call of ``loss_fn``; ``resolution`` r: directions drawn at r x r per channel
+    and upsampled bilinearly to the image size (a low-frequency subspace of dimension C r^2: the estimate is then of
+    the gradient's component in that subspace, with a cosine to it that grows with q / (C r^2) instead of
+    q / (C H W); None: directions at full resolution)."""
     if directions < 1:
         raise UsageError(f"directions must be >= 1, got {directions}")
     if sigma <= 0:
         raise UsageError(f"sigma must be > 0, got {sigma}")
+    if resolution is not None and not (x.dim() == 4 and 1 <= resolution <= min(x.shape[-2:])):
+        raise UsageError(
+            f"resolution must be between 1 and the image size {tuple(x.shape[-2:])} (images (B, C, H, W)), "
+            f"got {resolution}"
+        )
     b = x.shape[0]
     grad = torch.zeros_like(x)
     x = x.detach()
     done = 0
     while done < directions:
         k = min(chunk, directions - done)
-        u = torch.randn((k, *x.shape), generator=generator, device=x.device)
+        if resolution is None or resolution == x.shape[-1] == x.shape[-2]:
+            u = torch.randn((k, *x.shape), generator=generator, device=x.device)
+        else:
+            u = torch.randn((k * b, x.shape[1], resolution, resolution), generator=generator, device=x.device)
+            u = F.interpolate(u, size=x.shape[-2:], mode="bilinear", align_corners=False).reshape(k, *x.shape)
         plus = loss_fn((x.unsqueeze(0) + sigma * u).flatten(0, 1)).reshape(k, b)
         minus = loss_fn((x.unsqueeze(0) - sigma * u).flatten(0, 1)).reshape(k, b)
         grad += ((plus - minus).reshape(k, b, *[1] * (x.dim() - 1)) * u).sum(0)

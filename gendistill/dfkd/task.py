@@ -90,6 +90,11 @@ class DFKDTask(nn.Module):
         if generator is not None:
             self.generator = generator
         self.objectives = list(objectives)
+        if synthesizer.black_box and self.objectives:
+            raise UsageError(
+                f"method {synthesizer.name!r} reads the teacher only through queries; plug-ins and objectives need "
+                "a white-box teacher (its logits with gradients), so none can be combined with it"
+            )
         names = [o.name for o in self.objectives if isinstance(o, Plugin)]
         if len(set(names)) != len(names):
             raise UsageError(f"plug-ins {names} name one twice")
@@ -220,8 +225,10 @@ class DFKDTask(nn.Module):
     @torch.no_grad()
     def evaluate(self, student: nn.Module | None = None, **_) -> dict[str, float]:
         """Held-out accuracy of the student (and once of the teacher) and the student-teacher agreement."""
+        queries = getattr(self.synthesizer, "queries", None)  # a black-box method's count of teacher queries
+        counted = {} if queries is None else {"teacher_queries": float(queries)}
         if not hasattr(self, "eval_images"):
-            return {}
+            return counted
         student = self.student if student is None else student
         was_training = student.training
         student.eval()
@@ -235,6 +242,7 @@ class DFKDTask(nn.Module):
             self._teacher_eval = {"pred": t_pred}
         t_pred = self._teacher_eval["pred"]
         return {
+            **counted,
             "student_accuracy": (pred == self.eval_labels).float().mean().item(),
             "teacher_accuracy": (t_pred == self.eval_labels).float().mean().item(),
             "teacher_agreement": (pred == t_pred).float().mean().item(),

@@ -9,6 +9,7 @@ from .cmi import CMI
 from .dafl import DAFL
 from .deepinversion import DeepInversion
 from .dfad import DFAD
+from .dfme import DFME
 from .dfq import DFQ
 from .fast import Fast
 from .mixmix import MixMix
@@ -17,7 +18,7 @@ from .unlabeled import Unlabeled
 from .zskt import ZSKT
 
 METHODS: dict[str, type[Synthesizer]] = {
-    cls.name: cls for cls in (DAFL, DFAD, ZSKT, DFQ, DeepInversion, MixMix, CMI, Fast, NAYER, CAE, Unlabeled)
+    cls.name: cls for cls in (DAFL, DFAD, DFME, ZSKT, DFQ, DeepInversion, MixMix, CMI, Fast, NAYER, CAE, Unlabeled)
 }
 
 

@@ -92,6 +92,7 @@ class Synthesizer(ABC):
     needs_batchnorm = False  # True: the method's loss uses the teacher's BatchNorm statistics
     exposes_generator_tensors = False  # True: generator_loss records its tensors (the task's generator terms)
     data_free = True  # False: the method learns on real (unlabeled) images it is given
+    black_box = False  # True: the method reads the teacher only through counted queries (DFME); no plug-ins
 
     def __init__(
         self,
