@@ -36,7 +36,7 @@ class DFMEConfig(DFADConfig):
     zo: float = 3.0  # weight of the teacher's part of the disagreement's gradient (zero-order; 0: student part only)
     zo_directions: int = 8  # random directions per image of the zero-order estimate (2 queries each)
     zo_sigma: float = 1e-2  # step along each direction (in the generator's output space)
-    zo_resolution: int = 8  # directions drawn at this size and upsampled (a low-frequency subspace; 0: full size)
+    zo_resolution: int = 8  # directions drawn at this size and upsampled (low frequencies; 0 or >= image: full)
     AT_LEAST = {**DFADConfig.AT_LEAST, "zo": 0, "zo_directions": 1, "zo_resolution": 0}
     POSITIVE = (*DFADConfig.POSITIVE, "zo_sigma")
 
@@ -93,7 +93,7 @@ class DFME(DFAD):
                 x,
                 directions=cfg.zo_directions,
                 sigma=cfg.zo_sigma,
-                resolution=cfg.zo_resolution or None,
+                resolution=min(cfg.zo_resolution, *x.shape[-2:]) or None,  # small images: full size
             )
             teacher_part = (x * grad).sum() / len(x)
             loss = loss + cfg.adv * cfg.zo * (teacher_part - teacher_part.detach())  # adds a gradient, not a value
