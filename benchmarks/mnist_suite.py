@@ -34,10 +34,10 @@ from pathlib import Path
 import diffusers
 import torch
 
+from gendistill.diffusion.sampling import solver_settings
 from gendistill.diffusion.teacher import DiffusionTeacher
 from gendistill.eval.compare import BATCH_SIZE, Judge, Sampler, boot_samplers, run_samplers
 from gendistill.eval.report import device_description
-from gendistill.eval.samplers import solver_settings
 from gendistill.eval.sources import load_student_pipeline
 from gendistill.training import boot, sid
 from gendistill.training.demo import BUDGETS, CLASSIFIER_TEACHER, DDPM_TEACHER, boot_recipe, shipped_teacher

@@ -26,10 +26,10 @@ import diffusers
 import torch
 
 from gendistill.data.mnist import DIGIT_NAMES
+from gendistill.diffusion.sampling import solver_settings
 from gendistill.diffusion.teacher import load_teacher
 from gendistill.eval.compare import Judge, Sampler, boot_samplers, run_samplers, student_images
 from gendistill.eval.report import device_description
-from gendistill.eval.samplers import solver_settings
 from gendistill.eval.sources import load_student_pipeline
 from gendistill.training import boot, sid, teach_text2image
 from gendistill.training.demo import CLASSIFIER_TEACHER, shipped_teacher

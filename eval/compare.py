@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 from gendistill.data.classification import load_classification_data
 from gendistill.data.images import to_channels
 from gendistill.dfkd.models import load_classifier
+from gendistill.diffusion.sampling import teacher_sample
 from gendistill.diffusion.teacher import DiffusionTeacher
 from gendistill.errors import UsageError
 
 from .classifier import topk_accuracy
 from .features import classifier_features
 from .fid import FeatureStats, compute_stats, frechet_distance
-from .samplers import teacher_sample
 
 BATCH_SIZE = 100
 SOLVER_NAMES = {"ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}

@@ -21,6 +21,7 @@ import torch
 
 from gendistill.data.classification import load_classification_data
 from gendistill.dfkd.models import load_classifier
+from gendistill.diffusion.sampling import solver_settings
 from gendistill.diffusion.teacher import DiffusionTeacher
 
 from .classifier import agreement, plot_accuracy_vs_time, time_to_accuracy, topk_accuracy
@@ -35,7 +36,6 @@ from .compare import (
     student_images,
 )
 from .report import Report, device_description
-from .samplers import solver_settings
 from .sources import load_student_pipeline
 from .speed import measure
 

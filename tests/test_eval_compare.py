@@ -9,12 +9,12 @@ from conftest import save_teacher
 from diffusers import DDPMScheduler
 from torch import nn
 
+from gendistill.diffusion.sampling import make_scheduler, teacher_sample
 from gendistill.diffusion.teacher import DiffusionTeacher
 from gendistill.errors import UsageError
 from gendistill.eval.compare import Judge, Sampler, noise_batches, pad_to, run_samplers, to_judge
 from gendistill.eval.features import ModuleFeatures
 from gendistill.eval.fid import compute_stats
-from gendistill.eval.samplers import make_scheduler, teacher_sample
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from gendistill.kernels import backend_for
 
 from .core import run_recipe
 from .recipes import TrainRecipe, convert_value, parse_recipe
+from .transfer import generate_transfer_set, generated_source
 
 EVAL_SPLITS = ("test", "all")  # --eval-split: the held-out part of --eval-data, or all of it
 COMMAND = "dfkd"
@@ -193,11 +194,25 @@ def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
         std=None if config.std is None else tuple(config.std),
         quant_bits=recipe.student_quant_bits,
     )
+    options = recipe.options()
+    source = generated_source(options.get("data", "")) if recipe.method == "unlabeled" else None
+    if source is not None:  # a transfer set drawn from a diffusion model (training/transfer.py)
+        defaults = get_method("unlabeled").Config()
+        images, info = generate_transfer_set(
+            source,
+            num_images=int(options.get("generated_images", defaults.generated_images)),
+            steps=int(options.get("generated_steps", defaults.generated_steps)),
+            seed=recipe.seed,
+            device="cpu" if recipe.cpu or not torch.cuda.is_available() else "cuda",
+        )
+        logger.info("transfer set: %d images from %s (%s) in %.1f s", info["images"], source, info["pipeline"],
+                    info["seconds"])  # fmt: skip
+        options["images"] = images
     return build_task(
         teacher,
         student,
         recipe.method,
-        options=recipe.options(),
+        options=options,
         eval_data=eval_data,
         objectives=recipe.build_plugins(),
         kernel_backend=backend_for(recipe.fused_kernels),

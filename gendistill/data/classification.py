@@ -133,7 +133,13 @@ def load_classification_data(
         if split != "all":
             index = _per_class_split(labels, split, eval_fraction, seed)
             images, labels = images[index], labels[index]
+    return convert_images(images, image_size=image_size, channels=channels), labels, names
+
+
+def convert_images(images: torch.Tensor, *, image_size: int, channels: int | None = None) -> torch.Tensor:
+    """Images (N, C, H, W) in [0, 1] resized to ``image_size`` and converted to ``channels`` (None: as they are),
+    as :func:`load_classification_data` does for every source."""
     images = _resize(images, image_size)
     if channels is not None:
         images = _channels(images, channels)
-    return images.contiguous(), labels, names
+    return images.contiguous()

@@ -3,7 +3,10 @@ images whose labels are never read (FAQD's "label-free data" setting: Li et al.,
 Knowledge Distillation and Quantization of Deep Neural Networks on Label-Free Data", 2023).
 
 ``data`` is a folder of images (searched recursively; class subfolders, if any, are ignored), an ``.npz`` with
-``images`` (its ``labels`` are ignored too) or ``mnist5k`` (the offline digits' training split). The images are
+``images`` (its ``labels`` are ignored too), ``mnist5k`` (the offline digits' training split) or
+``generated:PIPELINE_FOLDER``: ``generated_images`` images drawn from a diffusion teacher or a one-step BOOT/SiD
+student at the start of the run (a transfer set; the library never samples pipelines itself, so the caller passes
+them as ``images``: ``gendistill dfkd`` does, with ``generated_steps`` DDIM steps for a teacher). The images are
 loaded once, resized to the teacher's input size and channel count, and each student step draws a batch uniformly
 with replacement from the global RNG (so a resumed run draws the same batches). With ``crop`` the batch gets the
 usual random translation (1/8 of the width) and, with ``flip``, mirror images. Combine with ``--student-quant-bits``
@@ -27,6 +30,9 @@ class UnlabeledConfig(SynthesizerConfig):
     tau: float = 4.0  # KD temperature (Hinton et al.'s usual range for real data; not tuned here)
     crop: bool = False  # random translation by up to 1/8 of the width
     flip: bool = False  # random mirror images (off: digits and text are not mirror-symmetric)
+    generated_images: int = 2000  # data=generated:FOLDER: images drawn from the pipeline folder
+    generated_steps: int = 20  # data=generated:FOLDER of a teacher: its DDIM steps per image (a student takes one)
+    AT_LEAST = {"generated_images": 1, "generated_steps": 1}
 
 
 class Unlabeled(Synthesizer):
@@ -34,16 +40,31 @@ class Unlabeled(Synthesizer):
     Config = UnlabeledConfig
     data_free = False  # needs ``data``
 
-    def __init__(self, *, num_classes, image_shape, config=None, **overrides):
+    def __init__(self, *, num_classes, image_shape, config=None, images: torch.Tensor | None = None, **overrides):
+        """``images``: the (N, C, H, W) images in [0, 1] of a ``generated:`` source (any size and channel count:
+        resized and converted like the other sources); the other sources are loaded here."""
         super().__init__(num_classes=num_classes, image_shape=image_shape, config=config, **overrides)
-        from ...data.classification import load_classification_data
+        from ...data.classification import convert_images, load_classification_data
 
-        if not self.config.data:
-            raise UsageError("method 'unlabeled' needs its images: --method-options data=FOLDER (or an .npz, mnist5k)")
+        data = self.config.data
+        if not data:
+            raise UsageError(
+                "method 'unlabeled' needs its images: --method-options data=FOLDER (or an .npz, mnist5k, "
+                "generated:PIPELINE_FOLDER)"
+            )
         channels, size, _ = self.image_shape
-        split = "train" if self.config.data == "mnist5k" else "all"
-        images, _, _ = load_classification_data(self.config.data, split=split, image_size=size, channels=channels)
-        self.images = images
+        if data.startswith("generated:"):
+            if images is None or images.ndim != 4 or len(images) == 0:
+                raise UsageError(
+                    f"data {data!r}: the images drawn from the pipeline must be passed as images=(N, C, H, W) "
+                    "(gendistill dfkd draws them; the library does not sample pipelines)"
+                )
+            self.images = convert_images(images.float(), image_size=size, channels=channels)
+            return
+        if images is not None:
+            raise UsageError(f"images= is for data='generated:...'; data {data!r} is loaded from where it names")
+        split = "train" if data == "mnist5k" else "all"
+        self.images, _, _ = load_classification_data(data, split=split, image_size=size, channels=channels)
 
     def student_images(self, batch_size, device, *, teacher, student, generator):
         index = torch.randint(0, len(self.images), (batch_size,))

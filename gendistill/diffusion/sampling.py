@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from gendistill.diffusion.teacher import DiffusionTeacher
-from gendistill.errors import UsageError
+from ..errors import UsageError
+from .teacher import DiffusionTeacher
 
 SOLVERS = ("ddim", "dpmsolver++")
 
