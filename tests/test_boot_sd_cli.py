@@ -37,7 +37,9 @@ def sd_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def distilled(sd_root):
-    """300 CPU steps of BOOT at guidance 4 on the prompts file, text embeddings cached up front."""
+    """200 CPU steps of BOOT at guidance 4 on the prompts file, text embeddings cached up front (the trajectory
+    error, 0.67 at the start, was 0.34 after 100 steps, 0.26 after 200 and 0.20 after 300: 200 halve it with
+    margin)."""
     out = sd_root / "student"
     code = main(
         [
@@ -49,7 +51,7 @@ def distilled(sd_root):
             "--output",
             str(out),
             "--max-steps",
-            "300",
+            "200",
             "--batch-size",
             "16",
             "--num-intervals",
@@ -79,7 +81,7 @@ def distilled(sd_root):
 @pytest.mark.slow
 def test_sd_boot_halves_trajectory_error(distilled):
     results = json.loads((distilled / "results.json").read_text())
-    assert results["steps"] == 300
+    assert results["steps"] == 200
     assert results["trajectory_error"] <= 0.5 * results["initial_trajectory_error"], results
     assert results["ema/trajectory_error"] <= 0.5 * results["initial_trajectory_error"], results
     index = json.loads((distilled / "model_index.json").read_text())
@@ -87,7 +89,7 @@ def test_sd_boot_halves_trajectory_error(distilled):
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"] and index["vae"][1] == "AutoencoderKL"
     assert index["guidance_scale"] == 4.0 and index["guidance_range"] is None
     assert (distilled / "text_embeddings.safetensors").is_file()
-    assert (distilled / "samples" / "step_000300.png").is_file()  # teacher vs student, decoded by the VAE
+    assert (distilled / "samples" / "step_000200.png").is_file()  # teacher vs student, decoded by the VAE
 
 
 @pytest.mark.slow
