@@ -33,7 +33,8 @@ def _env():
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
-    """A class-conditional v-prediction teacher distilled for 300 CPU steps."""
+    """A class-conditional v-prediction teacher distilled for 150 CPU steps (the trajectory error, 0.69 at the start,
+    was 0.21 after 100 steps and 0.10 after 300)."""
     root = tmp_path_factory.mktemp("boot")
     teacher = save_teacher(root / "teacher", prediction_type="v_prediction", num_class_embeds=4)
     out = root / "student"
@@ -45,7 +46,7 @@ def distilled(tmp_path_factory):
             "--output",
             str(out),
             "--max-steps",
-            "300",
+            "150",
             "--batch-size",
             "32",
             "--num-intervals",
@@ -53,7 +54,7 @@ def distilled(tmp_path_factory):
             "--lr",
             "1e-3",
             "--eval-every",
-            "100",
+            "50",
             "--checkpoint-every",
             "0",
             "--sample-every",
@@ -70,13 +71,13 @@ def distilled(tmp_path_factory):
 def test_boot_halves_trajectory_error(distilled):
     _, out = distilled
     results = json.loads((out / "results.json").read_text())
-    assert results["steps"] == 300
+    assert results["steps"] == 150
     assert results["ema/trajectory_error"] <= 0.5 * results["initial_trajectory_error"], results
     assert results["trajectory_error"] <= 0.5 * results["initial_trajectory_error"], results
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     errors = [r["trajectory_error"] for r in rows if "trajectory_error" in r]
     assert len(errors) == 4 and errors[0] == results["initial_trajectory_error"]
-    assert (out / "samples" / "step_000300.png").is_file()
+    assert (out / "samples" / "step_000150.png").is_file()
     assert any("loss/student" in r and "images_per_s" in r for r in rows)
 
 
