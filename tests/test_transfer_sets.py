@@ -76,6 +76,9 @@ def test_a_run_on_a_generated_set_distills_and_resumes_exactly(source, ddpm_fold
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     results = json.loads((tmp_path / "straight" / "results.json").read_text())
     assert results["method"] == "unlabeled" and results["steps"] == 4
+    record = results["transfer_set"]
+    assert record["images"] == 12 and record["source"] == folder and record["classes_asked"] == [0, 1, 2]
+    assert record["pipeline"] == ("DDPMPipeline" if source == "ddpm" else "BootImagePipeline")
 
 
 def test_generated_sources_are_checked_before_anything_is_written(bn_teacher, ddpm_folder, tmp_path, capsys):

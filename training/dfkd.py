@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,12 +204,13 @@ def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
             num_images=int(options.get("generated_images", defaults.generated_images)),
             steps=int(options.get("generated_steps", defaults.generated_steps)),
             seed=recipe.seed,
-            device="cpu" if recipe.cpu or not torch.cuda.is_available() else "cuda",
+            # this process's GPU under accelerate launch (the set is drawn before the accelerator exists)
+            device="cpu" if recipe.cpu or not torch.cuda.is_available() else f"cuda:{os.environ.get('LOCAL_RANK', 0)}",
         )
         logger.info("transfer set: %d images from %s (%s) in %.1f s", info["images"], source, info["pipeline"],
                     info["seconds"])  # fmt: skip
         options["images"] = images
-    return build_task(
+    task = build_task(
         teacher,
         student,
         recipe.method,
@@ -218,6 +220,9 @@ def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
         kernel_backend=backend_for(recipe.fused_kernels),
         extra_teachers=[load_classifier(path) for path in recipe.extra_teachers or []],
     )
+    if source is not None:
+        task.synthesizer.source_info = info  # results.json records what the set was
+    return task
 
 
 def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
@@ -227,6 +232,8 @@ def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
     def export(trainer, task, metrics) -> dict:
         save_classifier(trainer.export_module("student"), Path(recipe.output))
         summary = {"method": recipe.method, "plugins": list(recipe.plugins or []), **metrics}
+        if getattr(task.synthesizer, "source_info", None):  # a transfer set drawn from a diffusion model
+            summary["transfer_set"] = task.synthesizer.source_info
         if recipe.eval_data and hasattr(task, "eval_labels"):  # what the held-out accuracy is measured on
             summary["eval_data"] = {
                 "data": recipe.eval_data,

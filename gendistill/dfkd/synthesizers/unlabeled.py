@@ -46,6 +46,8 @@ class Unlabeled(Synthesizer):
         super().__init__(num_classes=num_classes, image_shape=image_shape, config=config, **overrides)
         from ...data.classification import convert_images, load_classification_data
 
+        self.source_info: dict | None = None  # what a generated set was (set by its caller, for the run's records)
+
         data = self.config.data
         if not data:
             raise UsageError(
