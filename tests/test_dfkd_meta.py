@@ -243,7 +243,7 @@ def test_registered_and_refuse_a_teacher_without_batchnorm(cls):
     assert synthesizers.METHODS[cls.name] is cls
     torch.manual_seed(0)
     lenet = build_classifier("lenet5", num_classes=4, in_channels=3, image_size=32)
-    with pytest.raises(ValueError, match=r"no BatchNorm.*dafl, dfad, dfme, unlabeled, zskt"):
+    with pytest.raises(ValueError, match=r"no BatchNorm.*dafl, dfad, dfme, kd3, unlabeled, zskt"):
         cls(num_classes=4, image_shape=(3, 32, 32)).check_teacher(lenet)
     cls(num_classes=4, image_shape=(3, 32, 32)).check_teacher(build_classifier("lenet5_bn", num_classes=4))
 

@@ -37,6 +37,7 @@ TINY = {
     "fast": ["g_steps=2", "warmup=1", "student_steps=2"],
     "nayer": ["synthesis_steps=2", "warmup=1", "warmup_loops=2", "loops=1", "embed_dim=16", "synthesis_every=3"],
     "unlabeled": ["data=mnist5k", "crop=true"],
+    "kd3": ["data=mnist5k", "crop=true", "candidates=3"],
 }
 
 

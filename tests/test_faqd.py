@@ -420,7 +420,7 @@ def test_unlabeled_bad_input(bn_teacher, tmp_path, capsys):
     base += ["--output", str(tmp_path / "o")]
     (tmp_path / "empty").mkdir()
     cases = [
-        ([], "method 'unlabeled' needs its images: --method-options data=FOLDER"),
+        ([], "method 'unlabeled' needs its images: --pool FOLDER"),
         (["--method-options", f"data={tmp_path / 'missing'}"], "is neither one of"),
         (["--method-options", f"data={tmp_path / 'empty'}"], "holds no images"),
     ]

@@ -68,14 +68,16 @@ def test_a_boot_student_folder_gives_its_one_step_samples(boot_folder):
     torch.testing.assert_close(images, expected.clamp(0, 1))
 
 
-@pytest.mark.parametrize("source", ["ddpm", "boot"])
-def test_a_run_on_a_generated_set_distills_and_resumes_exactly(source, ddpm_folder, boot_folder, bn_teacher, tmp_path):
+@pytest.mark.parametrize(("source", "method"), [("ddpm", "unlabeled"), ("boot", "unlabeled"), ("boot", "kd3")])
+def test_a_run_on_a_generated_set_distills_and_resumes_exactly(
+    source, method, ddpm_folder, boot_folder, bn_teacher, tmp_path
+):
     folder = ddpm_folder if source == "ddpm" else boot_folder
     options = [f"data=generated:{folder}", "generated_images=12", "generated_steps=2", "crop=true"]
-    straight, resumed = straight_and_resumed(bn_teacher, tmp_path, "unlabeled", options)
+    straight, resumed = straight_and_resumed(bn_teacher, tmp_path, method, options)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     results = json.loads((tmp_path / "straight" / "results.json").read_text())
-    assert results["method"] == "unlabeled" and results["steps"] == 4
+    assert results["method"] == method and results["steps"] == 4
     record = results["transfer_set"]
     assert record["images"] == 12 and record["source"] == folder and record["classes_asked"] == [0, 1, 2]
     assert record["pipeline"] == ("DDPMPipeline" if source == "ddpm" else "BootImagePipeline")

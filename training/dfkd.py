@@ -47,12 +47,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DFKDRecipe(TrainRecipe):
     output: str = "dfkd-student"  # run folder; also the exported student (model.safetensors + config.json)
-    method: str = "dfq"  # synthesizer: dafl | dfad | zskt | dfq | deepinversion | mixmix | cmi | fast | nayer | cae
+    method: str = "dfq"  # dafl dfad dfme zskt dfq deepinversion mixmix cmi fast nayer cae; on a pool: unlabeled kd3
     teacher: str | None = None  # classifier folder (model.safetensors + config.json) (required)
     extra_teachers: list[str] | None = None  # mixmix: more classifier folders whose statistics join the synthesis
     student_arch: str = "lenet5_half"  # model zoo architecture of the student
     student_quant_bits: int | None = None  # 1 | 2 | 4 | 8: a quantization-aware student (weights fake-quantized)
     method_options: list[str] | None = None  # method options as key=value (e.g. oh=0.5,adv=1.33): the method's Config
+    pool: str | None = None  # unlabeled, kd3: the image pool (folder | .npz | mnist5k | generated:PIPELINE_FOLDER)
     plugins: list[str] | None = None  # plug-ins on top of the method, comma-separated: abd | faqd | lra
     plugin_options: list[str] | None = None  # plug-in options as name.key=value (e.g. faqd.fa=2,faqd.fast=true)
     eval_data: str | None = None  # held-out real data for accuracy/agreement: mnist5k | cifar10 | folder | .npz
@@ -127,6 +128,13 @@ class DFKDRecipe(TrainRecipe):
                     f"method option {item!r} is not key=value with a key of {self.method}: {', '.join(names)}"
                 )
             options[key] = convert_value(value, hints[key], f"method option {key}={value!r}")
+        if self.pool is not None:
+            if "data" not in names:
+                takers = ", ".join(sorted(m for m, cls in METHODS.items() if not cls.data_free))
+                raise UsageError(f"--pool is for the methods that learn on a pool ({takers}); not {self.method!r}")
+            if "data" in options and options["data"] != self.pool:
+                raise UsageError(f"--pool {self.pool!r} and --method-options data={options['data']!r} disagree")
+            options["data"] = self.pool
         return options
 
 
@@ -196,9 +204,10 @@ def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
         quant_bits=recipe.student_quant_bits,
     )
     options = recipe.options()
-    source = generated_source(options.get("data", "")) if recipe.method == "unlabeled" else None
+    method = get_method(recipe.method)
+    source = None if method.data_free else generated_source(options.get("data", ""))
     if source is not None:  # a transfer set drawn from a diffusion model (training/transfer.py)
-        defaults = get_method("unlabeled").Config()
+        defaults = method.Config()
         images, info = generate_transfer_set(
             source,
             num_images=int(options.get("generated_images", defaults.generated_images)),
@@ -280,6 +289,10 @@ def distill(
     ``output`` and returns the summary. ``recipe_fields`` are any ``DFKDRecipe`` fields (max_steps, batch_size, lr,
     ...); ``objectives`` add terms to the losses (see ``DFKDTask``)."""
     recipe = DFKDRecipe(output=output, method=method, **recipe_fields)
+    if recipe.pool is not None:  # pool= is the method's data option, as on the command line
+        if (options or {}).get("data", recipe.pool) != recipe.pool:
+            raise UsageError(f"pool={recipe.pool!r} and options data={options['data']!r} disagree")
+        options = {**(options or {}), "data": recipe.pool}
     task = build_task(
         teacher,
         student,

@@ -58,23 +58,37 @@ def _per_class_split(labels: torch.Tensor, split: str, eval_fraction: float, see
     return torch.nonzero(held if split == "test" else ~held).flatten()
 
 
-def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_npz(path: Path, *, labelled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``images`` (and ``labels``; without ``labelled`` they are optional and not read) of an .npz."""
     with open_npz(path, what="data file") as data:
-        missing = [k for k in ("images", "labels") if k not in data.files]
+        missing = [k for k in (("images", "labels") if labelled else ("images",)) if k not in data.files]
         if missing:
-            raise UsageError(
-                f"{path} has no {', '.join(missing)} array; expected 'images' (N, H, W[, C]) and 'labels' (N,)"
-            )
-        images, labels = data["images"], data["labels"]
+            expected = "'images' (N, H, W[, C]) and 'labels' (N,)" if labelled else "'images' (N, H, W[, C])"
+            raise UsageError(f"{path} has no {', '.join(missing)} array; expected {expected}")
+        images, labels = data["images"], data["labels"] if labelled else None
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or len(images) != len(labels):
-        raise UsageError(
-            f"{path}: images must be (N, H, W[, C]) with one label each, got {images.shape} and {labels.shape}"
-        )
+    if images.ndim != 4 or (labels is not None and len(images) != len(labels)):
+        got = f"{images.shape}" if labels is None else f"{images.shape} and {labels.shape}"
+        raise UsageError(f"{path}: images must be (N, H, W[, C]){' with one label each' * labelled}, got {got}")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     x = x.float() / 255.0 if not x.is_floating_point() else x.float()
-    return x, torch.from_numpy(labels.astype(np.int64))
+    return x, None if labels is None else torch.from_numpy(labels.astype(np.int64))
+
+
+def load_unlabeled_images(data: str, *, image_size: int = 32, channels: int | None = None) -> torch.Tensor:
+    """Images (N, C, S, S) float in [0, 1] of an unlabeled pool: a folder of images (searched recursively; class
+    subfolders, if any, are ignored), an ``.npz`` with ``images`` (N, H, W[, C]) (``labels`` need not be there and
+    are never read) or ``mnist5k`` (its training split). Resized and converted like :func:`load_classification_data`.
+    """
+    if data in ("cifar10", "cifar100"):
+        raise UsageError(f"{data!r} is labelled data; give an image pool: a folder, an .npz or mnist5k")
+    path = Path(data).expanduser()
+    if data != "mnist5k" and path.suffix == ".npz" and path.is_file():
+        images, _ = _load_npz(path, labelled=False)
+        return convert_images(images, image_size=image_size, channels=channels)
+    return load_classification_data(data, split="train" if data == "mnist5k" else "all", image_size=image_size,
+                                    channels=channels)[0]  # fmt: skip
 
 
 def _load_cifar(name: str, split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -32,12 +32,39 @@ def _kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1) * tau**2
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Hinton's distillation loss ``tau^2 * KL(softmax(T / tau) || softmax(S / tau))``, summed over the K classes and
     averaged over the batch. ``student_logits``/``teacher_logits``: (B, K). The ``tau^2`` keeps gradient
-    magnitudes comparable across temperatures (Hinton et al. 2015; Fast's ``kldiv``)."""
+    magnitudes comparable across temperatures (Hinton et al. 2015; Fast's ``kldiv``). ``weights`` (B,), >= 0 with
+    a positive sum: the weighted mean ``sum_i w_i KL_i / sum_i w_i`` instead (KD^3's selected instances)."""
     _check_tau(tau)
-    return _kl_per_sample(student_logits, teacher_logits, tau).mean()
+    per_sample = _kl_per_sample(student_logits, teacher_logits, tau)
+    return per_sample.mean() if weights is None else weighted_mean(per_sample, weights)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i v_i / sum_i w_i`` of per-sample ``values`` (B,) and ``weights`` (B,) (>= 0, positive sum)."""
+    if weights.shape != values.shape:
+        raise UsageError(f"weights must be one per sample, {tuple(values.shape)}, got {tuple(weights.shape)}")
+    return (values * weights).sum() / weights.sum()
+
+
+def mix_statistics(features: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor, *, eps: float = 1e-6):
+    """Feature maps (B, C, H, W) with each instance's per-channel statistics replaced by a mix with another
+    instance's (MixStyle, Zhou et al. 2021; KD^3's MixDistribution perturbs the data distribution this way):
+    ``sigma_mix * (f_i - mu_i) / sigma_i + mu_mix`` with ``mu_mix = lam_i mu_i + (1 - lam_i) mu_partner(i)`` and
+    ``sigma_mix`` likewise, where ``mu``/``sigma`` are the mean and standard deviation (``sqrt(var + eps)``, biased
+    variance) over H x W. ``partner``: (B,) indices of the instances mixed in; ``lam``: (B,) in [0, 1]."""
+    if features.dim() != 4:
+        raise UsageError(f"mix_statistics needs feature maps (B, C, H, W), got {tuple(features.shape)}")
+    mu = features.mean(dim=(2, 3), keepdim=True)
+    sigma = (features.var(dim=(2, 3), keepdim=True, unbiased=False) + eps).sqrt()
+    lam = lam.to(features.dtype).view(-1, 1, 1, 1)
+    mu_mix = lam * mu + (1 - lam) * mu[partner]
+    sigma_mix = lam * sigma + (1 - lam) * sigma[partner]
+    return (features - mu) / sigma * sigma_mix + mu_mix
 
 
 def one_hot_loss(teacher_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

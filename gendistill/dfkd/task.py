@@ -86,6 +86,7 @@ class DFKDTask(nn.Module):
         if extra_teachers:
             synthesizer.set_extra_teachers(list(self.extra_teachers))
         synthesizer.adapt_to_teacher(self.teacher)
+        synthesizer.adapt_to_student(self.student)
         generator = synthesizer.build_generator()
         if generator is not None:
             self.generator = generator
@@ -94,6 +95,11 @@ class DFKDTask(nn.Module):
             raise UsageError(
                 f"method {synthesizer.name!r} reads the teacher only through queries; plug-ins and objectives need "
                 "a white-box teacher (its logits with gradients), so none can be combined with it"
+            )
+        if synthesizer.owns_student_loss and self.objectives:
+            raise UsageError(
+                f"method {synthesizer.name!r} makes the student's whole loss itself (weighted instances, feature "
+                "terms, perturbed copies), so plug-ins and objectives cannot be combined with it"
             )
         names = [o.name for o in self.objectives if isinstance(o, Plugin)]
         if len(set(names)) != len(names):
@@ -153,6 +159,8 @@ class DFKDTask(nn.Module):
         return self.synthesizer.generator_batch(batch_size, device)
 
     def forward(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if phase == "student" and self.synthesizer.owns_student_loss:
+            return self.synthesizer.student_losses(batch, teacher=self.teacher, student=self.student)
         if phase == "student":
             images, teacher_logits = batch["images"], batch.get("teacher_logits")
             with contextlib.ExitStack() as watches:

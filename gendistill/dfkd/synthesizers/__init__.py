@@ -12,13 +12,15 @@ from .dfad import DFAD
 from .dfme import DFME
 from .dfq import DFQ
 from .fast import Fast
+from .kd3 import KD3
 from .mixmix import MixMix
 from .nayer import NAYER
 from .unlabeled import Unlabeled
 from .zskt import ZSKT
 
 METHODS: dict[str, type[Synthesizer]] = {
-    cls.name: cls for cls in (DAFL, DFAD, DFME, ZSKT, DFQ, DeepInversion, MixMix, CMI, Fast, NAYER, CAE, Unlabeled)
+    cls.name: cls
+    for cls in (DAFL, DFAD, DFME, ZSKT, DFQ, DeepInversion, MixMix, CMI, Fast, NAYER, CAE, Unlabeled, KD3)
 }
 
 

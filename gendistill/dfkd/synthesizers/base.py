@@ -93,6 +93,7 @@ class Synthesizer(ABC):
     exposes_generator_tensors = False  # True: generator_loss records its tensors (the task's generator terms)
     data_free = True  # False: the method learns on real (unlabeled) images it is given
     black_box = False  # True: the method reads the teacher only through counted queries (DFME); no plug-ins
+    owns_student_loss = False  # True: student_losses makes the student phase's whole loss (KD^3); no plug-ins
 
     def __init__(
         self,
@@ -181,6 +182,17 @@ class Synthesizer(ABC):
         """Resolve the settings that depend on ``teacher`` (:meth:`config_for_teacher`) from the options asked for;
         the DFKD task calls this before ``build_generator`` and ``phases``."""
         self.config = self.config_for_teacher(self.requested_config, batchnorm_layer_count(teacher))
+
+    def adapt_to_student(self, student: nn.Module) -> None:
+        """Build what depends on the student (KD^3's feature projector); the DFKD task calls this after
+        :meth:`adapt_to_teacher`, with the student it trains. The base method needs nothing."""
+        return None
+
+    def student_losses(self, batch: dict, *, teacher, student) -> dict[str, torch.Tensor]:
+        """The student phase's losses (``"loss"`` is optimized) of a method that makes them itself
+        (``owns_student_loss``), from the batch of :meth:`student_batch`. ``student`` is the task's, possibly wrapped
+        for distributed training: call it once per step (batch perturbed copies with the originals)."""
+        raise NotImplementedError(f"method {self.name!r} leaves the student's loss to the task")
 
     # --- what subclasses implement -------------------------------------------------------------------------
     def build_generator(self) -> nn.Module | None:

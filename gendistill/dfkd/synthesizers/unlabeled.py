@@ -2,8 +2,8 @@
 images whose labels are never read (FAQD's "label-free data" setting: Li et al., "Feature Affinity Assisted
 Knowledge Distillation and Quantization of Deep Neural Networks on Label-Free Data", 2023).
 
-``data`` is a folder of images (searched recursively; class subfolders, if any, are ignored), an ``.npz`` with
-``images`` (its ``labels`` are ignored too), ``mnist5k`` (the offline digits' training split) or
+``data`` (``gendistill dfkd --pool``) is a folder of images (searched recursively; class subfolders, if any, are
+ignored), an ``.npz`` with ``images`` (``labels`` need not be there), ``mnist5k`` (the offline digits' train split) or
 ``generated:PIPELINE_FOLDER``: ``generated_images`` images drawn from a diffusion teacher or a one-step BOOT/SiD
 student at the start of the run (a transfer set; the library never samples pipelines itself, so the caller passes
 them as ``images``: ``gendistill dfkd`` does, with ``generated_steps`` DDIM steps for a teacher). The images are
@@ -44,15 +44,15 @@ class Unlabeled(Synthesizer):
         """``images``: the (N, C, H, W) images in [0, 1] of a ``generated:`` source (any size and channel count:
         resized and converted like the other sources); the other sources are loaded here."""
         super().__init__(num_classes=num_classes, image_shape=image_shape, config=config, **overrides)
-        from ...data.classification import convert_images, load_classification_data
+        from ...data.classification import convert_images, load_unlabeled_images
 
         self.source_info: dict | None = None  # what a generated set was (set by its caller, for the run's records)
 
         data = self.config.data
         if not data:
             raise UsageError(
-                "method 'unlabeled' needs its images: --method-options data=FOLDER (or an .npz, mnist5k, "
-                "generated:PIPELINE_FOLDER)"
+                f"method {self.name!r} needs its images: --pool FOLDER (or an .npz, mnist5k, "
+                "generated:PIPELINE_FOLDER; also --method-options data=...)"
             )
         channels, size, _ = self.image_shape
         if data.startswith("generated:"):
@@ -65,8 +65,7 @@ class Unlabeled(Synthesizer):
             return
         if images is not None:
             raise UsageError(f"images= is for data='generated:...'; data {data!r} is loaded from where it names")
-        split = "train" if data == "mnist5k" else "all"
-        self.images, _, _ = load_classification_data(data, split=split, image_size=size, channels=channels)
+        self.images = load_unlabeled_images(data, image_size=size, channels=channels)
 
     def student_images(self, batch_size, device, *, teacher, student, generator):
         index = torch.randint(0, len(self.images), (batch_size,))
