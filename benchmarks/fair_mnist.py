@@ -1,7 +1,7 @@
 """Fair4Free's setting on biased MNIST digits: ``gendistill fair`` with its defaults, per seed.
 
 The label is ``digit >= 5``; the sensitive attribute (an inverted image) agrees with it in 95% of the 4,500 training
-digits. Per seed: the fair VAE teacher (3,000 steps), the distilled student decoder (4,000 steps, latent draws
+digits. Per seed: the fair VAE teacher (3,000 steps), the distilled student decoder (8,000 steps, latent draws
 only), and LeNet-5 classifiers trained on the biased real digits and on 4,500 samples of each decoder, all judged
 on the 500 balanced held-out digits (attribute independent of the label). Targets: the student-sample classifier
 halves the biased one's demographic-parity difference, loses <= 5 points of accuracy, with <= 50% of the teacher
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device_description("cuda" if torch.cuda.is_available() else "cpu"),
         "date": date.today().isoformat(),
         "torch": torch.__version__,
-        "settings": "gendistill fair defaults (rate 0.95, fair 100, z 8, decoder widths 32 -> 16, 3000 + 4000 steps)",
+        "settings": "gendistill fair defaults (rate 0.95, fair 100, z 8, decoder widths 32 -> 16, 3000 + 8000 steps)",
         "targets": targets,
         "seeds": rows,
     }

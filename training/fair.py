@@ -42,7 +42,7 @@ class FairRecipe(TrainRecipe):
     teacher_width: int = 32  # the teacher VAE's width
     student_width: int = 16  # the distilled decoder's width (43% of the teacher decoder's weights at 32)
     teacher_steps: int = 3000  # the teacher's optimizer steps
-    max_steps: int = 4000  # the student decoder's distillation steps
+    max_steps: int = 8000  # the student decoder's distillation steps
     classifier_steps: int = 600  # optimizer steps of each judged classifier
     synthetic_images: int = 4500  # samples drawn from each decoder to train a classifier on
     batch_size: int = 128  # per-process batch size (the teacher's: the same number from each label/attribute group)
