@@ -1,5 +1,5 @@
 """KD^3: distillation on a pool of off-distribution images (J. Tang, S. Chen, G. Niu, M. Sugiyama, C. Gong,
-"Distribution Shift Matters for Knowledge Distillation with Webly Collected Images", ICCV 2023, arXiv 2307.11469).
+"Distribution Shift Matters for Knowledge Distillation with Webly Collected Images", 2023, arXiv 2307.11469).
 
 The pool is what :class:`~gendistill.dfkd.synthesizers.unlabeled.Unlabeled` takes (a folder, an ``.npz`` of
 ``images``, ``mnist5k`` or ``generated:PIPELINE_FOLDER``): images collected elsewhere, whose distribution differs from
