@@ -192,7 +192,7 @@ class Synthesizer(ABC):
         """The student phase's losses (``"loss"`` is optimized) of a method that makes them itself
         (``owns_student_loss``), from the batch of :meth:`student_batch`. ``student`` is the task's, possibly wrapped
         for distributed training: call it once per step (batch perturbed copies with the originals)."""
-        raise NotImplementedError(f"method {self.name!r} leaves the student's loss to the task")
+        raise TypeError(f"method {self.name!r} leaves the student's loss to the task (owns_student_loss is False)")
 
     # --- what subclasses implement -------------------------------------------------------------------------
     def build_generator(self) -> nn.Module | None:
