@@ -21,6 +21,7 @@ COMMANDS = {
     "dfkd": "distill a classifier into a student on synthesized images only (DAFL, Fast, CMI, ...)",
     "segment": "distill a segmenter on generated or unlabeled images with the teacher's masks (EchoDFKD)",
     "fair": "fair synthetic data: a fair VAE teacher, a data-free distilled decoder, fairness judged (Fair4Free)",
+    "meta": "meta-learn from black-box classifiers without their data (BiDf-MKD), for few-shot unseen classes",
     "federated": "federated learning with data-free distillation on Flower (FedAvg, FedGen, FedFTG, FedD2S)",
     "demo": "run the embedded default end to end (MNIST: BOOT one-step student, DFKD student, report)",
     "sample": "sample a grid of images from a saved BOOT student folder",
@@ -60,6 +61,8 @@ def _dispatch(command: str, argv: list[str]) -> int:
         from gendistill.training.segment import main
     elif command == "fair":
         from gendistill.training.fair import main
+    elif command == "meta":
+        from gendistill.training.meta import main
     elif command == "federated":
         from gendistill.eval.federated import write_federated_report
         from gendistill.training.federated import main as federated_main
