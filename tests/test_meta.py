@@ -241,6 +241,14 @@ def test_options_are_checked():
         config_from_options({"shots": 10})
     with pytest.raises(UsageError, match="unknown meta-learning method 'maml'"):
         tiny_task("maml")
+    teachers = [build_classifier("lenet5", num_classes=2, in_channels=1)]
+    model = build_classifier("lenet5", num_classes=2, in_channels=1)
+    with pytest.raises(UsageError, match=r"unknown meta-test settings \['step'\]; valid: ways, shots"):
+        MetaDistillTask(model, teachers, config=tiny_config(), test={"step": 3})
+    assert MetaDistillTask(model, teachers, config=tiny_config()).test["steps"] == 30
+    three = build_classifier("lenet5", num_classes=3, in_channels=1)
+    with pytest.raises(UsageError, match="the meta-learner has 3 outputs, the APIs 2"):
+        MetaDistillTask(three, teachers, config=tiny_config())
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ from .episodes import adapt, check_episode_sets, meta_test, soft_cross_entropy
 from .recovery import Recovery, RecoveryConfig
 
 METHODS = ("bidf-mkd", "kd")
+TEST_STEPS = 30  # adaptation steps at meta-test: the inner loop's 3 misjudge real images (docs/meta.md)
 
 
 @dataclass
@@ -101,7 +102,8 @@ class MetaDistillTask(nn.Module):
     """The training core's task (phase ``"meta"``: the meta-learner) for ``method`` "bidf-mkd" or "kd" (module
     docstring). ``teachers``: N-way classifiers (frozen), each reached only as a probability-only
     :class:`BlackBoxTeacher`. ``meta_test_classes``: images (M_c, C, H, W) of each unseen class for the evaluation
-    (None: no evaluation); ``test``: its episode settings (ways, shots, queries, episodes, steps, lr)."""
+    (None: no evaluation); ``test``: its episode settings (ways: N, shots: 1, queries: 15, episodes: 100, seed: 0,
+    steps: 30, lr: the inner loop's)."""
 
     def __init__(
         self,
@@ -137,12 +139,14 @@ class MetaDistillTask(nn.Module):
         self.step_count = 0
         self.memory: list[torch.Tensor] = []  # recovered class sets (per_class, C, H, W)
         self._queries_before = 0
-        self.meta_test_classes, self.test = meta_test_classes, dict(test or {})
+        defaults = {"ways": self.ways, "shots": 1, "queries": 15, "episodes": 100, "seed": 0, "steps": TEST_STEPS,
+                    "lr": self.config.inner_lr}  # fmt: skip
+        unknown = sorted(set(test or {}) - set(defaults))
+        if unknown:
+            raise UsageError(f"unknown meta-test settings {unknown}; valid: {', '.join(defaults)}")
+        self.meta_test_classes, self.test = meta_test_classes, {**defaults, **(test or {})}
         if meta_test_classes is not None:
             t = self.test
-            t.setdefault("ways", self.ways), t.setdefault("shots", 1), t.setdefault("queries", 15)
-            t.setdefault("episodes", 100), t.setdefault("seed", 0)
-            t.setdefault("steps", self.config.inner_steps), t.setdefault("lr", self.config.inner_lr)
             check_episode_sets(meta_test_classes, ways=t["ways"], shots=t["shots"], queries=t["queries"])
 
     def train(self, mode: bool = True):
@@ -253,7 +257,7 @@ class MetaDistillTask(nn.Module):
         return {**metrics, "meta_test_accuracy": result["accuracy"], "meta_test_ci95": result["ci95"]}
 
     def sample_images(self, **_) -> torch.Tensor:
-        """The APIs' current recovered sets, one row per API."""
+        """Every API's current recovered set, API after API (class by class within each)."""
         return torch.cat([r.images for r in self.recoveries])
 
     def extra_state(self) -> dict:
