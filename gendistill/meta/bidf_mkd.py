@@ -26,7 +26,7 @@ Then, with ``method="bidf-mkd"``:
   single API holds, the task diversity that 5 APIs alone do not give (measured: docs/meta.md). No query is made.
 
 With ``method="kd"`` (plain black-box KD) the meta-learner simply minimises the KD loss to the current API's
-answers on its recovered images: same recovery, same queries, no inner loop, no boundary set, no replay.
+answers on its recovered images: the same recovery (and its queries), no inner loop, no boundary set, no replay.
 
 The meta-learner is judged by :func:`gendistill.meta.episodes.meta_test` on classes none of the APIs knows.
 """
