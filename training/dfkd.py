@@ -35,7 +35,7 @@ from gendistill.errors import UsageError
 from gendistill.kernels import backend_for
 
 from .core import run_recipe
-from .recipes import TrainRecipe, convert_value, parse_recipe
+from .recipes import TrainRecipe, convert_value, parse_options, parse_recipe
 from .transfer import generate_transfer_set, generated_source
 
 EVAL_SPLITS = ("test", "all")  # --eval-split: the held-out part of --eval-data, or all of it
@@ -120,14 +120,7 @@ class DFKDRecipe(TrainRecipe):
         config = get_method(self.method).Config
         hints = typing.get_type_hints(config)
         names = [f.name for f in dataclasses.fields(config)]
-        options = {}
-        for item in self.method_options or []:
-            key, sep, value = item.partition("=")
-            if not sep or key not in names:
-                raise UsageError(
-                    f"method option {item!r} is not key=value with a key of {self.method}: {', '.join(names)}"
-                )
-            options[key] = convert_value(value, hints[key], f"method option {key}={value!r}")
+        options = parse_options(self.method_options, {n: hints[n] for n in names}, owner=self.method)
         if self.pool is not None:
             if "data" not in names:
                 takers = ", ".join(sorted(m for m, cls in METHODS.items() if not cls.data_free))

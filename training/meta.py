@@ -30,7 +30,7 @@ from gendistill.meta.bidf_mkd import METHODS, MetaConfig, MetaDistillTask, confi
 from gendistill.meta.recovery import RecoveryConfig
 
 from .core import run_recipe
-from .recipes import TrainRecipe, convert_value, parse_recipe
+from .recipes import TrainRecipe, parse_options, parse_recipe
 
 COMMAND = "meta"
 
@@ -92,13 +92,7 @@ class MetaRecipe(TrainRecipe):
 
     def config(self) -> MetaConfig:
         """``method_options`` as a :class:`MetaConfig` (values converted to the fields' types)."""
-        hints, options = _option_types(), {}
-        for item in self.method_options or []:
-            key, sep, value = item.partition("=")
-            if not sep or key not in hints:
-                raise UsageError(f"method option {item!r} is not key=value with a key of: {', '.join(hints)}")
-            options[key] = convert_value(value, hints[key], f"method option {key}={value!r}")
-        return config_from_options(options)
+        return config_from_options(parse_options(self.method_options, _option_types(), owner=self.method))
 
 
 def load_meta_test(recipe: MetaRecipe, image_size: int, channels: int) -> list[torch.Tensor] | None:

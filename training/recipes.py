@@ -178,6 +178,19 @@ def convert_value(value, tp, name: str):
         raise UsageError(f"{name} must be of type {base.__name__}, got {value!r}") from None
 
 
+def parse_options(items: list[str] | None, hints: dict[str, object], *, owner: str) -> dict[str, object]:
+    """``key=value`` items (a method's ``--method-options``) as a dict, each value converted by :func:`convert_value`
+    to the type ``hints[key]`` names; an item that is not ``key=value`` with a key of ``hints`` is a ``UsageError``
+    listing the keys of ``owner`` (what the options belong to, e.g. a method's name)."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            raise UsageError(f"method option {item!r} is not key=value with a key of {owner}: {', '.join(hints)}")
+        options[key] = convert_value(value, hints[key], f"method option {key}={value!r}")
+    return options
+
+
 def load_yaml(path: str | Path) -> dict:
     """The mapping of a YAML recipe file; a missing file, bad YAML or a non-mapping is one error naming the file."""
     from gendistill.files import read_yaml

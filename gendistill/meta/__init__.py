@@ -2,7 +2,7 @@
 (``recovery``) and the few-shot episodes it is trained for and judged by (``episodes``)."""
 
 from .bidf_mkd import METHODS, MetaConfig, MetaDistillTask
-from .episodes import adapt, meta_test, soft_cross_entropy
+from .episodes import adapt, meta_test
 from .recovery import Recovery, RecoveryConfig
 
 __all__ = [
@@ -13,5 +13,4 @@ __all__ = [
     "RecoveryConfig",
     "adapt",
     "meta_test",
-    "soft_cross_entropy",
 ]

@@ -36,13 +36,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from ..dfkd.blackbox import BlackBoxTeacher
 from ..errors import UsageError
 from ..task import Phase
-from .episodes import adapt, check_episode_sets, meta_test, soft_cross_entropy
+from .episodes import adapt, check_episode_sets, meta_test
 from .recovery import Recovery, RecoveryConfig
 
 METHODS = ("bidf-mkd", "kd")
@@ -213,7 +214,7 @@ class MetaDistillTask(nn.Module):
             return self._memory_loss(batch["images"])
         api, images, order = self.apis[batch["api"]], batch["images"], batch["order"]
         if self.method == "kd":
-            loss = soft_cross_entropy(self.meta(images), api(images))
+            loss = F.cross_entropy(self.meta(images), api(images))
             return {"loss": loss, "kd": loss.detach()}
         support, query = self._split(images)
         sx, qx = images[support], images[query]
@@ -224,7 +225,7 @@ class MetaDistillTask(nn.Module):
             qx = self.boundary_queries(adapted, qx, api(qx)[:, order])
         # First order: the inner gradients carry no graph, so the adapted weights are the meta weights plus a
         # constant and the outer gradient reaches the meta weights unchanged (FOMAML).
-        outer = soft_cross_entropy(functional_call(self.meta, adapted, (qx,)), api(qx)[:, order])
+        outer = F.cross_entropy(functional_call(self.meta, adapted, (qx,)), api(qx)[:, order])
         return {"loss": outer, "outer": outer.detach()}
 
     def boundary_queries(self, adapted: dict, images: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
@@ -232,7 +233,7 @@ class MetaDistillTask(nn.Module):
         ``answers``, clamped to [0, 1]."""
         x = images.detach().clone().requires_grad_()
         fixed = {n: p.detach() for n, p in adapted.items()}
-        (grad,) = torch.autograd.grad(soft_cross_entropy(functional_call(self.meta, fixed, (x,)), answers), x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(functional_call(self.meta, fixed, (x,)), answers), x)
         norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
         return (images + self.config.boundary * grad / norm).clamp(0, 1).detach()
 
@@ -242,7 +243,7 @@ class MetaDistillTask(nn.Module):
         adapted = adapt(self.meta, dict(self.meta.named_parameters()), images[support], labels[support],
                         steps=self.config.inner_steps, lr=self.config.inner_lr,
                         create_graph=not self.config.first_order)  # fmt: skip
-        outer = soft_cross_entropy(functional_call(self.meta, adapted, (images[query],)), labels[query])
+        outer = F.cross_entropy(functional_call(self.meta, adapted, (images[query],)), labels[query])
         return {"loss": outer, "replay": outer.detach()}
 
     # --- evaluation and state -------------------------------------------------------------------------------

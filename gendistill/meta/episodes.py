@@ -20,15 +20,6 @@ from torch.func import functional_call
 from ..errors import UsageError
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``-sum_k t_k log softmax(logits)_k`` for targets (B, K) that are probabilities, or the
-    plain cross-entropy for class indices (B,). With probabilities this is the KL divergence ``KL(t || p)`` plus the
-    entropy of ``t``, which does not depend on the model: the same gradient as the KD loss."""
-    if targets.dtype in (torch.int64, torch.int32):
-        return F.cross_entropy(logits, targets)
-    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-
-
 def adapt(
     model: nn.Module,
     params: dict[str, torch.Tensor],
@@ -39,13 +30,14 @@ def adapt(
     lr: float,
     create_graph: bool,
 ) -> dict[str, torch.Tensor]:
-    """``steps`` gradient steps of :func:`soft_cross_entropy` on (``images``, ``targets``) from weights ``params``
-    (a dict of the model's named parameters, e.g. ``dict(model.named_parameters())``): the adapted weights, as a new
-    dict (``params`` is not modified). ``create_graph``: keep the graph of the steps, so a loss of the adapted
-    weights differentiates back to ``params`` through them (second-order MAML)."""
+    """``steps`` gradient steps of ``F.cross_entropy`` on (``images``, ``targets``) from weights ``params`` (a dict
+    of the model's named parameters, e.g. ``dict(model.named_parameters())``): the adapted weights, as a new dict
+    (``params`` is not modified). ``targets``: class indices (B,) or probabilities (B, K), which torch's
+    cross-entropy takes as they are (then the KD loss, up to the targets' entropy). ``create_graph``: keep the graph
+    of the steps, so a loss of the adapted weights differentiates back to ``params`` through them (second order)."""
     names = list(params)
     for _ in range(steps):
-        loss = soft_cross_entropy(functional_call(model, params, (images,)), targets)
+        loss = F.cross_entropy(functional_call(model, params, (images,)), targets)
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
         params = {n: params[n] - lr * g for n, g in zip(names, grads)}
     return params
