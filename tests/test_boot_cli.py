@@ -121,7 +121,7 @@ def _boot_cmd(teacher, out, *extra):
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_exact(tmp_path):
     teacher = save_teacher(tmp_path / "teacher")
-    args = ["--max-steps", "60", "--checkpoint-every", "10", "--checkpoints-total-limit", "3"]
+    args = ["--max-steps", "30", "--checkpoint-every", "5", "--checkpoints-total-limit", "3"]
     reference = tmp_path / "reference"
     subprocess.run(_boot_cmd(teacher, reference, *args), check=True, env=_env(), capture_output=True, timeout=600)
 
@@ -129,7 +129,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     proc = subprocess.Popen(
         _boot_cmd(teacher, killed, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    marker = killed / "checkpoints" / "checkpoint_1" / "trainer_state.json"  # the step-20 checkpoint
+    marker = killed / "checkpoints" / "checkpoint_1" / "trainer_state.json"  # the step-10 checkpoint
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -147,51 +147,11 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     results = json.loads((killed / "results.json").read_text())
-    assert results["steps"] == 60 and results["resumed_at"] >= 20
+    assert results["steps"] == 30 and results["resumed_at"] >= 10
     weights = "unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(reference / weights), load_file(killed / weights)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.slow
-def test_accelerate_launch_two_processes(tmp_path):
-    teacher = save_teacher(tmp_path / "teacher")
-    out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "gendistill",
-        "boot",
-        "--teacher",
-        teacher,
-        "--output",
-        str(out),
-        *FAST,
-        "--max-steps",
-        "4",
-        "--checkpoint-every",
-        "2",
-    ]
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_0", "checkpoint_1"]
-    assert not (out / ".export-tmp").exists()
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 4
-    pipe = BootImagePipeline.from_pretrained(out)
-    assert pipe(batch_size=1, class_labels=[0], output_type="np").images.shape == (1, 8, 8, 1)
 
 
 # --- bad input: one line on stderr, exit code 2 -------------------------------------------------------------

@@ -332,9 +332,13 @@ def test_accelerate_launch_two_processes_with_cached_embeddings(sd_root, tmp_pat
     launch += ["1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gendistill", "boot"]
     args = ["--teacher", str(sd_root / "teacher"), "--prompts", str(sd_root / "prompts.txt"), "--output", str(out)]
     args += [*FAST, "--max-steps", "3", "--cache-text-embeddings", "--guidance-range", "2,8"]
+    args += ["--checkpoint-every", "2"]
     result = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "text_embeddings.safetensors").is_file()
+    # (also the pixel BOOT command's DDP test: one checkpoint per checkpoint step, written once, no export leftovers)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_0", "checkpoint_1"]
+    assert not (out / ".export-tmp").exists()
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and any(r.get("images_per_s", 0) > 0 for r in rows)
     pipe = BootPipeline.from_pretrained(out)

@@ -94,22 +94,11 @@ def test_demo_refuses_bad_input(tmp_path, capsys):
 def test_train_teachers_reproduces_the_shipped_architectures(tmp_path):
     """The recipes in training/demo.py are the ones the shipped teachers were trained with: same configs, same
     tensors (names and shapes); the shipped run files record those recipes."""
-    assert (
-        main(
-            [
-                "demo",
-                "--output",
-                str(tmp_path / "d"),
-                "--train-teachers",
-                "--teacher-steps",
-                "2",
-                *TINY[:6],  # tiny BOOT, SiD and DFKD stages
-                "--eval-samples",
-                "10",
-            ]
-        )
-        == 0
-    )
+    # training.demo.main without the CLI's evaluation (the end-to-end test covers it), SiD skipped: only the teachers
+    # matter here, and they are trained before the later stages start.
+    argv = ["--output", str(tmp_path / "d"), "--train-teachers", "--teacher-steps", "2", *TINY[:2], "--sid-steps",
+            "0", *TINY[4:6]]  # fmt: skip
+    assert demo.main(argv) == 0
     for name, weights in (
         (demo.DDPM_TEACHER, "unet/diffusion_pytorch_model.safetensors"),
         (demo.CLASSIFIER_TEACHER, "model.safetensors"),

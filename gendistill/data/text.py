@@ -20,6 +20,8 @@ import importlib
 import inspect
 import pkgutil
 import sys
+import warnings
+from pathlib import Path
 
 from ..errors import UsageError
 
@@ -112,3 +114,118 @@ def reference_paragraphs(*, min_words: int = 8) -> list[str]:
             if len(words) >= min_words:
                 paragraphs.add(" ".join(words))
     return sorted(paragraphs)
+
+
+# Never imported for the pool: modules that act when imported (open a browser, print, start a GUI) or are tests.
+_NOT_IMPORTED = ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv",
+                 "pydoc_data", "test")  # fmt: skip
+
+
+def other_stdlib_docstrings(*, exclude: tuple[str, ...] = DOCSTRING_PACKAGES, min_words: int = 8) -> list[str]:
+    """An unlabelled out-of-domain pool: the docstrings (as :func:`stdlib_docstrings` collects them) of every public
+    standard-library module outside ``exclude`` (by default the docstring task's packages), minus any docstring
+    that also documents something in ``exclude``; each once, sorted (3,476 on CPython 3.11.7)."""
+    found: set[str] = set()
+    with warnings.catch_warnings():  # modules deprecated in this Python (telnetlib, uu, ...) say so when imported
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in sorted(getattr(sys, "stdlib_module_names", ())):
+            if name.startswith("_") or name in _NOT_IMPORTED or name in exclude:
+                continue
+            try:
+                found |= _docstrings(_public_modules(name), min_words)
+            except Exception:  # noqa: BLE001 - a module this platform lacks (winreg, msvcrt, ...) is skipped
+                continue
+    task = set().union(*(_docstrings(_public_modules(p), min_words) for p in exclude)) if exclude else set()
+    return sorted(found - task)
+
+
+BUILTIN_LABELLED = ("docstrings",)  # stdlib_docstrings()
+BUILTIN_POOLS = ("pydoc", "stdlib")  # reference_paragraphs(), other_stdlib_docstrings()
+
+
+def _read_rows(path: Path, *, need_label: bool) -> list[tuple[str, str | None]]:
+    """``(text, label)`` rows of a ``.jsonl`` (objects with "text" and "label"), ``.csv`` (a header with "text" and
+    "label" columns) or, unlabelled only, ``.txt`` (paragraphs separated by blank lines) file."""
+    import csv
+    import json
+
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv") + (() if need_label else (".txt",)):
+        valid = ".jsonl, .csv" + ("" if need_label else ", .txt")
+        raise UsageError(f"{str(path)!r}: unknown text file type {suffix or '(none)'!r}; valid: {valid}")
+    text = path.read_text(encoding="utf-8", errors="strict")
+    rows = []
+    if suffix == ".txt":
+        return [(" ".join(block.split()), None) for block in text.split("\n\n") if block.strip()]
+    if suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{str(path)!r} line {number} is not valid JSON ({err})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UsageError(f'{str(path)!r} line {number}: expected an object with a string "text" field')
+            rows.append((row["text"], None if row.get("label") is None else str(row["label"])))
+    else:
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or "text" not in reader.fieldnames:
+            raise UsageError(f'{str(path)!r}: the CSV header must name a "text" column, got {reader.fieldnames}')
+        rows = [(r["text"], r.get("label") or None) for r in reader]
+    if need_label:
+        missing = [i for i, (_, label) in enumerate(rows, start=1) if label is None]
+        if missing:
+            raise UsageError(
+                f'{str(path)!r}: rows {missing[:5]} have no "label" (every row of labelled data needs one)'
+            )
+    return rows
+
+
+def load_text_data(
+    source: str, split: str = "all", *, test_fraction: float = 0.2
+) -> tuple[list[str], list[int], list[str]]:
+    """Labelled texts: ``(texts, labels, label names)``.
+
+    ``source``: ``docstrings`` (:func:`stdlib_docstrings`), or a ``.jsonl``/``.csv`` file with "text" and "label"
+    (label names sorted give the indices; ``split`` takes the file's rows by :func:`split_of`).
+    """
+    if source in BUILTIN_LABELLED:
+        texts, labels, names, _ = stdlib_docstrings(split, test_fraction=test_fraction)
+        return texts, labels, names
+    if split not in TEXT_SPLITS:
+        raise UsageError(f"unknown text split {split!r}; valid: {', '.join(TEXT_SPLITS)}")
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"text data {source!r} does not exist (valid: {', '.join(BUILTIN_LABELLED)}, or a .jsonl/.csv file)"
+        )
+    rows = _read_rows(path, need_label=True)
+    names = sorted({label for _, label in rows})
+    if len(names) < 2:
+        raise UsageError(f"{source!r} has {len(names)} distinct label(s); a classifier needs at least two")
+    if split != "all":
+        rows = [r for r in rows if split_of(r[0], test_fraction) == split]
+    if not rows:
+        raise UsageError(f"{source!r} has no text in the {split!r} split")
+    index = {name: i for i, name in enumerate(names)}
+    return [t for t, _ in rows], [index[label] for _, label in rows], names
+
+
+def load_text_pool(source: str) -> list[str]:
+    """Unlabelled texts: ``pydoc`` (:func:`reference_paragraphs`), ``stdlib`` (:func:`other_stdlib_docstrings`), or
+    a ``.txt`` (paragraphs separated by blank lines), ``.jsonl`` or ``.csv`` file (its "text" field; labels, if any,
+    are ignored)."""
+    if source == "pydoc":
+        return reference_paragraphs()
+    if source == "stdlib":
+        return other_stdlib_docstrings()
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"text pool {source!r} does not exist (valid: {', '.join(BUILTIN_POOLS)}, or a .txt/.jsonl/.csv file)"
+        )
+    texts = [t for t, _ in _read_rows(path, need_label=False) if t.strip()]
+    if not texts:
+        raise UsageError(f"text pool {source!r} holds no text")
+    return texts

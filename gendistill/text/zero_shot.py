@@ -1,0 +1,252 @@
+"""Zero-shot knowledge distillation for text classifiers (after Rashid et al., "Towards Zero-Shot Knowledge
+Distillation for Natural Language Processing", EMNLP 2021, arXiv 2012.15495): a small student learns a text
+classifier's outputs without any of the task's text, from an out-of-domain pool and adversarial samples.
+
+Every iteration:
+
+- **KD on the out-of-domain pool**: a batch of pool texts (token ids in the teacher's vocabulary); the student's
+  temperature-``temperature`` softmax learns the teacher's (KL(teacher || student), times ``temperature``^2). The
+  teacher's logits on the pool never change, so they are computed once when the task is built.
+- **adversarial samples in the embedding space** (``method="zskd"``): the first ``adversarial_batch`` texts of the
+  batch, cut to ``adversarial_length`` tokens, become soft token sequences: per position a distribution over the
+  vocabulary, starting at ``softmax(token_scale * one_hot(token))``, which each model turns into its input
+  embeddings as the distribution-weighted mix of its own token embeddings (so the teacher and a student of another
+  width read the same sample). ``adversarial_steps`` gradient-ascent steps on the token logits increase the
+  teacher-student divergence (each step of per-token L2 length ``adversarial_step_size`` on average, special tokens
+  and padding left alone); the student then also learns the teacher's outputs on the moved samples, weighted by
+  ``adversarial_weight``. These are the pool texts pushed to where the student disagrees with the teacher most: the
+  regions of input space the pool does not cover.
+
+``method="kd"`` is the first part alone: KD on the out-of-domain pool, the baseline the adversarial term is measured
+against. What differs from the paper (whose code we could not read) is in docs/text.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import UsageError
+from ..task import Phase
+
+METHODS = ("zskd", "kd")
+ADVERSARIAL_KINDS = ("tokens", "soft")
+
+
+@dataclass
+class ZeroShotConfig:
+    temperature: float = 2.0  # KD temperature (both terms)
+    adversarial_weight: float = 1.0  # weight of the KD loss on the adversarial samples (zskd)
+    adversarial_batch: int = 8  # pool texts of each batch turned into adversarial samples
+    adversarial_length: int = 64  # their length in tokens (longer texts are cut; the teacher's passes cost most)
+    adversarial_kind: str = "tokens"  # tokens: gradient-guided token swaps | soft: soft token distributions
+    adversarial_steps: int = 1  # gradient steps (tokens: rounds of swaps; soft: ascent steps on the token logits)
+    flip_fraction: float = 0.15  # tokens: share of each text's tokens swapped per step (at most; only gaining swaps)
+    adversarial_step_size: float = 1.0  # soft: mean per-token L2 length of one ascent step on the token logits
+    token_scale: float = 10.0  # soft: a token's start logits, token_scale x one-hot
+
+    def validate(self) -> None:
+        if not self.temperature > 0:
+            raise UsageError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("adversarial_weight", "adversarial_step_size", "token_scale"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.adversarial_kind not in ADVERSARIAL_KINDS:
+            raise UsageError(
+                f"unknown adversarial_kind {self.adversarial_kind!r}; valid: {', '.join(ADVERSARIAL_KINDS)}"
+            )
+        if not 0 < self.flip_fraction <= 1:
+            raise UsageError(f"flip_fraction must be in (0, 1], got {self.flip_fraction}")
+        for name in ("adversarial_batch", "adversarial_length", "adversarial_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.adversarial_length < 3:
+            raise UsageError(f"adversarial_length must be >= 3 (two special tokens and text), got "
+                             f"{self.adversarial_length}")  # fmt: skip
+
+
+def config_from_options(options: dict) -> ZeroShotConfig:
+    names = {f.name for f in fields(ZeroShotConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise UsageError(f"unknown zero-shot KD options {unknown}; valid: {', '.join(sorted(names))}")
+    config = ZeroShotConfig(**options)
+    config.validate()
+    return config
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened distributions, batch mean, times ``temperature``^2."""
+    log_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def soft_token_logits(model: nn.Module, token_probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Classifier logits of ``model`` on soft token sequences: ``token_probs`` (B, L, V) mix its token embeddings."""
+    embeddings = token_probs @ model.get_input_embeddings().weight
+    return model(inputs_embeds=embeddings, attention_mask=attention_mask).logits
+
+
+@torch.no_grad()
+def classifier_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, batch: int = 64,
+                      desc: str | None = None) -> torch.Tensor:  # fmt: skip
+    """``model``'s logits on every row of ``ids``/``mask`` (in eval mode, in batches, on the model's device)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in tqdm(range(0, len(ids), batch), desc=desc, disable=desc is None, leave=False):
+        chunk_ids, chunk_mask = ids[start : start + batch].to(device), mask[start : start + batch].to(device)
+        chunks.append(model(input_ids=chunk_ids, attention_mask=chunk_mask).logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks)
+
+
+class ZeroShotTextKDTask(nn.Module):
+    """The training core's task (phase ``"student"``) for ``method`` "zskd" or "kd" (module docstring).
+
+    ``pool_ids``/``pool_mask``: the out-of-domain texts in the teacher's tokenization (N, L). ``special_ids``: the
+    token ids an adversarial step must not change ([CLS], [SEP], [PAD], ...). ``eval_data``: ``(ids, mask, labels)``
+    of held-out task texts, used for evaluation only (None: no evaluation).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, pool_ids: torch.Tensor, pool_mask: torch.Tensor, *,
+                 method: str = "zskd", config: ZeroShotConfig | None = None, special_ids: list[int] | tuple = (),
+                 eval_data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):  # fmt: skip
+        super().__init__()
+        if method not in METHODS:
+            raise UsageError(f"unknown zero-shot KD method {method!r}; valid: {', '.join(METHODS)}")
+        config = config or ZeroShotConfig()
+        config.validate()
+        if pool_ids.shape != pool_mask.shape or pool_ids.ndim != 2 or len(pool_ids) == 0:
+            raise UsageError(f"the pool must be (N, L) ids and mask with N > 0, got {tuple(pool_ids.shape)} and "
+                             f"{tuple(pool_mask.shape)}")  # fmt: skip
+        t_vocab = teacher.get_input_embeddings().num_embeddings
+        s_vocab = student.get_input_embeddings().num_embeddings
+        if t_vocab != s_vocab:
+            raise UsageError(f"teacher and student must share the vocabulary (the adversarial samples are token "
+                             f"distributions): teacher {t_vocab} tokens, student {s_vocab}")  # fmt: skip
+        if teacher.config.num_labels != student.config.num_labels:
+            raise UsageError(f"teacher has {teacher.config.num_labels} labels, student {student.config.num_labels}")
+        self.method, self.config = method, config
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        self.register_buffer("pool_ids", pool_ids.long(), persistent=False)
+        self.register_buffer("pool_mask", pool_mask.long(), persistent=False)
+        self.register_buffer(
+            "pool_teacher_logits", classifier_logits(teacher, pool_ids, pool_mask, desc="teacher on the pool"),
+            persistent=False,
+        )  # fmt: skip
+        special = torch.zeros(t_vocab, dtype=torch.bool)
+        special[list(special_ids)] = True
+        self.register_buffer("special", special, persistent=False)
+        self.eval_data = eval_data
+        self.teacher_accuracy = None
+        if eval_data is not None:
+            self.teacher_accuracy = self._accuracy(teacher, *eval_data)
+
+    def phases(self) -> list[Phase]:
+        return [Phase("student")]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: dropout stays off
+        return self
+
+    def sample_batch(self, phase: str, batch_size: int, device) -> torch.Tensor:
+        return torch.randint(len(self.pool_ids), (batch_size,)).to(device)
+
+    def _divergence_gradient(self, probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """d KL(teacher || student) / d ``probs`` (B, L, V) on soft token sequences: at a one-hot ``probs``, entry
+        (b, i, v) is how fast the divergence grows as token v comes in at position i, through both models' token
+        embeddings (the first-order swap score of HotFlip, Ebrahimi et al. 2018)."""
+        probs = probs.detach().requires_grad_(True)
+        divergence = kd_loss(soft_token_logits(self.student, probs, mask),
+                             soft_token_logits(self.teacher, probs, mask), self.config.temperature)  # fmt: skip
+        (grad,) = torch.autograd.grad(divergence, probs)
+        return grad
+
+    def adversarial_samples(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``ids`` moved towards teacher-student disagreement (the student's weights untouched), as token
+        distributions (B, L, V): one-hot rows for ``adversarial_kind="tokens"``, soft rows for ``"soft"``."""
+        c = self.config
+        weight = self.teacher.get_input_embeddings().weight
+        vocab = self.special.numel()
+        movable = mask.bool() & ~self.special[ids]  # (B, L)
+        if c.adversarial_kind == "tokens":
+            ids = ids.clone()
+            flips = (movable.sum(dim=1).float() * c.flip_fraction).ceil().long()  # per sequence
+            for _ in range(c.adversarial_steps):
+                grad = self._divergence_gradient(F.one_hot(ids, vocab).to(weight.dtype), mask)
+                gain = grad - grad.gather(-1, ids[..., None])  # first-order change of swapping in each token
+                gain[..., self.special] = -torch.inf  # never swap in [CLS], [SEP], [PAD], ...
+                best_gain, best_token = gain.max(dim=-1)  # (B, L)
+                best_gain = best_gain.masked_fill(~movable, -torch.inf)
+                order = best_gain.argsort(dim=1, descending=True)
+                for row in range(len(ids)):
+                    chosen = order[row, : flips[row]]
+                    chosen = chosen[best_gain[row, chosen] > 0]  # only swaps that increase the divergence
+                    ids[row, chosen] = best_token[row, chosen]
+            return F.one_hot(ids, vocab).to(weight.dtype)
+        logits = c.token_scale * F.one_hot(ids, vocab).to(weight.dtype)
+        movable = movable.to(weight.dtype)[..., None]  # (B, L, 1)
+        tokens = movable.sum(dim=(1, 2)).clamp_min(1.0)  # movable tokens per sequence
+        for _ in range(c.adversarial_steps):
+            logits = logits.detach().requires_grad_(True)
+            probs = F.softmax(logits, dim=-1)
+            divergence = kd_loss(soft_token_logits(self.student, probs, mask),
+                                 soft_token_logits(self.teacher, probs, mask), c.temperature)  # fmt: skip
+            (grad,) = torch.autograd.grad(divergence, logits)
+            grad = grad * movable
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+            step = c.adversarial_step_size * tokens.sqrt() / norm  # per sequence: mean per-token length = step size
+            logits = (logits + step[:, None, None] * grad).detach()
+        return F.softmax(logits, dim=-1)
+
+    def forward(self, phase: str, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.config
+        ids, mask = self.pool_ids[index], self.pool_mask[index]
+        length = int(mask.sum(dim=1).max())  # drop the padding columns every text of the batch has
+        ids, mask = ids[:, :length], mask[:, :length]
+        pool = kd_loss(self.student(input_ids=ids, attention_mask=mask).logits, self.pool_teacher_logits[index],
+                       c.temperature)  # fmt: skip
+        out = {"loss": pool, "kd_pool": pool.detach()}
+        if self.method == "zskd":
+            n, length = min(c.adversarial_batch, len(ids)), min(c.adversarial_length, ids.shape[1])
+            adv_ids, adv_mask = ids[:n, :length].clone(), mask[:n, :length]
+            # A cut text keeps its closing [SEP]: the last kept position of each cut sequence gets the text's last
+            # token (for BERT tokenizers, [SEP]), so the sample still looks like a whole text to the models.
+            lengths = mask[:n].sum(dim=1)
+            cut = lengths > length
+            adv_ids[cut, -1] = ids[:n][cut, lengths[cut] - 1]
+            probs = self.adversarial_samples(adv_ids, adv_mask)
+            with torch.no_grad():
+                target = soft_token_logits(self.teacher, probs, adv_mask)
+            adversarial = kd_loss(soft_token_logits(self.student, probs, adv_mask), target, c.temperature)
+            out["loss"] = pool + c.adversarial_weight * adversarial
+            out["kd_adversarial"] = adversarial.detach()
+        return out
+
+    @staticmethod
+    def _accuracy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> float:
+        predictions = classifier_logits(model, ids, mask).argmax(dim=1)
+        return (predictions == labels.cpu()).float().mean().item()
+
+    def evaluate(self, student: nn.Module) -> dict[str, float]:
+        if self.eval_data is None:
+            return {}
+        ids, mask, labels = self.eval_data
+        accuracy = self._accuracy(student, ids, mask, labels)
+        teacher_predictions = classifier_logits(self.teacher, ids, mask).argmax(dim=1)
+        agreement = (classifier_logits(student, ids, mask).argmax(dim=1) == teacher_predictions).float().mean()
+        return {
+            "accuracy": accuracy,
+            "teacher_accuracy": self.teacher_accuracy,
+            "relative_accuracy": accuracy / max(self.teacher_accuracy, 1e-12),
+            "teacher_agreement": agreement.item(),
+        }
