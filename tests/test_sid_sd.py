@@ -81,10 +81,11 @@ def test_a_lora_generator_from_prompts_exports_a_text_to_image_folder(objective,
     torch.testing.assert_close(task.generate(eps, cond, student=unet), latents, rtol=1e-4, atol=1e-4)
     assert (task.generate(eps, cond) - latents).abs().max() > 1e-4  # training moved the generator
 
-    image = tmp_path / "image.npy"
-    run_fresh_python(STOCK, out, image, cwd=tmp_path)
-    expected = pipe("a red cat", generator=torch.Generator().manual_seed(0), output_type="np").images
-    np.testing.assert_allclose(np.load(image), expected, atol=1e-5)
+    if objective == "sid":  # the folder is written the same way for both objectives: one fresh interpreter (~8 s)
+        image = tmp_path / "image.npy"
+        run_fresh_python(STOCK, out, image, cwd=tmp_path)
+        expected = pipe("a red cat", generator=torch.Generator().manual_seed(0), output_type="np").images
+        np.testing.assert_allclose(np.load(image), expected, atol=1e-5)
 
 
 def test_resume_with_cached_embeddings_is_exact(sd_root, tmp_path):
