@@ -86,9 +86,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
 
 
+def _bare(module: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (``accelerate launch``), for its embeddings and input-gradient passes."""
+    return getattr(module, "module", module)
+
+
 def soft_token_logits(model: nn.Module, token_probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Classifier logits of ``model`` on soft token sequences: ``token_probs`` (B, L, V) mix its token embeddings."""
-    embeddings = token_probs @ model.get_input_embeddings().weight
+    embeddings = token_probs @ _bare(model).get_input_embeddings().weight
     return model(inputs_embeds=embeddings, attention_mask=attention_mask).logits
 
 
@@ -166,7 +171,7 @@ class ZeroShotTextKDTask(nn.Module):
         (b, i, v) is how fast the divergence grows as token v comes in at position i, through both models' token
         embeddings (the first-order swap score of HotFlip, Ebrahimi et al. 2018)."""
         probs = probs.detach().requires_grad_(True)
-        divergence = kd_loss(soft_token_logits(self.student, probs, mask),
+        divergence = kd_loss(soft_token_logits(_bare(self.student), probs, mask),
                              soft_token_logits(self.teacher, probs, mask), self.config.temperature)  # fmt: skip
         (grad,) = torch.autograd.grad(divergence, probs)
         return grad
@@ -199,7 +204,7 @@ class ZeroShotTextKDTask(nn.Module):
         for _ in range(c.adversarial_steps):
             logits = logits.detach().requires_grad_(True)
             probs = F.softmax(logits, dim=-1)
-            divergence = kd_loss(soft_token_logits(self.student, probs, mask),
+            divergence = kd_loss(soft_token_logits(_bare(self.student), probs, mask),
                                  soft_token_logits(self.teacher, probs, mask), c.temperature)  # fmt: skip
             (grad,) = torch.autograd.grad(divergence, logits)
             grad = grad * movable
@@ -213,24 +218,35 @@ class ZeroShotTextKDTask(nn.Module):
         ids, mask = self.pool_ids[index], self.pool_mask[index]
         length = int(mask.sum(dim=1).max())  # drop the padding columns every text of the batch has
         ids, mask = ids[:, :length], mask[:, :length]
-        pool = kd_loss(self.student(input_ids=ids, attention_mask=mask).logits, self.pool_teacher_logits[index],
-                       c.temperature)  # fmt: skip
-        out = {"loss": pool, "kd_pool": pool.detach()}
-        if self.method == "zskd":
-            n, length = min(c.adversarial_batch, len(ids)), min(c.adversarial_length, ids.shape[1])
-            adv_ids, adv_mask = ids[:n, :length].clone(), mask[:n, :length]
-            # A cut text keeps its closing [SEP]: the last kept position of each cut sequence gets the text's last
-            # token (for BERT tokenizers, [SEP]), so the sample still looks like a whole text to the models.
-            lengths = mask[:n].sum(dim=1)
-            cut = lengths > length
-            adv_ids[cut, -1] = ids[:n][cut, lengths[cut] - 1]
-            probs = self.adversarial_samples(adv_ids, adv_mask)
-            with torch.no_grad():
-                target = soft_token_logits(self.teacher, probs, adv_mask)
-            adversarial = kd_loss(soft_token_logits(self.student, probs, adv_mask), target, c.temperature)
-            out["loss"] = pool + c.adversarial_weight * adversarial
-            out["kd_adversarial"] = adversarial.detach()
-        return out
+        if self.method == "kd":
+            logits = self.student(input_ids=ids, attention_mask=mask).logits
+            pool = kd_loss(logits, self.pool_teacher_logits[index], c.temperature)
+            return {"loss": pool, "kd_pool": pool.detach()}
+        n, cut_length = min(c.adversarial_batch, len(ids)), min(c.adversarial_length, ids.shape[1])
+        adv_ids, adv_mask = ids[:n, :cut_length].clone(), mask[:n, :cut_length]
+        # A cut text keeps its closing [SEP]: the last kept position of each cut sequence gets the text's last token
+        # (for BERT tokenizers, [SEP]), so the sample still looks like a whole text to the models.
+        lengths = mask[:n].sum(dim=1)
+        cut = lengths > cut_length
+        adv_ids[cut, -1] = ids[:n][cut, lengths[cut] - 1]
+        probs = self.adversarial_samples(adv_ids, adv_mask)
+        with torch.no_grad():
+            target = soft_token_logits(self.teacher, probs, adv_mask)
+        # One student forward on the pool texts and the adversarial samples together (padded to one length), as
+        # input embeddings: what a DDP-wrapped student needs (one forward per backward), and one pass, not two.
+        table = _bare(self.student).get_input_embeddings()
+        pad = length - cut_length
+        pool_embeddings = F.embedding(ids, table.weight, padding_idx=table.padding_idx)
+        embeddings = torch.cat([pool_embeddings, F.pad(probs.to(table.weight.dtype) @ table.weight, (0, 0, 0, pad))])
+        both_mask = torch.cat([mask, F.pad(adv_mask, (0, pad))])
+        logits = self.student(inputs_embeds=embeddings, attention_mask=both_mask).logits
+        pool = kd_loss(logits[: len(ids)], self.pool_teacher_logits[index], c.temperature)
+        adversarial = kd_loss(logits[len(ids) :], target, c.temperature)
+        return {
+            "loss": pool + c.adversarial_weight * adversarial,
+            "kd_pool": pool.detach(),
+            "kd_adversarial": adversarial.detach(),
+        }
 
     @staticmethod
     def _accuracy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> float:
