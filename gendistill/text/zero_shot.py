@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..dfkd.losses import kd_loss
 from ..errors import UsageError
 from ..task import Phase
 
@@ -77,13 +78,6 @@ def config_from_options(options: dict) -> ZeroShotConfig:
     config = ZeroShotConfig(**options)
     config.validate()
     return config
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) of the temperature-softened distributions, batch mean, times ``temperature``^2."""
-    log_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
 
 
 def _bare(module: nn.Module) -> nn.Module:
@@ -172,7 +166,7 @@ class ZeroShotTextKDTask(nn.Module):
         embeddings (the first-order swap score of HotFlip, Ebrahimi et al. 2018)."""
         probs = probs.detach().requires_grad_(True)
         divergence = kd_loss(soft_token_logits(_bare(self.student), probs, mask),
-                             soft_token_logits(self.teacher, probs, mask), self.config.temperature)  # fmt: skip
+                             soft_token_logits(self.teacher, probs, mask), tau=self.config.temperature)  # fmt: skip
         (grad,) = torch.autograd.grad(divergence, probs)
         return grad
 
@@ -202,11 +196,9 @@ class ZeroShotTextKDTask(nn.Module):
         movable = movable.to(weight.dtype)[..., None]  # (B, L, 1)
         tokens = movable.sum(dim=(1, 2)).clamp_min(1.0)  # movable tokens per sequence
         for _ in range(c.adversarial_steps):
-            logits = logits.detach().requires_grad_(True)
             probs = F.softmax(logits, dim=-1)
-            divergence = kd_loss(soft_token_logits(_bare(self.student), probs, mask),
-                                 soft_token_logits(self.teacher, probs, mask), c.temperature)  # fmt: skip
-            (grad,) = torch.autograd.grad(divergence, logits)
+            grad = self._divergence_gradient(probs, mask)
+            grad = probs * (grad - (probs * grad).sum(dim=-1, keepdim=True))  # through the softmax to the logits
             grad = grad * movable
             norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
             step = c.adversarial_step_size * tokens.sqrt() / norm  # per sequence: mean per-token length = step size
@@ -220,7 +212,7 @@ class ZeroShotTextKDTask(nn.Module):
         ids, mask = ids[:, :length], mask[:, :length]
         if self.method == "kd":
             logits = self.student(input_ids=ids, attention_mask=mask).logits
-            pool = kd_loss(logits, self.pool_teacher_logits[index], c.temperature)
+            pool = kd_loss(logits, self.pool_teacher_logits[index], tau=c.temperature)
             return {"loss": pool, "kd_pool": pool.detach()}
         n, cut_length = min(c.adversarial_batch, len(ids)), min(c.adversarial_length, ids.shape[1])
         adv_ids, adv_mask = ids[:n, :cut_length].clone(), mask[:n, :cut_length]
@@ -240,8 +232,8 @@ class ZeroShotTextKDTask(nn.Module):
         embeddings = torch.cat([pool_embeddings, F.pad(probs.to(table.weight.dtype) @ table.weight, (0, 0, 0, pad))])
         both_mask = torch.cat([mask, F.pad(adv_mask, (0, pad))])
         logits = self.student(inputs_embeds=embeddings, attention_mask=both_mask).logits
-        pool = kd_loss(logits[: len(ids)], self.pool_teacher_logits[index], c.temperature)
-        adversarial = kd_loss(logits[len(ids) :], target, c.temperature)
+        pool = kd_loss(logits[: len(ids)], self.pool_teacher_logits[index], tau=c.temperature)
+        adversarial = kd_loss(logits[len(ids) :], target, tau=c.temperature)
         return {
             "loss": pool + c.adversarial_weight * adversarial,
             "kd_pool": pool.detach(),
