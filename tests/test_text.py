@@ -346,3 +346,78 @@ def test_the_teacher_resumes_exactly_with_its_own_tokenizer(tmp_path):
     (tmp_path / "half" / "tokenizer" / "tokenizer_config.json").unlink()
     with pytest.raises(UsageError, match="the tokenizer this run learnt"):
         teach_main([*common, "--output", str(tmp_path / "half"), "--max-steps", "6", "--resume", "latest"])
+
+
+def test_f1_against_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from gendistill.text.zero_shot import classification_metrics, f1_per_class
+
+    rng = np.random.default_rng(0)
+    labels, predictions = rng.integers(0, 4, 50), rng.integers(0, 5, 50)  # class 4 predicted, never present
+    ours = f1_per_class(torch.tensor(predictions), torch.tensor(labels), 5)
+    np.testing.assert_allclose(ours.numpy(), f1_score(labels, predictions, labels=range(5), average=None,
+                                                      zero_division=0), rtol=1e-6)  # fmt: skip
+    metrics = classification_metrics(torch.tensor(predictions), torch.tensor(labels), 5)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predictions))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predictions, labels=range(4), average="macro"))
+
+
+SOLIDITY = """
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.0;
+interface IThing { function ping(uint256 x) external returns (bool); }
+contract Vault {
+    mapping(address => uint256) public balances; /* a { brace } in a comment */
+    function deposit() public payable { balances[msg.sender] += msg.value; emit Deposited(msg.sender); }
+    function nested(uint256 a) internal pure returns (uint256) { if (a > 1) { a = a * 2; } return a; }
+    function tiny() public { x = 1; }
+}
+"""
+
+
+def test_solidity_functions_vulnerabilities_and_the_split_field(tmp_path):
+    import tarfile
+
+    from gendistill.data.code import (
+        LABELS,
+        function_pool,
+        read_solidity_sources,
+        solidity_functions,
+        vulnerability_examples,
+        write_vulnerability_jsonl,
+    )
+
+    functions = solidity_functions(SOLIDITY)
+    assert functions == [
+        "function deposit() public payable { balances[msg.sender] += msg.value; emit Deposited(msg.sender); }",
+        "function nested(uint256 a) internal pure returns (uint256) { if (a > 1) { a = a * 2; } return a; }",
+    ]  # the interface's declaration has no body, tiny() one statement
+    folder = tmp_path / "src"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "Vault.sol").write_text(SOLIDITY)
+    (folder / "sub" / "Copy.sol").write_text(SOLIDITY)  # the same functions again: kept once
+    with tarfile.open(tmp_path / "pkg.tgz", "w:gz") as archive:
+        archive.add(folder / "Vault.sol", arcname="package/Vault.sol")
+    assert read_solidity_sources(tmp_path / "pkg.tgz") == [("package/Vault.sol", SOLIDITY)]
+    files = read_solidity_sources(folder)
+    rows = vulnerability_examples(files)
+    assert [r["label"] for r in rows] == list(LABELS) * 2 and all(r["file"] == "Vault.sol" for r in rows)
+    patterns = {"reentrancy": ".call{value:", "tx-origin": "tx.origin", "unchecked-call": "(", "timestamp":
+                "block.timestamp"}  # fmt: skip
+    for row in rows[1:5]:
+        assert patterns[row["label"]] in row["text"] and row["text"].endswith(
+            functions[0][functions[0].index("{") + 1 :]
+        )
+    assert vulnerability_examples(files) == rows  # seeded by the text: the same on every run
+    assert function_pool(files, exclude_texts={functions[0]}) == [functions[1]]
+    for i, row in enumerate(rows):  # the file's hash put every row in one split; the "split" field decides
+        row["split"] = "test" if i < 5 else "train"
+    data = write_vulnerability_jsonl(rows, tmp_path / "data.jsonl")
+    test_texts, test_labels, names = load_text_data(str(data), "test")
+    assert test_texts == [r["text"] for r in rows[:5]] and names == sorted(LABELS)
+    assert load_text_data(str(data), "train")[0] == [r["text"] for r in rows[5:]]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_solidity_sources(tmp_path / "none")
+    with pytest.raises(UsageError, match="no .sol file"):
+        read_solidity_sources(folder, exclude=("Vault", "Copy"))

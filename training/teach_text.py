@@ -34,7 +34,7 @@ from gendistill.text.models import (
     save_text_classifier,
     train_tokenizer,
 )
-from gendistill.text.zero_shot import classifier_logits
+from gendistill.text.zero_shot import classification_metrics, classifier_logits
 
 from .core import run_recipe
 from .recipes import TrainRecipe, parse_recipe
@@ -108,7 +108,8 @@ class TextClassifierTrainingTask(nn.Module):
         if self.eval_data is None:
             return {}
         ids, mask, labels = self.eval_data
-        return {"accuracy": (classifier_logits(model, ids, mask).argmax(1) == labels).float().mean().item()}
+        predictions = classifier_logits(model, ids, mask).argmax(1)
+        return classification_metrics(predictions, labels, model.config.num_labels)
 
 
 def run(recipe: TeachTextRecipe) -> dict:
@@ -142,6 +143,7 @@ def run(recipe: TeachTextRecipe) -> dict:
         save_text_classifier(model, task.tokenizer, Path(recipe.output))
         return {
             "heldout_accuracy": metrics.get("accuracy"),
+            "heldout_macro_f1": metrics.get("macro_f1"),
             "train_size": task.sizes[0],
             "heldout_size": task.sizes[1],
             "labels": list(model.config.id2label.values()),

@@ -122,7 +122,9 @@ def run(recipe: TextKDRecipe) -> dict:
             "student_parameters": count_parameters(student),
             "teacher_parameters": count_parameters(task.teacher),
         }
-        for key in ("accuracy", "teacher_accuracy", "relative_accuracy", "teacher_agreement"):
+        keys = ("accuracy", "macro_f1", "teacher_accuracy", "teacher_macro_f1", "relative_accuracy",
+                "relative_macro_f1", "teacher_agreement")  # fmt: skip
+        for key in keys:
             if key in metrics:
                 summary[key] = metrics[key]
         summary["options"] = dataclasses.asdict(config)

@@ -143,9 +143,10 @@ BUILTIN_LABELLED = ("docstrings",)  # stdlib_docstrings()
 BUILTIN_POOLS = ("pydoc", "stdlib")  # reference_paragraphs(), other_stdlib_docstrings()
 
 
-def _read_rows(path: Path, *, need_label: bool) -> list[tuple[str, str | None]]:
-    """``(text, label)`` rows of a ``.jsonl`` (objects with "text" and "label"), ``.csv`` (a header with "text" and
-    "label" columns) or, unlabelled only, ``.txt`` (paragraphs separated by blank lines) file."""
+def _read_rows(path: Path, *, need_label: bool) -> list[tuple[str, str | None, str | None]]:
+    """``(text, label, split)`` rows of a ``.jsonl`` (objects with "text" and "label"), ``.csv`` (a header with
+    "text" and "label" columns) or, unlabelled only, ``.txt`` (paragraphs separated by blank lines) file; "split"
+    ("train" or "test"), when a row has one, places it (else a hash of its text does)."""
     import csv
     import json
 
@@ -156,7 +157,7 @@ def _read_rows(path: Path, *, need_label: bool) -> list[tuple[str, str | None]]:
     text = path.read_text(encoding="utf-8", errors="strict")
     rows = []
     if suffix == ".txt":
-        return [(" ".join(block.split()), None) for block in text.split("\n\n") if block.strip()]
+        return [(" ".join(block.split()), None, None) for block in text.split("\n\n") if block.strip()]
     if suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -167,14 +168,20 @@ def _read_rows(path: Path, *, need_label: bool) -> list[tuple[str, str | None]]:
                 raise UsageError(f"{str(path)!r} line {number} is not valid JSON ({err})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise UsageError(f'{str(path)!r} line {number}: expected an object with a string "text" field')
-            rows.append((row["text"], None if row.get("label") is None else str(row["label"])))
+            split = row.get("split")
+            if split not in (None, "train", "test"):
+                raise UsageError(f'{str(path)!r} line {number}: "split" must be "train" or "test", got {split!r}')
+            rows.append((row["text"], None if row.get("label") is None else str(row["label"]), split))
     else:
         reader = csv.DictReader(text.splitlines())
         if not reader.fieldnames or "text" not in reader.fieldnames:
             raise UsageError(f'{str(path)!r}: the CSV header must name a "text" column, got {reader.fieldnames}')
-        rows = [(r["text"], r.get("label") or None) for r in reader]
+        rows = [(r["text"], r.get("label") or None, r.get("split") or None) for r in reader]
+        bad = sorted({r[2] for r in rows} - {None, "train", "test"})
+        if bad:
+            raise UsageError(f'{str(path)!r}: the "split" column must be train or test, got {bad}')
     if need_label:
-        missing = [i for i, (_, label) in enumerate(rows, start=1) if label is None]
+        missing = [i for i, (_, label, _) in enumerate(rows, start=1) if label is None]
         if missing:
             raise UsageError(
                 f'{str(path)!r}: rows {missing[:5]} have no "label" (every row of labelled data needs one)'
@@ -188,7 +195,8 @@ def load_text_data(
     """Labelled texts: ``(texts, labels, label names)``.
 
     ``source``: ``docstrings`` (:func:`stdlib_docstrings`), or a ``.jsonl``/``.csv`` file with "text" and "label"
-    (label names sorted give the indices; ``split`` takes the file's rows by :func:`split_of`).
+    (label names sorted give the indices; ``split`` takes the rows whose "split" field says so, and places rows
+    without one by :func:`split_of`).
     """
     if source in BUILTIN_LABELLED:
         texts, labels, names, _ = stdlib_docstrings(split, test_fraction=test_fraction)
@@ -201,15 +209,15 @@ def load_text_data(
             f"text data {source!r} does not exist (valid: {', '.join(BUILTIN_LABELLED)}, or a .jsonl/.csv file)"
         )
     rows = _read_rows(path, need_label=True)
-    names = sorted({label for _, label in rows})
+    names = sorted({label for _, label, _ in rows})
     if len(names) < 2:
         raise UsageError(f"{source!r} has {len(names)} distinct label(s); a classifier needs at least two")
     if split != "all":
-        rows = [r for r in rows if split_of(r[0], test_fraction) == split]
+        rows = [r for r in rows if (r[2] or split_of(r[0], test_fraction)) == split]
     if not rows:
         raise UsageError(f"{source!r} has no text in the {split!r} split")
     index = {name: i for i, name in enumerate(names)}
-    return [t for t, _ in rows], [index[label] for _, label in rows], names
+    return [t for t, _, _ in rows], [index[label] for _, label, _ in rows], names
 
 
 def load_text_pool(source: str) -> list[str]:
@@ -225,7 +233,7 @@ def load_text_pool(source: str) -> list[str]:
         raise FileNotFoundError(
             f"text pool {source!r} does not exist (valid: {', '.join(BUILTIN_POOLS)}, or a .txt/.jsonl/.csv file)"
         )
-    texts = [t for t, _ in _read_rows(path, need_label=False) if t.strip()]
+    texts = [t for t, _, _ in _read_rows(path, need_label=False) if t.strip()]
     if not texts:
         raise UsageError(f"text pool {source!r} holds no text")
     return texts

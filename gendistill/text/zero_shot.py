@@ -106,6 +106,26 @@ def classifier_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, *
     return torch.cat(chunks)
 
 
+def f1_per_class(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """F1 of each class, one class against the rest (0 where a class is neither predicted nor present)."""
+    f1 = torch.zeros(num_classes)
+    for c in range(num_classes):
+        tp = ((predictions == c) & (labels == c)).sum().item()
+        predicted, present = (predictions == c).sum().item(), (labels == c).sum().item()
+        f1[c] = 2 * tp / (predicted + present) if predicted + present else 0.0
+    return f1
+
+
+def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro F1 (the mean of :func:`f1_per_class` over the classes present in ``labels``)."""
+    predictions, labels = predictions.cpu(), labels.cpu()
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    return {
+        "accuracy": (predictions == labels).float().mean().item(),
+        "macro_f1": f1_per_class(predictions, labels, num_classes)[present].mean().item(),
+    }
+
+
 class ZeroShotTextKDTask(nn.Module):
     """The training core's task (phase ``"student"``) for ``method`` "zskd" or "kd" (module docstring).
 
@@ -145,9 +165,7 @@ class ZeroShotTextKDTask(nn.Module):
         special[list(special_ids)] = True
         self.register_buffer("special", special, persistent=False)
         self.eval_data = eval_data
-        self.teacher_accuracy = None
-        if eval_data is not None:
-            self.teacher_accuracy = self._accuracy(teacher, *eval_data)
+        self.teacher_metrics = None if eval_data is None else self._metrics(teacher)
 
     def phases(self) -> list[Phase]:
         return [Phase("student")]
@@ -240,21 +258,24 @@ class ZeroShotTextKDTask(nn.Module):
             "kd_adversarial": adversarial.detach(),
         }
 
-    @staticmethod
-    def _accuracy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> float:
+    def _metrics(self, model: nn.Module) -> dict[str, float]:
+        ids, mask, labels = self.eval_data
         predictions = classifier_logits(model, ids, mask).argmax(dim=1)
-        return (predictions == labels.cpu()).float().mean().item()
+        return classification_metrics(predictions, labels, self.teacher.config.num_labels)
 
     def evaluate(self, student: nn.Module) -> dict[str, float]:
         if self.eval_data is None:
             return {}
-        ids, mask, labels = self.eval_data
-        accuracy = self._accuracy(student, ids, mask, labels)
+        ids, mask, _ = self.eval_data
+        student_metrics = self._metrics(student)
         teacher_predictions = classifier_logits(self.teacher, ids, mask).argmax(dim=1)
         agreement = (classifier_logits(student, ids, mask).argmax(dim=1) == teacher_predictions).float().mean()
+        teacher = self.teacher_metrics
         return {
-            "accuracy": accuracy,
-            "teacher_accuracy": self.teacher_accuracy,
-            "relative_accuracy": accuracy / max(self.teacher_accuracy, 1e-12),
+            **student_metrics,
+            "teacher_accuracy": teacher["accuracy"],
+            "teacher_macro_f1": teacher["macro_f1"],
+            "relative_accuracy": student_metrics["accuracy"] / max(teacher["accuracy"], 1e-12),
+            "relative_macro_f1": student_metrics["macro_f1"] / max(teacher["macro_f1"], 1e-12),
             "teacher_agreement": agreement.item(),
         }
