@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,23 +107,6 @@ def test_text_teachers_need_prompts_and_pixel_teachers_refuse_them(sd_root, clas
     assert "--cache-text-embeddings applies to text-to-image teachers only" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_accelerate_launch_two_processes(sd_root, tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    env.pop("GENDISTILL_DEBUG", None)
-    out = tmp_path / "ddp"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines"]
-    launch += ["1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gendistill"]
-    argv = _sid(sd_root, out, "--max-steps", "3", "--cache-text-embeddings", "--objective", "sid")
-    result = subprocess.run([*launch, *argv], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 3
-    pipe = BootPipeline.from_pretrained(out)
-    pipe.set_progress_bar_config(disable=True)
-    assert pipe(["a cat", "a dog"], output_type="np").images.shape == (2, 16, 16, 3)
+# Two processes (accelerate launch) are tested on `gendistill boot` with cached text embeddings
+# (tests/test_boot_sd_cli.py) and on `gendistill dfkd`, whose generator's loss runs through the DDP-wrapped student as
+# SiD's generator loss runs through the fake score network (tests/test_dfkd_cli.py): the same core paths.
