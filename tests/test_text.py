@@ -104,17 +104,32 @@ def test_one_soft_adversarial_step_against_a_hand_written_one():
     torch.testing.assert_close(probs[fixed], torch.softmax(z.detach(), -1)[fixed], atol=1e-12, rtol=0)
 
 
-def test_token_swaps_against_a_hand_written_search():
+def _class_gradient_by_hand(teacher, q, mask, targets):
+    """d sum_b log p_teacher(targets_b | q_b) / d q."""
+    q = q.detach().requires_grad_()
+    logits = teacher(inputs_embeds=q @ teacher.get_input_embeddings().weight, attention_mask=mask).logits
+    return torch.autograd.grad(torch.log_softmax(logits, -1)[range(len(q)), targets].sum(), q)[0]
+
+
+@pytest.mark.parametrize("objective", ["divergence", "class"])
+def test_token_swaps_against_a_hand_written_search(objective):
     teacher, student, tokenizer, ids, mask = double_models()
-    config = ZeroShotConfig(flip_fraction=0.2, adversarial_steps=2, temperature=2.0)
+    config = ZeroShotConfig(flip_fraction=0.2, adversarial_steps=2, temperature=2.0, adversarial_objective=objective)
     task = ZeroShotTextKDTask(teacher, student, ids, mask, config=config, special_ids=tokenizer.all_special_ids)
+    torch.manual_seed(7)
     swapped = task.adversarial_samples(ids, mask).argmax(-1)
 
+    torch.manual_seed(7)
+    targets = torch.randint(3, (len(ids),))  # the class each sample is pushed towards (objective "class")
     expected = ids.clone()
     movable = _movable(tokenizer, ids, mask)
     specials = set(tokenizer.all_special_ids)
     for _ in range(2):
-        g = _kl_gradient_by_hand(teacher, student, F.one_hot(expected, len(tokenizer)).double(), mask, 2.0)
+        q = F.one_hot(expected, len(tokenizer)).double()
+        if objective == "class":
+            g = _class_gradient_by_hand(teacher, q, mask, targets)
+        else:
+            g = _kl_gradient_by_hand(teacher, student, q, mask, 2.0)
         for row in range(len(ids)):
             candidates = []
             for pos in range(ids.shape[1]):

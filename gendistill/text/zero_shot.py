@@ -36,6 +36,7 @@ from ..task import Phase
 
 METHODS = ("zskd", "kd")
 ADVERSARIAL_KINDS = ("tokens", "soft")
+ADVERSARIAL_OBJECTIVES = ("divergence", "class")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ZeroShotConfig:
     adversarial_batch: int = 8  # pool texts of each batch turned into adversarial samples
     adversarial_length: int = 64  # their length in tokens (longer texts are cut; the teacher's passes cost most)
     adversarial_kind: str = "tokens"  # tokens: gradient-guided token swaps | soft: soft token distributions
+    adversarial_objective: str = "divergence"  # divergence: teacher-student KL | class: a random class's probability
     adversarial_steps: int = 1  # gradient steps (tokens: rounds of swaps; soft: ascent steps on the token logits)
     flip_fraction: float = 0.15  # tokens: share of each text's tokens swapped per step (at most; only gaining swaps)
     adversarial_step_size: float = 1.0  # soft: mean per-token L2 length of one ascent step on the token logits
@@ -60,6 +62,9 @@ class ZeroShotConfig:
             raise UsageError(
                 f"unknown adversarial_kind {self.adversarial_kind!r}; valid: {', '.join(ADVERSARIAL_KINDS)}"
             )
+        if self.adversarial_objective not in ADVERSARIAL_OBJECTIVES:
+            raise UsageError(f"unknown adversarial_objective {self.adversarial_objective!r}; valid: "
+                             f"{', '.join(ADVERSARIAL_OBJECTIVES)}")  # fmt: skip
         if not 0 < self.flip_fraction <= 1:
             raise UsageError(f"flip_fraction must be in (0, 1], got {self.flip_fraction}")
         for name in ("adversarial_batch", "adversarial_length", "adversarial_steps"):
@@ -178,28 +183,37 @@ class ZeroShotTextKDTask(nn.Module):
     def sample_batch(self, phase: str, batch_size: int, device) -> torch.Tensor:
         return torch.randint(len(self.pool_ids), (batch_size,)).to(device)
 
-    def _divergence_gradient(self, probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """d KL(teacher || student) / d ``probs`` (B, L, V) on soft token sequences: at a one-hot ``probs``, entry
-        (b, i, v) is how fast the divergence grows as token v comes in at position i, through both models' token
-        embeddings (the first-order swap score of HotFlip, Ebrahimi et al. 2018)."""
+    def _objective_gradient(self, probs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None):
+        """d objective / d ``probs`` (B, L, V) on soft token sequences. The objective: KL(teacher || student)
+        (``targets`` None), or the teacher's log-probability of ``targets`` (B,). At a one-hot ``probs``, entry
+        (b, i, v) is how fast it grows as token v comes in at position i, through the models' token embeddings (the
+        first-order swap score of HotFlip, Ebrahimi et al. 2018)."""
         probs = probs.detach().requires_grad_(True)
-        divergence = kd_loss(soft_token_logits(_bare(self.student), probs, mask),
-                             soft_token_logits(self.teacher, probs, mask), tau=self.config.temperature)  # fmt: skip
-        (grad,) = torch.autograd.grad(divergence, probs)
+        teacher_logits = soft_token_logits(self.teacher, probs, mask)
+        if targets is None:
+            student_logits = soft_token_logits(_bare(self.student), probs, mask)
+            objective = kd_loss(student_logits, teacher_logits, tau=self.config.temperature)
+        else:
+            objective = -F.cross_entropy(teacher_logits, targets, reduction="sum")
+        (grad,) = torch.autograd.grad(objective, probs)
         return grad
 
     def adversarial_samples(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``ids`` moved towards teacher-student disagreement (the student's weights untouched), as token
-        distributions (B, L, V): one-hot rows for ``adversarial_kind="tokens"``, soft rows for ``"soft"``."""
+        """``ids`` moved towards teacher-student disagreement (``adversarial_objective="divergence"``) or towards
+        a random class of the teacher's (``"class"``), the student's weights untouched, as token distributions
+        (B, L, V): one-hot rows for ``adversarial_kind="tokens"``, soft rows for ``"soft"``."""
         c = self.config
         weight = self.teacher.get_input_embeddings().weight
         vocab = self.special.numel()
         movable = mask.bool() & ~self.special[ids]  # (B, L)
+        targets = None
+        if c.adversarial_objective == "class":  # a class per sample, drawn from the global RNG (resume restores it)
+            targets = torch.randint(self.teacher.config.num_labels, (len(ids),)).to(ids.device)
         if c.adversarial_kind == "tokens":
             ids = ids.clone()
             flips = (movable.sum(dim=1).float() * c.flip_fraction).ceil().long()  # per sequence
             for _ in range(c.adversarial_steps):
-                grad = self._divergence_gradient(F.one_hot(ids, vocab).to(weight.dtype), mask)
+                grad = self._objective_gradient(F.one_hot(ids, vocab).to(weight.dtype), mask, targets)
                 gain = grad - grad.gather(-1, ids[..., None])  # first-order change of swapping in each token
                 gain[..., self.special] = -torch.inf  # never swap in [CLS], [SEP], [PAD], ...
                 best_gain, best_token = gain.max(dim=-1)  # (B, L)
@@ -207,7 +221,7 @@ class ZeroShotTextKDTask(nn.Module):
                 order = best_gain.argsort(dim=1, descending=True)
                 for row in range(len(ids)):
                     chosen = order[row, : flips[row]]
-                    chosen = chosen[best_gain[row, chosen] > 0]  # only swaps that increase the divergence
+                    chosen = chosen[best_gain[row, chosen] > 0]  # only swaps that raise the objective
                     ids[row, chosen] = best_token[row, chosen]
             return F.one_hot(ids, vocab).to(weight.dtype)
         logits = c.token_scale * F.one_hot(ids, vocab).to(weight.dtype)
@@ -215,7 +229,7 @@ class ZeroShotTextKDTask(nn.Module):
         tokens = movable.sum(dim=(1, 2)).clamp_min(1.0)  # movable tokens per sequence
         for _ in range(c.adversarial_steps):
             probs = F.softmax(logits, dim=-1)
-            grad = self._divergence_gradient(probs, mask)
+            grad = self._objective_gradient(probs, mask, targets)
             grad = probs * (grad - (probs * grad).sum(dim=-1, keepdim=True))  # through the softmax to the logits
             grad = grad * movable
             norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
