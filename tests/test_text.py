@@ -311,8 +311,12 @@ def test_a_pretrained_encoder_is_fine_tuned_with_a_new_head(tmp_path):
     model, _ = load_text_classifier(out)
     assert model.config.num_labels == 6 and model.config.id2label[5] == "xml"
     encoder = BertModel.from_pretrained(base)
-    tuned_layer = model.bert.encoder.layer[0].attention.self.query.weight
-    assert tuned_layer.shape == encoder.encoder.layer[0].attention.self.query.weight.shape
+    # Two AdamW steps of 3e-4 move a weight by at most ~6e-4; a fresh init (std 0.02) would be ~0.05 away.
+    tuned, started = (
+        model.bert.encoder.layer[0].attention.self.query.weight,
+        encoder.encoder.layer[0].attention.self.query.weight,
+    )
+    assert (tuned - started).abs().max() < 5e-3 and not torch.equal(tuned, started)
 
 
 @pytest.mark.parametrize(
@@ -436,3 +440,20 @@ def test_solidity_functions_vulnerabilities_and_the_split_field(tmp_path):
         read_solidity_sources(tmp_path / "none")
     with pytest.raises(UsageError, match="no .sol file"):
         read_solidity_sources(folder, exclude=("Vault", "Copy"))
+
+
+def test_eval_data_labels_are_matched_to_the_teachers_by_name(text_teacher, tmp_path, capsys):
+    from gendistill.training.text_kd import teacher_label_ids
+
+    teacher = ["asyncio", "email", "http", "logging", "unittest", "xml"]
+    # a file's own label indices follow its sorted names: ["asyncio", "xml"] -> 0, 1; the teacher's ids are 0, 5
+    assert teacher_label_ids([1, 0, 1], ["asyncio", "xml"], teacher, what="x") == [5, 0, 5]
+    rows = [
+        {"text": "Create a task.", "label": "java", "split": "test"},
+        {"text": "x y", "label": "xml", "split": "test"},
+    ]
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = cli_main(["text-kd", "--teacher", str(text_teacher), "--eval-data", str(data), "--output",
+                     str(tmp_path / "bad"), "--max-steps", "1"])  # fmt: skip
+    assert code == 2 and "has labels ['java'] the teacher does not know" in capsys.readouterr().err

@@ -132,8 +132,9 @@ def run(recipe: TeachTextRecipe) -> dict:
         if recipe.base is None:
             size = TextClassifierSize(recipe.hidden, recipe.layers, recipe.heads)
             model = build_text_classifier(tokenizer, names, size, max_length=recipe.max_length)
-        task = TextClassifierTrainingTask(model, *encode(tokenizer, texts, recipe.max_length), torch.tensor(labels),
-                                          eval_data=(*encode(tokenizer, test_texts, recipe.max_length),
+        length = min(recipe.max_length, model.config.max_position_embeddings)  # a pretrained encoder's own limit
+        task = TextClassifierTrainingTask(model, *encode(tokenizer, texts, length), torch.tensor(labels),
+                                          eval_data=(*encode(tokenizer, test_texts, length),
                                                      torch.tensor(test_labels)))  # fmt: skip
         task.tokenizer, task.sizes = tokenizer, (len(texts), len(test_texts))
         return task

@@ -55,7 +55,7 @@ class TextKDRecipe(TrainRecipe):
     student_heads: int = 2  # built from config: attention heads
     eval_data: str | None = None  # held-out task texts to measure on: docstrings | a labelled .jsonl/.csv file
     test_fraction: float = 0.2  # the held-out share of --eval-data (the teacher's split)
-    max_length: int = 128  # tokens per pool text
+    max_length: int = 128  # tokens per text (at most the teacher's position embeddings)
     max_steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3  # AdamW learning rate of the student
@@ -85,29 +85,40 @@ class TextKDRecipe(TrainRecipe):
         return config_from_options(parse_options(self.method_options, types, owner=self.method))
 
 
+def teacher_label_ids(labels: list[int], label_names: list[str], teacher_names: list[str], *, what: str) -> list[int]:
+    """``labels`` (indices into ``label_names``) as the teacher's label ids, matched by name."""
+    unknown = sorted(set(label_names) - set(teacher_names))
+    if unknown:
+        raise UsageError(f"{what} has labels {unknown} the teacher does not know (its labels: "
+                         f"{', '.join(teacher_names)})")  # fmt: skip
+    return [teacher_names.index(label_names[label]) for label in labels]
+
+
 def run(recipe: TextKDRecipe) -> dict:
     config = recipe.config()
 
     def build():
         teacher, tokenizer = load_text_classifier(recipe.teacher)
         names = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
+        length = min(recipe.max_length, teacher.config.max_position_embeddings)  # texts are cut to what it reads
         pool = load_text_pool(recipe.pool)
         eval_data = None
         if recipe.eval_data:
             texts, labels, eval_names = load_text_data(recipe.eval_data, "test", test_fraction=recipe.test_fraction)
-            if len(eval_names) != len(names):
-                raise UsageError(f"--eval-data {recipe.eval_data!r} has {len(eval_names)} labels, the teacher "
-                                 f"{len(names)}")  # fmt: skip
-            eval_data = (*encode(tokenizer, texts, recipe.max_length), torch.tensor(labels))
+            labels = teacher_label_ids(labels, eval_names, names, what=f"--eval-data {recipe.eval_data!r}")
+            eval_data = (*encode(tokenizer, texts, length), torch.tensor(labels))
         torch.manual_seed(recipe.seed)
         if recipe.student is not None:
             student, _ = load_text_classifier(recipe.student, num_labels=len(names))
+            student_names = [student.config.id2label[i] for i in range(student.config.num_labels)]
+            if student_names != names:
+                raise UsageError(f"--student {recipe.student!r} has labels {student_names}, the teacher {names} "
+                                 "(same labels in the same order)")  # fmt: skip
             student.train()
         else:
             size = TextClassifierSize(recipe.student_hidden, recipe.student_layers, recipe.student_heads)
-            max_length = min(recipe.max_length, teacher.config.max_position_embeddings)
-            student = build_text_classifier(tokenizer, names, size, max_length=max_length)
-        ids, mask = encode(tokenizer, pool, recipe.max_length)
+            student = build_text_classifier(tokenizer, names, size, max_length=length)
+        ids, mask = encode(tokenizer, pool, length)
         task = ZeroShotTextKDTask(teacher, student, ids, mask, method=recipe.method, config=config,
                                   special_ids=tokenizer.all_special_ids, eval_data=eval_data)  # fmt: skip
         task.tokenizer = tokenizer

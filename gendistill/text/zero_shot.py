@@ -7,15 +7,19 @@ Every iteration:
 - **KD on the out-of-domain pool**: a batch of pool texts (token ids in the teacher's vocabulary); the student's
   temperature-``temperature`` softmax learns the teacher's (KL(teacher || student), times ``temperature``^2). The
   teacher's logits on the pool never change, so they are computed once when the task is built.
-- **adversarial samples in the embedding space** (``method="zskd"``): the first ``adversarial_batch`` texts of the
-  batch, cut to ``adversarial_length`` tokens, become soft token sequences: per position a distribution over the
-  vocabulary, starting at ``softmax(token_scale * one_hot(token))``, which each model turns into its input
-  embeddings as the distribution-weighted mix of its own token embeddings (so the teacher and a student of another
-  width read the same sample). ``adversarial_steps`` gradient-ascent steps on the token logits increase the
-  teacher-student divergence (each step of per-token L2 length ``adversarial_step_size`` on average, special tokens
-  and padding left alone); the student then also learns the teacher's outputs on the moved samples, weighted by
-  ``adversarial_weight``. These are the pool texts pushed to where the student disagrees with the teacher most: the
-  regions of input space the pool does not cover.
+- **adversarial samples** (``method="zskd"``): the first ``adversarial_batch`` texts of the batch, cut to
+  ``adversarial_length`` tokens (keeping their closing [SEP]), are moved to where the student disagrees with the
+  teacher most, the regions of input space the pool does not cover. The direction is taken in the embedding space:
+  the gradient of the teacher-student divergence with respect to each model's input embeddings, at the texts'
+  one-hot token distributions, scores every (position, token) swap to first order (HotFlip). ``adversarial_kind=
+  "tokens"`` (default) makes, ``adversarial_steps`` times, the best swap at the ``flip_fraction`` of positions that
+  gain most (only swaps that gain; special tokens never move and are never swapped in): real token sequences.
+  ``"soft"`` keeps per position a distribution over the vocabulary, started at ``softmax(token_scale * one_hot)``
+  and moved by gradient ascent on its logits (steps of mean per-token L2 length ``adversarial_step_size``), which
+  each model embeds as the mix of its own token embeddings. ``adversarial_objective="class"`` moves each sample
+  towards a random class of the teacher's instead (its log-probability; label-conditional synthesis). The student
+  then also learns the teacher's outputs on the moved samples, weighted by ``adversarial_weight``; teacher and student
+  read the same samples because they share the vocabulary, whatever their widths.
 
 ``method="kd"`` is the first part alone: KD on the out-of-domain pool, the baseline the adversarial term is measured
 against. What differs from the paper (whose code we could not read) is in docs/text.md.
