@@ -122,8 +122,9 @@ def _boot_cmd(teacher, out, *extra):
 def test_kill_and_resume_is_bit_exact(tmp_path):
     teacher = save_teacher(tmp_path / "teacher")
     args = ["--max-steps", "30", "--checkpoint-every", "5", "--checkpoints-total-limit", "3"]
-    reference = tmp_path / "reference"
-    subprocess.run(_boot_cmd(teacher, reference, *args), check=True, env=_env(), capture_output=True, timeout=600)
+    reference = tmp_path / "reference"  # runs alongside the killed run and its resumption (one thread each)
+    log = (tmp_path / "reference.log").open("w")  # a file, not a pipe nobody reads while it runs
+    uninterrupted = subprocess.Popen(_boot_cmd(teacher, reference, *args), env=_env(), stdout=log, stderr=log)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -146,6 +147,8 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-2000:]
+    log.close()
     results = json.loads((killed / "results.json").read_text())
     assert results["steps"] == 30 and results["resumed_at"] >= 10
     weights = "unet/diffusion_pytorch_model.safetensors"

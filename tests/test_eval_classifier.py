@@ -198,7 +198,7 @@ def test_linear_probe_separates_separable_features_and_not_random_labels():
 
 
 # --- a planted BadNets backdoor -------------------------------------------------------------------------------
-PLANT = {"max_steps": 400, "batch_size": 64, "lr": 3e-3, "eval_every": 0, "checkpoint_every": 0, "log_every": 100}
+PLANT = {"max_steps": 250, "batch_size": 64, "lr": 3e-3, "eval_every": 0, "checkpoint_every": 0, "log_every": 100}
 
 
 @pytest.fixture(scope="module")
