@@ -197,6 +197,33 @@ def test_the_task_losses_against_hand_computation(method):
     torch.testing.assert_close(out["loss"], pool + 0.7 * adversarial)
 
 
+def test_balanced_pool_sampling_draws_every_predicted_class_alike():
+    teacher, student, tokenizer, ids, mask = tiny_models()
+    ids, mask = ids.repeat(20, 1), mask.repeat(20, 1)  # 240 texts, 12 distinct
+    with torch.no_grad():  # a teacher that predicts class 1 for the two texts of largest pooled feature 0, else 0
+        feature = teacher.bert(input_ids=ids[:12], attention_mask=mask[:12]).pooler_output[:, 0]
+        threshold = feature.sort(descending=True).values[1:3].mean()
+        teacher.classifier.weight.zero_()
+        teacher.classifier.weight[1, 0] = 1000.0
+        teacher.classifier.bias.copy_(torch.tensor([0.0, -1000.0 * threshold, -1e4]))
+    config = ZeroShotConfig(pool_sampling="balanced")
+    task = ZeroShotTextKDTask(teacher, student, ids, mask, method="kd", config=config)
+    predicted = teacher(input_ids=ids, attention_mask=mask).logits.argmax(1)
+    counts = torch.bincount(predicted, minlength=3)
+    assert counts[0] > 4 * counts[1] > 0 and counts[2] == 0  # the setting this test needs
+    torch.manual_seed(0)
+    drawn = torch.cat([task.sample_batch("student", 64, "cpu") for _ in range(50)])
+    share = torch.bincount(predicted[drawn], minlength=3).float() / len(drawn)
+    assert abs(share[0] - 0.5) < 0.03 and abs(share[1] - 0.5) < 0.03 and share[2] == 0
+    minority = set((predicted == 1).nonzero().flatten().tolist())
+    assert set(drawn[predicted[drawn] == 1].tolist()) == minority  # every text of a class gets drawn
+    uniform = ZeroShotTextKDTask(teacher, student, ids, mask, method="kd")
+    drawn = torch.cat([uniform.sample_batch("student", 64, "cpu") for _ in range(50)])
+    assert abs((predicted[drawn] == 1).float().mean() - counts[1] / len(ids)) < 0.03
+    with pytest.raises(UsageError, match="unknown pool_sampling 'classes'; valid: uniform, balanced"):
+        ZeroShotConfig(pool_sampling="classes").validate()
+
+
 def test_the_task_refuses_a_student_with_another_vocabulary():
     teacher, _, tokenizer, ids, mask = tiny_models()
     other = train_tokenizer(reference_paragraphs()[:100], vocab_size=90)
@@ -328,6 +355,8 @@ def test_a_pretrained_encoder_is_fine_tuned_with_a_new_head(tmp_path):
         (["--method-options", "steps=2"], "'steps=2' is not key=value with a key of zskd: temperature"),
         (["--student-hidden", "10", "--student-heads", "4"], r"heads \(4\) must divide hidden \(10\)"),
         (["--pool", "nowhere.txt"], "text pool 'nowhere.txt' does not exist"),
+        (["--pool-recombine", "-1"], "pool_recombine must be >= 0, got -1"),
+        (["--pool-recombine", "5"], r"pool texts have no \{ ... \} body to recombine"),  # pydoc's prose
     ],
 )
 def test_text_kd_refuses_bad_input_before_writing(text_teacher, tmp_path, capsys, args, message):
@@ -442,6 +471,47 @@ def test_solidity_functions_vulnerabilities_and_the_split_field(tmp_path):
         read_solidity_sources(tmp_path / "none")
     with pytest.raises(UsageError, match="no .sol file"):
         read_solidity_sources(folder, exclude=("Vault", "Copy"))
+
+
+def test_statements_and_recombined_functions():
+    from gendistill.data.code import function_statements, recombined_functions
+
+    function = ("function f(uint a) public { if (a > 1) { x = 1; } else { y = 2; } try g() returns (uint z) { q(); } "
+                "catch { r(); } uint b = a; unchecked { b++; } return b; }")  # fmt: skip
+    assert function_statements(function) == ["if (a > 1) { x = 1; } else { y = 2; }",
+                                             "try g() returns (uint z) { q(); } catch { r(); }", "uint b = a;",
+                                             "unchecked { b++; }", "return b;"]  # fmt: skip
+    other = "function g() external { require(tx.origin == owner); emit Done(); }"
+    made = recombined_functions([function, other], 200, seed=3, inserted=2)
+    assert made == recombined_functions([function, other], 200, seed=3, inserted=2)  # seeded
+    assert made != recombined_functions([function, other], 200, seed=4, inserted=2)
+    statements = function_statements(function) + function_statements(other)
+    heads = {"function f(uint a) public {": function, "function g() external {": other}
+    for text in made:
+        head = text[: text.index("{") + 1]
+        host, parts = function_statements(heads[head]), function_statements(text)
+        assert len(parts) == len(host) + 2 and all(p in statements for p in parts)
+        for part in host:  # the host's own statements stay, in order
+            parts = parts[parts.index(part) + 1 :]
+    assert any("tx.origin" in t for t in made if t.startswith("function f"))  # statements move between functions
+    with pytest.raises(UsageError, match="inserted=0"):
+        recombined_functions([function], 3, inserted=0)
+
+
+def test_text_kd_on_a_solidity_pool_with_recombined_functions(text_teacher, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "Vault.sol").write_text(SOLIDITY)
+    out = tmp_path / "run"
+    argv = ["--teacher", str(text_teacher), "--pool", str(tmp_path / "src"), "--pool-recombine", "10", "--output",
+            str(out), "--max-steps", "2", *TINY_KD[:-6], "--method", "kd", "--method-options",
+            "pool_sampling=balanced", "--checkpoint-every", "0", "--eval-every", "0"]  # fmt: skip
+    assert text_kd_main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["pool_size"] == 2 + 10 and results["options"]["pool_sampling"] == "balanced"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "I.sol").write_text("interface I { function f() external; }")
+    with pytest.raises(UsageError, match="holds no function with a body"):
+        load_text_pool(str(tmp_path / "empty"))
 
 
 def test_eval_data_labels_are_matched_to_the_teachers_by_name(text_teacher, tmp_path, capsys):

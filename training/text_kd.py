@@ -5,7 +5,9 @@
 ``--method zskd`` (default): KD on an out-of-domain pool of texts plus adversarial samples in the embedding space
 (zero-shot KD for NLP); ``--method kd``: KD on the pool alone (the baseline). The pool is ``pydoc`` (the Python
 language reference's paragraphs, shipped with Python), ``stdlib`` (docstrings of the standard-library modules
-outside the docstring task's packages) or a ``.txt``/``.jsonl``/``.csv`` file of texts. The student reads the
+outside the docstring task's packages), a ``.txt``/``.jsonl``/``.csv`` file of texts, or Solidity code (a folder of
+``.sol`` files or an npm ``.tgz``: its functions), which ``--pool-recombine N`` extends by N functions recombined
+from the pool's statements (AF-STip's setting; with ``--method-options pool_sampling=balanced``). The student reads the
 teacher's tokenizer: built from config (``--student-hidden/--student-layers/--student-heads``) or loaded from a
 folder (``--student``) with the same vocabulary. ``--eval-data`` (the task's held-out split: ``docstrings`` or a
 labelled ``.jsonl``/``.csv``) is used to measure, never to train. The output folder loads with
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from gendistill.data.code import recombined_functions
 from gendistill.data.text import load_text_data, load_text_pool
 from gendistill.errors import UsageError
 from gendistill.text.models import (
@@ -47,7 +50,8 @@ class TextKDRecipe(TrainRecipe):
         None  # text classifier folder (save_pretrained), e.g. from `gendistill teach text-classifier`
     )
     method: str = "zskd"  # zskd (pool KD + adversarial samples) | kd (pool KD alone)
-    pool: str = "pydoc"  # out-of-domain texts: pydoc | stdlib | a .txt/.jsonl/.csv file
+    pool: str = "pydoc"  # out-of-domain texts: pydoc | stdlib | a .txt/.jsonl/.csv file | Solidity: folder or .tgz
+    pool_recombine: int = 0  # code pools: add this many functions recombined from the pool's statements
     method_options: list[str] | None = None  # key=value: ZeroShotConfig fields
     student: str | None = None  # a student folder to start from (same vocabulary); None: built from config
     student_hidden: int = 64  # built from config: hidden size
@@ -74,6 +78,8 @@ class TextKDRecipe(TrainRecipe):
                              "text-classifier)")  # fmt: skip
         if self.method not in METHODS:
             raise UsageError(f"unknown text KD method {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.pool_recombine < 0:
+            raise UsageError(f"pool_recombine must be >= 0, got {self.pool_recombine}")
         if self.max_length < 8:
             raise UsageError(f"max_length must be >= 8 tokens, got {self.max_length}")
         if self.student is None:
@@ -102,6 +108,8 @@ def run(recipe: TextKDRecipe) -> dict:
         names = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
         length = min(recipe.max_length, teacher.config.max_position_embeddings)  # texts are cut to what it reads
         pool = load_text_pool(recipe.pool)
+        if recipe.pool_recombine:
+            pool = pool + recombined_functions(pool, recipe.pool_recombine, seed=recipe.seed)
         eval_data = None
         if recipe.eval_data:
             texts, labels, eval_names = load_text_data(recipe.eval_data, "test", test_fraction=recipe.test_fraction)

@@ -158,3 +158,47 @@ def function_pool(files: list[tuple[str, str]], *, exclude_texts: set[str] = fro
                 seen.add(function)
                 pool.append(function)
     return pool
+
+
+def function_statements(function: str) -> list[str]:
+    """The top-level statements of ``function``'s body, in order: simple statements up to their ``;``, block
+    statements (``if``/``else``, loops, ``unchecked``, ``try``/``catch``, ...) whole, with their braces."""
+    body = function[function.index("{") + 1 : function.rindex("}")]
+    statements, depth, start = [], 0, 0
+    for i, char in enumerate(body):
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0 and not body[i + 1 :].lstrip().startswith(("else", "catch")):
+                statements.append(body[start : i + 1].strip())
+                start = i + 1
+        elif char == ";" and depth == 0:
+            statements.append(body[start : i + 1].strip())
+            start = i + 1
+    return [s for s in statements if s]
+
+
+def recombined_functions(functions: list[str], count: int, *, seed: int = 0, inserted: int = 1) -> list[str]:
+    """``count`` new functions recombined from an unlabelled pool: each is a function of ``functions`` with
+    ``inserted`` statements of other pool functions put in at random statement boundaries (a statement-level
+    mix, so the texts stay in the language's grammar and carry the pool's statements into new contexts)."""
+    if count < 0 or inserted < 1:
+        raise UsageError(f"count must be >= 0 and inserted >= 1, got count={count}, inserted={inserted}")
+    bodiless = [f for f in functions if "{" not in f or "}" not in f]
+    if bodiless:
+        raise UsageError(f"{len(bodiless)} pool texts have no {{ ... }} body to recombine, e.g. {bodiless[0][:60]!r} "
+                         "(recombination takes code functions: a Solidity folder or .tgz pool)")  # fmt: skip
+    parsed = [(f[: f.index("{") + 1], function_statements(f)) for f in functions]
+    pool = [s for _, statements in parsed for s in statements]
+    if not pool:
+        raise UsageError("the functions have no statement to recombine")
+    rng = random.Random(seed)
+    made = []
+    for _ in range(count):
+        head, statements = rng.choice(parsed)
+        statements = list(statements)
+        for _ in range(inserted):
+            statements.insert(rng.randint(0, len(statements)), rng.choice(pool))
+        made.append(f"{head} {' '.join(statements)} }}")
+    return made

@@ -221,17 +221,26 @@ def load_text_data(
 
 
 def load_text_pool(source: str) -> list[str]:
-    """Unlabelled texts: ``pydoc`` (:func:`reference_paragraphs`), ``stdlib`` (:func:`other_stdlib_docstrings`), or
-    a ``.txt`` (paragraphs separated by blank lines), ``.jsonl`` or ``.csv`` file (its "text" field; labels, if any,
-    are ignored)."""
+    """Unlabelled texts: ``pydoc`` (:func:`reference_paragraphs`), ``stdlib`` (:func:`other_stdlib_docstrings`), a
+    ``.txt`` (paragraphs separated by blank lines), ``.jsonl`` or ``.csv`` file (its "text" field; labels, if any,
+    are ignored), or Solidity code: a folder of ``.sol`` files or an npm package ``.tgz``, as its distinct functions
+    (:func:`gendistill.data.code.function_pool`)."""
     if source == "pydoc":
         return reference_paragraphs()
     if source == "stdlib":
         return other_stdlib_docstrings()
     path = Path(source).expanduser()
+    if path.is_dir() or (path.is_file() and path.name.endswith((".tgz", ".tar.gz"))):
+        from .code import function_pool, read_solidity_sources
+
+        functions = function_pool(read_solidity_sources(path))
+        if not functions:
+            raise UsageError(f"code pool {source!r} holds no function with a body of two statements or more")
+        return functions
     if not path.is_file():
         raise FileNotFoundError(
-            f"text pool {source!r} does not exist (valid: {', '.join(BUILTIN_POOLS)}, or a .txt/.jsonl/.csv file)"
+            f"text pool {source!r} does not exist (valid: {', '.join(BUILTIN_POOLS)}, a .txt/.jsonl/.csv file, or "
+            "Solidity code: a folder of .sol files or an npm .tgz)"
         )
     texts = [t for t, _, _ in _read_rows(path, need_label=False) if t.strip()]
     if not texts:

@@ -21,6 +21,11 @@ Every iteration:
   then also learns the teacher's outputs on the moved samples, weighted by ``adversarial_weight``; teacher and student
   read the same samples because they share the vocabulary, whatever their widths.
 
+``pool_sampling="balanced"`` draws the pool's texts so that every class the teacher predicts on the pool comes up
+equally often (a class uniformly, then one of its texts): where the task's interesting classes are rare in the pool
+(vulnerable code in a pool of ordinary contracts), uniform draws teach the student little but the common class. It
+uses the teacher's predictions only, never a label.
+
 ``method="kd"`` is the first part alone: KD on the out-of-domain pool, the baseline the adversarial term is measured
 against. What differs from the paper (whose code we could not read) is in docs/text.md.
 """
@@ -41,6 +46,7 @@ from ..task import Phase
 METHODS = ("zskd", "kd")
 ADVERSARIAL_KINDS = ("tokens", "soft")
 ADVERSARIAL_OBJECTIVES = ("divergence", "class")
+POOL_SAMPLINGS = ("uniform", "balanced")
 
 
 @dataclass
@@ -55,6 +61,7 @@ class ZeroShotConfig:
     flip_fraction: float = 0.15  # tokens: share of each text's tokens swapped per step (at most; only gaining swaps)
     adversarial_step_size: float = 1.0  # soft: mean per-token L2 length of one ascent step on the token logits
     token_scale: float = 10.0  # soft: a token's start logits, token_scale x one-hot
+    pool_sampling: str = "uniform"  # uniform: every pool text alike | balanced: every class the teacher predicts alike
 
     def validate(self) -> None:
         if not self.temperature > 0:
@@ -69,6 +76,8 @@ class ZeroShotConfig:
         if self.adversarial_objective not in ADVERSARIAL_OBJECTIVES:
             raise UsageError(f"unknown adversarial_objective {self.adversarial_objective!r}; valid: "
                              f"{', '.join(ADVERSARIAL_OBJECTIVES)}")  # fmt: skip
+        if self.pool_sampling not in POOL_SAMPLINGS:
+            raise UsageError(f"unknown pool_sampling {self.pool_sampling!r}; valid: {', '.join(POOL_SAMPLINGS)}")
         if not 0 < self.flip_fraction <= 1:
             raise UsageError(f"flip_fraction must be in (0, 1], got {self.flip_fraction}")
         for name in ("adversarial_batch", "adversarial_length", "adversarial_steps"):
@@ -170,6 +179,16 @@ class ZeroShotTextKDTask(nn.Module):
             "pool_teacher_logits", classifier_logits(teacher, pool_ids, pool_mask, desc="teacher on the pool"),
             persistent=False,
         )  # fmt: skip
+        # balanced sampling: the pool's indices grouped by the teacher's predicted class (classes it never predicts
+        # on the pool are left out), drawn as a class uniformly, then a text of that class uniformly
+        predicted = self.pool_teacher_logits.argmax(dim=1)
+        order = predicted.argsort(stable=True)
+        sizes = torch.bincount(predicted, minlength=teacher.config.num_labels)
+        starts = sizes.cumsum(0) - sizes
+        present = sizes > 0
+        self.register_buffer("pool_by_class", order, persistent=False)
+        self.register_buffer("class_starts", starts[present], persistent=False)
+        self.register_buffer("class_sizes", sizes[present], persistent=False)
         special = torch.zeros(t_vocab, dtype=torch.bool)
         special[list(special_ids)] = True
         self.register_buffer("special", special, persistent=False)
@@ -185,7 +204,11 @@ class ZeroShotTextKDTask(nn.Module):
         return self
 
     def sample_batch(self, phase: str, batch_size: int, device) -> torch.Tensor:
-        return torch.randint(len(self.pool_ids), (batch_size,)).to(device)
+        if self.config.pool_sampling == "uniform":
+            return torch.randint(len(self.pool_ids), (batch_size,)).to(device)
+        classes = torch.randint(len(self.class_sizes), (batch_size,))
+        offsets = (torch.rand(batch_size) * self.class_sizes.cpu()[classes]).long()
+        return self.pool_by_class.cpu()[self.class_starts.cpu()[classes] + offsets].to(device)
 
     def _objective_gradient(self, probs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None):
         """d objective / d ``probs`` (B, L, V) on soft token sequences. The objective: KL(teacher || student)
