@@ -355,7 +355,7 @@ def test_a_pretrained_encoder_is_fine_tuned_with_a_new_head(tmp_path):
         (["--method-options", "steps=2"], "'steps=2' is not key=value with a key of zskd: temperature"),
         (["--student-hidden", "10", "--student-heads", "4"], r"heads \(4\) must divide hidden \(10\)"),
         (["--pool", "nowhere.txt"], "text pool 'nowhere.txt' does not exist"),
-        (["--pool-recombine", "-1"], "pool_recombine must be >= 0, got -1"),
+        (["--pool-recombine", "-1"], "pool_recombine must be >= 0 and recombine_statements >= 1, got -1 and 2"),
         (["--pool-recombine", "5"], r"pool texts have no \{ ... \} body to recombine"),  # pydoc's prose
     ],
 )
@@ -502,7 +502,8 @@ def test_text_kd_on_a_solidity_pool_with_recombined_functions(text_teacher, tmp_
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "Vault.sol").write_text(SOLIDITY)
     out = tmp_path / "run"
-    argv = ["--teacher", str(text_teacher), "--pool", str(tmp_path / "src"), "--pool-recombine", "10", "--output",
+    argv = ["--teacher", str(text_teacher), "--pool", str(tmp_path / "src"), "--pool-recombine", "10",
+            "--recombine-statements", "1", "--output",
             str(out), "--max-steps", "2", *TINY_KD[:-6], "--method", "kd", "--method-options",
             "pool_sampling=balanced", "--checkpoint-every", "0", "--eval-every", "0"]  # fmt: skip
     assert text_kd_main(argv) == 0

@@ -7,7 +7,8 @@
 language reference's paragraphs, shipped with Python), ``stdlib`` (docstrings of the standard-library modules
 outside the docstring task's packages), a ``.txt``/``.jsonl``/``.csv`` file of texts, or Solidity code (a folder of
 ``.sol`` files or an npm ``.tgz``: its functions), which ``--pool-recombine N`` extends by N functions recombined
-from the pool's statements (AF-STip's setting; with ``--method-options pool_sampling=balanced``). The student reads the
+from the pool's statements (each a pool function with ``--recombine-statements`` statements of others put in; the
+seed is ``--seed``): AF-STip's setting, with ``--method-options pool_sampling=balanced``. The student reads the
 teacher's tokenizer: built from config (``--student-hidden/--student-layers/--student-heads``) or loaded from a
 folder (``--student``) with the same vocabulary. ``--eval-data`` (the task's held-out split: ``docstrings`` or a
 labelled ``.jsonl``/``.csv``) is used to measure, never to train. The output folder loads with
@@ -52,6 +53,7 @@ class TextKDRecipe(TrainRecipe):
     method: str = "zskd"  # zskd (pool KD + adversarial samples) | kd (pool KD alone)
     pool: str = "pydoc"  # out-of-domain texts: pydoc | stdlib | a .txt/.jsonl/.csv file | Solidity: folder or .tgz
     pool_recombine: int = 0  # code pools: add this many functions recombined from the pool's statements
+    recombine_statements: int = 2  # statements of other pool functions put into each recombined function
     method_options: list[str] | None = None  # key=value: ZeroShotConfig fields
     student: str | None = None  # a student folder to start from (same vocabulary); None: built from config
     student_hidden: int = 64  # built from config: hidden size
@@ -78,8 +80,9 @@ class TextKDRecipe(TrainRecipe):
                              "text-classifier)")  # fmt: skip
         if self.method not in METHODS:
             raise UsageError(f"unknown text KD method {self.method!r}; valid: {', '.join(METHODS)}")
-        if self.pool_recombine < 0:
-            raise UsageError(f"pool_recombine must be >= 0, got {self.pool_recombine}")
+        if self.pool_recombine < 0 or self.recombine_statements < 1:
+            raise UsageError(f"pool_recombine must be >= 0 and recombine_statements >= 1, got {self.pool_recombine} "
+                             f"and {self.recombine_statements}")  # fmt: skip
         if self.max_length < 8:
             raise UsageError(f"max_length must be >= 8 tokens, got {self.max_length}")
         if self.student is None:
@@ -109,7 +112,9 @@ def run(recipe: TextKDRecipe) -> dict:
         length = min(recipe.max_length, teacher.config.max_position_embeddings)  # texts are cut to what it reads
         pool = load_text_pool(recipe.pool)
         if recipe.pool_recombine:
-            pool = pool + recombined_functions(pool, recipe.pool_recombine, seed=recipe.seed)
+            made = recombined_functions(pool, recipe.pool_recombine, seed=recipe.seed,
+                                        inserted=recipe.recombine_statements)  # fmt: skip
+            pool = pool + made
         eval_data = None
         if recipe.eval_data:
             texts, labels, eval_names = load_text_data(recipe.eval_data, "test", test_fraction=recipe.test_fraction)
