@@ -186,9 +186,9 @@ class ZeroShotTextKDTask(nn.Module):
         sizes = torch.bincount(predicted, minlength=teacher.config.num_labels)
         starts = sizes.cumsum(0) - sizes
         present = sizes > 0
-        self.register_buffer("pool_by_class", order, persistent=False)
-        self.register_buffer("class_starts", starts[present], persistent=False)
-        self.register_buffer("class_sizes", sizes[present], persistent=False)
+        # plain attributes, not buffers: they stay on the CPU (classifier_logits returns CPU logits), where the draws
+        # are made
+        self.pool_by_class, self.class_starts, self.class_sizes = order, starts[present], sizes[present]
         special = torch.zeros(t_vocab, dtype=torch.bool)
         special[list(special_ids)] = True
         self.register_buffer("special", special, persistent=False)
@@ -207,8 +207,8 @@ class ZeroShotTextKDTask(nn.Module):
         if self.config.pool_sampling == "uniform":
             return torch.randint(len(self.pool_ids), (batch_size,)).to(device)
         classes = torch.randint(len(self.class_sizes), (batch_size,))
-        offsets = (torch.rand(batch_size) * self.class_sizes.cpu()[classes]).long()
-        return self.pool_by_class.cpu()[self.class_starts.cpu()[classes] + offsets].to(device)
+        offsets = (torch.rand(batch_size) * self.class_sizes[classes]).long()
+        return self.pool_by_class[self.class_starts[classes] + offsets].to(device)
 
     def _objective_gradient(self, probs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None):
         """d objective / d ``probs`` (B, L, V) on soft token sequences. The objective: KL(teacher || student)
