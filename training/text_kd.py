@@ -7,7 +7,7 @@
 language reference's paragraphs, shipped with Python), ``stdlib`` (docstrings of the standard-library modules
 outside the docstring task's packages), a ``.txt``/``.jsonl``/``.csv`` file of texts, or Solidity code (a folder of
 ``.sol`` files or an npm ``.tgz``: its functions), which ``--pool-recombine N`` extends by N functions recombined
-from the pool's statements (each a pool function with ``--recombine-statements`` statements of others put in; the
+from the pool's statements (each a pool function with ``--recombine-statements`` of the pool's statements put in; the
 seed is ``--seed``): AF-STip's setting, with ``--method-options pool_sampling=balanced``. The student reads the
 teacher's tokenizer: built from config (``--student-hidden/--student-layers/--student-heads``) or loaded from a
 folder (``--student``) with the same vocabulary. ``--eval-data`` (the task's held-out split: ``docstrings`` or a
@@ -53,7 +53,7 @@ class TextKDRecipe(TrainRecipe):
     method: str = "zskd"  # zskd (pool KD + adversarial samples) | kd (pool KD alone)
     pool: str = "pydoc"  # out-of-domain texts: pydoc | stdlib | a .txt/.jsonl/.csv file | Solidity: folder or .tgz
     pool_recombine: int = 0  # code pools: add this many functions recombined from the pool's statements
-    recombine_statements: int = 2  # statements of other pool functions put into each recombined function
+    recombine_statements: int = 2  # the pool's statements put into each recombined function
     method_options: list[str] | None = None  # key=value: ZeroShotConfig fields
     student: str | None = None  # a student folder to start from (same vocabulary); None: built from config
     student_hidden: int = 64  # built from config: hidden size

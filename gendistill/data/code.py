@@ -181,8 +181,9 @@ def function_statements(function: str) -> list[str]:
 
 def recombined_functions(functions: list[str], count: int, *, seed: int = 0, inserted: int = 1) -> list[str]:
     """``count`` new functions recombined from an unlabelled pool: each is a function of ``functions`` with
-    ``inserted`` statements of other pool functions put in at random statement boundaries (a statement-level
-    mix, so the texts stay in the language's grammar and carry the pool's statements into new contexts)."""
+    ``inserted`` statements drawn from all the pool's statements put in at random statement boundaries (a
+    statement-level mix, so the texts stay in the language's grammar and carry the pool's statements into new
+    contexts)."""
     if count < 0 or inserted < 1:
         raise UsageError(f"count must be >= 0 and inserted >= 1, got count={count}, inserted={inserted}")
     bodiless = [f for f in functions if "{" not in f or "}" not in f]
