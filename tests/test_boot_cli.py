@@ -122,33 +122,37 @@ def _boot_cmd(teacher, out, *extra):
 def test_kill_and_resume_is_bit_exact(tmp_path):
     teacher = save_teacher(tmp_path / "teacher")
     args = ["--max-steps", "30", "--checkpoint-every", "5", "--checkpoints-total-limit", "3"]
-    reference = tmp_path / "reference"  # runs alongside the killed run and its resumption (one thread each)
-    log = (tmp_path / "reference.log").open("w")  # a file, not a pipe nobody reads while it runs
-    uninterrupted = subprocess.Popen(_boot_cmd(teacher, reference, *args), env=_env(), stdout=log, stderr=log)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    # The uninterrupted reference runs alongside the killed run and its resumption (one thread each), its output
+    # into a file (not a pipe nobody reads while it runs).
+    with (tmp_path / "reference.log").open("w") as log:
+        uninterrupted = subprocess.Popen(_boot_cmd(teacher, reference, *args), env=_env(), stdout=log, stderr=log)
+        try:
+            proc = subprocess.Popen(
+                _boot_cmd(teacher, killed, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            marker = killed / "checkpoints" / "checkpoint_1" / "trainer_state.json"  # the step-10 checkpoint
+            deadline = time.time() + 300
+            while not marker.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+            assert not (killed / "model_index.json").exists()
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _boot_cmd(teacher, killed, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    marker = killed / "checkpoints" / "checkpoint_1" / "trainer_state.json"  # the step-10 checkpoint
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (killed / "model_index.json").exists()
-
-    resumed = subprocess.run(
-        _boot_cmd(teacher, killed, *args, "--resume", "latest"),
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-2000:]
-    log.close()
+            resumed = subprocess.run(
+                _boot_cmd(teacher, killed, *args, "--resume", "latest"),
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert resumed.returncode == 0, resumed.stderr[-2000:]
+            assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-2000:]
+        finally:
+            if uninterrupted.poll() is None:  # a failure above: do not leave the reference run behind
+                uninterrupted.kill()
+                uninterrupted.wait()
     results = json.loads((killed / "results.json").read_text())
     assert results["steps"] == 30 and results["resumed_at"] >= 10
     weights = "unet/diffusion_pytorch_model.safetensors"

@@ -313,7 +313,9 @@ def test_teacher_and_student_folders_load_in_a_fresh_interpreter(text_teacher, t
 
 
 def test_the_student_resumes_exactly(text_teacher, tmp_path):
-    common = ["--teacher", str(text_teacher), *TINY_KD]
+    options = TINY_KD.index("--method-options") + 1
+    tiny = [*TINY_KD[:options], TINY_KD[options] + ",pool_sampling=balanced", *TINY_KD[options + 1 :]]
+    common = ["--teacher", str(text_teacher), *tiny]  # the class-balanced draws resume exactly too
     assert text_kd_main([*common, "--output", str(tmp_path / "full"), "--max-steps", "4"]) == 0
     assert text_kd_main([*common, "--output", str(tmp_path / "half"), "--max-steps", "2"]) == 0
     assert text_kd_main([*common, "--output", str(tmp_path / "half"), "--max-steps", "4", "--resume", "latest"]) == 0
