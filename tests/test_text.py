@@ -224,6 +224,34 @@ def test_balanced_pool_sampling_draws_every_predicted_class_alike():
         ZeroShotConfig(pool_sampling="classes").validate()
 
 
+def test_evaluate_against_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    teacher, student, tokenizer, ids, mask = tiny_models()
+    labels = torch.tensor([0, 1, 2] * 4)
+    task = ZeroShotTextKDTask(teacher, student, ids, mask, method="kd", eval_data=(ids, mask, labels))
+    with torch.no_grad():
+        s = student.eval()(input_ids=ids, attention_mask=mask).logits.argmax(1).numpy()
+        t = teacher(input_ids=ids, attention_mask=mask).logits.argmax(1).numpy()
+    metrics = task.evaluate(student)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, s))
+    assert metrics["macro_f1"] == pytest.approx(
+        f1_score(labels, s, average="macro", labels=[0, 1, 2], zero_division=0)
+    )
+    assert metrics["teacher_accuracy"] == pytest.approx(accuracy_score(labels, t))
+    assert metrics["relative_accuracy"] == pytest.approx(
+        accuracy_score(labels, s) / max(accuracy_score(labels, t), 1e-12)
+    )
+    assert metrics["teacher_agreement"] == pytest.approx(float((s == t).mean()))
+    with torch.no_grad():  # a student that changed is measured afresh; the teacher's numbers stay
+        student.classifier.bias.copy_(torch.tensor([0.0, 0.0, 1e4]))
+    moved = task.evaluate(student)
+    assert moved["accuracy"] == pytest.approx(1 / 3) and moved["teacher_agreement"] == pytest.approx(
+        float((t == 2).mean())
+    )
+    assert moved["teacher_accuracy"] == metrics["teacher_accuracy"]
+
+
 def test_the_task_refuses_a_student_with_another_vocabulary():
     teacher, _, tokenizer, ids, mask = tiny_models()
     other = train_tokenizer(reference_paragraphs()[:100], vocab_size=90)

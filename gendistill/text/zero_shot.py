@@ -193,7 +193,10 @@ class ZeroShotTextKDTask(nn.Module):
         special[list(special_ids)] = True
         self.register_buffer("special", special, persistent=False)
         self.eval_data = eval_data
-        self.teacher_metrics = None if eval_data is None else self._metrics(teacher)
+        self.teacher_metrics = self.teacher_predictions = None
+        if eval_data is not None:  # the teacher is frozen: its held-out predictions are computed once
+            self.teacher_predictions = self._predictions(teacher)
+            self.teacher_metrics = self._metrics(self.teacher_predictions)
 
     def phases(self) -> list[Phase]:
         return [Phase("student")]
@@ -299,18 +302,19 @@ class ZeroShotTextKDTask(nn.Module):
             "kd_adversarial": adversarial.detach(),
         }
 
-    def _metrics(self, model: nn.Module) -> dict[str, float]:
-        ids, mask, labels = self.eval_data
-        predictions = classifier_logits(model, ids, mask).argmax(dim=1)
-        return classification_metrics(predictions, labels, self.teacher.config.num_labels)
+    def _predictions(self, model: nn.Module) -> torch.Tensor:
+        ids, mask, _ = self.eval_data
+        return classifier_logits(model, ids, mask).argmax(dim=1)
+
+    def _metrics(self, predictions: torch.Tensor) -> dict[str, float]:
+        return classification_metrics(predictions, self.eval_data[2], self.teacher.config.num_labels)
 
     def evaluate(self, student: nn.Module) -> dict[str, float]:
         if self.eval_data is None:
             return {}
-        ids, mask, _ = self.eval_data
-        student_metrics = self._metrics(student)
-        teacher_predictions = classifier_logits(self.teacher, ids, mask).argmax(dim=1)
-        agreement = (classifier_logits(student, ids, mask).argmax(dim=1) == teacher_predictions).float().mean()
+        predictions = self._predictions(student)  # one pass of the student; the teacher's were kept
+        student_metrics = self._metrics(predictions)
+        agreement = (predictions == self.teacher_predictions).float().mean()
         teacher = self.teacher_metrics
         return {
             **student_metrics,
