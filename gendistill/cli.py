@@ -17,18 +17,20 @@ from gendistill.errors import EXIT_DIVERGED, EXIT_USAGE, DivergedError, UsageErr
 COMMANDS = {
     "boot": "distill a diffusers teacher into a one-step BOOT student pipeline",
     "sid": "distill a pixel diffusers teacher into a one-step generator with SiD or DMD (fake score network)",
-    "teach": "train a teacher (methods: diffusion, text2image, classifier, segmenter, text-classifier)",
+    "teach": "train a teacher (methods: diffusion, text2image, classifier, segmenter, text-classifier, "
+    "speech-recognizer)",
     "dfkd": "distill a classifier into a student on synthesized images only (DAFL, Fast, CMI, ...)",
     "segment": "distill a segmenter on generated or unlabeled images with the teacher's masks (EchoDFKD)",
     "fair": "fair synthetic data: a fair VAE teacher, a data-free distilled decoder, fairness judged (Fair4Free)",
     "text-kd": "distill a transformers text classifier into a small student without the task's text (zero-shot KD)",
+    "speech-kd": "distill a Whisper teacher into a smaller Whisper with label-free filtered pseudo-labels (uDistil)",
     "meta": "meta-learn from black-box classifiers without their data (BiDf-MKD), for few-shot unseen classes",
     "federated": "federated learning with data-free distillation on Flower (FedAvg, FedGen, FedFTG, FedD2S)",
     "demo": "run the embedded default end to end (MNIST: BOOT one-step student, DFKD student, report)",
     "sample": "sample a grid of images from a saved BOOT student folder",
     "eval": "measure: fid, kid, clip, accuracy, asr, speed (metrics.json + report.md with images)",
 }
-TEACH_METHODS = ("diffusion", "text2image", "classifier", "segmenter", "text-classifier")
+TEACH_METHODS = ("diffusion", "text2image", "classifier", "segmenter", "text-classifier", "speech-recognizer")
 
 USAGE = (
     "usage: gendistill {"
@@ -55,6 +57,8 @@ def _dispatch(command: str, argv: list[str]) -> int:
             from gendistill.training.teach_segmenter import main
         elif argv[0] == "text-classifier":
             from gendistill.training.teach_text import main
+        elif argv[0] == "speech-recognizer":
+            from gendistill.training.teach_speech import main
         else:
             from gendistill.training.teach_classifier import main
         argv = argv[1:]
@@ -62,6 +66,8 @@ def _dispatch(command: str, argv: list[str]) -> int:
         from gendistill.training.dfkd import main
     elif command == "text-kd":
         from gendistill.training.text_kd import main
+    elif command == "speech-kd":
+        from gendistill.training.speech_kd import main
     elif command == "segment":
         from gendistill.training.segment import main
     elif command == "fair":

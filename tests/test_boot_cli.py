@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import BOOT_FAST as FAST
-from conftest import run_fresh_python, save_teacher
+from conftest import save_teacher
 from safetensors.torch import load_file
 
 from gendistill.cli import main
@@ -81,28 +81,27 @@ def test_boot_halves_trajectory_error(distilled):
     assert any("loss/student" in r and "images_per_s" in r for r in rows)
 
 
-STOCK_LOAD = """
-import sys, hashlib, torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
-assert not any(m == "gendistill" or m.startswith("gendistill.") for m in sys.modules), "gendistill was imported"
-out = []
-for seed in (0, 0, 1):
-    images = pipe(batch_size=3, class_labels=[0, 1, 2], generator=torch.Generator().manual_seed(seed),
-                  output_type="np").images
-    out.append(hashlib.sha256(images.tobytes()).hexdigest()[:16])
-print(type(pipe).__name__, images.shape, out[0] == out[1], out[0] != out[2])
-"""
-
-
 @pytest.mark.slow
-def test_saved_folder_loads_with_stock_diffusers_in_fresh_process(distilled):
+def test_saved_folder_loads_with_stock_diffusers(distilled):
+    # The folder's own pipeline_boot.py is what DiffusionPipeline loads (trust_remote_code), not gendistill's class;
+    # that this file runs in a fresh interpreter without gendistill is tested on the pipeline's own folders
+    # (test_pipeline_boot.py), so this check of the command's folder runs in process.
+    from diffusers import DiffusionPipeline
+
     _, out = distilled
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_boot", "BootImagePipeline"]
     assert (out / "pipeline_boot.py").is_file()
-    result = run_fresh_python(STOCK_LOAD, out, cwd=out.parent)
-    assert result.stdout.strip().splitlines()[-1] == "BootImagePipeline (3, 8, 8, 1) True True"
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert type(pipe).__name__ == "BootImagePipeline" and type(pipe) is not BootImagePipeline
+    runs = [
+        pipe(
+            batch_size=3, class_labels=[0, 1, 2], generator=torch.Generator().manual_seed(seed), output_type="np"
+        ).images
+        for seed in (0, 0, 1)
+    ]
+    assert runs[0].shape == (3, 8, 8, 1)
+    assert (runs[0] == runs[1]).all() and not (runs[0] == runs[2]).all()
 
 
 @pytest.mark.slow
