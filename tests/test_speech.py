@@ -27,7 +27,14 @@ from gendistill.data.speech import (
     write_wav,
 )
 from gendistill.errors import UsageError
-from gendistill.speech.models import WhisperSize, build_whisper, layer_picks, shrink_whisper, train_whisper_tokenizer
+from gendistill.speech.models import (
+    WhisperSize,
+    build_whisper,
+    layer_picks,
+    save_whisper,
+    shrink_whisper,
+    train_whisper_tokenizer,
+)
 from gendistill.speech.udistil import (
     IGNORE,
     decoder_logits,
@@ -315,6 +322,10 @@ def test_bad_input_is_refused_before_anything_is_written(speech_runs, tmp_path, 
     assert cli_main(["speech-kd", "--teacher", str(tmp_path / "nothing"), "--audio", str(root / "pool"),
                      "--filter", "none", "--output", str(out)]) == 2  # fmt: skip
     assert "does not exist" in capsys.readouterr().err
+    other, processor = tiny_whisper()  # 16 mel bins: not what the teacher (80) reads
+    save_whisper(other, processor, tmp_path / "other")
+    assert cli_main([*base, "--proxy", str(tmp_path / "other")]) == 2
+    assert "reads other features than the teacher" in capsys.readouterr().err
     assert cli_main(["teach", "speech-recognizer", "--output", str(out)]) == 2
     assert "--data is required" in capsys.readouterr().err and not out.exists()
     assert cli_main(["teach", "speech-recognizer", "--data", str(root / "pool"), "--output", str(out)]) == 2

@@ -106,10 +106,11 @@ def pseudo_label(recipe: SpeechKDRecipe, teacher, processor, features: torch.Ten
     proxy_texts = proxy_wer = None
     if recipe.proxy:
         proxy, proxy_processor = load_whisper(recipe.proxy)
-        audio_window = processor.feature_extractor.n_samples, proxy_processor.feature_extractor.n_samples
-        if audio_window[0] != audio_window[1] or processor.feature_extractor.feature_size != \
-                proxy_processor.feature_extractor.feature_size:  # fmt: skip
-            raise UsageError(f"--proxy {recipe.proxy!r} reads other features than the teacher (window, mel bins)")
+        keys = ("n_samples", "feature_size", "hop_length", "n_fft", "sampling_rate")  # what the log-mel depends on
+        ours, theirs = ({k: getattr(p.feature_extractor, k) for k in keys} for p in (processor, proxy_processor))
+        if ours != theirs:
+            raise UsageError(f"--proxy {recipe.proxy!r} reads other features than the teacher: {theirs} against "
+                             f"{ours}")  # fmt: skip
         proxy_texts = transcribe(proxy, proxy_processor.tokenizer, features, desc="proxy transcribes the pool")
         proxy_wer = utterance_wer(texts, proxy_texts)
     kept = select(filter_scores(recipe.filter, confidence, proxy_wer), recipe.keep, usable)
