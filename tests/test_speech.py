@@ -149,13 +149,20 @@ def test_labels_confidence_and_kl_against_hand_computations():
 def test_filters_rank_and_keep_without_labels():
     confidence = torch.tensor([-0.1, -2.0, -0.5, -0.05, -0.5])
     usable = torch.tensor([True, True, True, False, True])  # row 3: an empty transcript
-    assert select(filter_scores("confidence", confidence), 0.6, usable).tolist() == [0, 2, 4]
-    assert select(filter_scores("none", confidence), 0.4, usable).tolist() == [0, 1]  # first rows on ties
-    assert select(filter_scores("none", confidence), 1.0, usable).tolist() == [0, 1, 2, 4]  # never the empty one
+
+    def kept(method, keep, proxy_wer=None):
+        scores, tie_break = filter_scores(method, confidence, proxy_wer)
+        return select(scores, keep, usable, tie_break=tie_break).tolist()
+
+    assert kept("confidence", 0.6) == [0, 2, 4]
+    assert kept("none", 0.4) == [0, 1]  # first rows on ties
+    assert kept("none", 1.0) == [0, 1, 2, 4]  # never the empty one
     proxy_wer = [0.5, 0.0, 0.0, 0.0, 1.0]
     # least disagreement first; equal disagreement: the more confident teacher transcript
-    assert select(filter_scores("proxy", confidence, proxy_wer), 0.4, usable).tolist() == [1, 2]
-    assert select(filter_scores("proxy", confidence, proxy_wer), 0.2, usable).tolist() == [2]
+    assert kept("proxy", 0.4, proxy_wer) == [1, 2] and kept("proxy", 0.2, proxy_wer) == [2]
+    # the tie-break never outranks a difference in disagreement, however small
+    assert kept("proxy", 0.2, [0.5, 1e-9, 0.0, 0.0, 1.0]) == [2]
+    assert kept("proxy", 0.2, [0.5, 0.0, 1e-9, 0.0, 1.0]) == [1]
     with pytest.raises(UsageError, match="needs a proxy"):
         filter_scores("proxy", confidence)
     with pytest.raises(UsageError, match="valid: none, confidence, proxy"):

@@ -113,7 +113,8 @@ def pseudo_label(recipe: SpeechKDRecipe, teacher, processor, features: torch.Ten
                              f"{ours}")  # fmt: skip
         proxy_texts = transcribe(proxy, proxy_processor.tokenizer, features, desc="proxy transcribes the pool")
         proxy_wer = utterance_wer(texts, proxy_texts)
-    kept = select(filter_scores(recipe.filter, confidence, proxy_wer), recipe.keep, usable)
+    scores, tie_break = filter_scores(recipe.filter, confidence, proxy_wer)
+    kept = select(scores, recipe.keep, usable, tie_break=tie_break)
     kept_set = set(kept.tolist())
     rows = []
     for i, name in enumerate(names):

@@ -156,28 +156,31 @@ def sequence_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (log_probs * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1)
 
 
-def select(scores: torch.Tensor, keep: float, usable: torch.Tensor) -> torch.Tensor:
-    """Indices (ascending) of the ``keep`` fraction of all rows with the highest ``scores``, among ``usable`` rows
-    (ties: the earlier row first)."""
+def select(scores: torch.Tensor, keep: float, usable: torch.Tensor, *, tie_break: torch.Tensor | None = None):
+    """Indices (ascending) of the ``keep`` fraction of all rows with the highest ``scores`` (N,), among ``usable``
+    rows; equal scores are ordered by ``tie_break`` (higher first), then by row (the earlier first)."""
     count = min(int(usable.sum()), max(1, round(keep * len(scores))))
     candidates = torch.nonzero(usable)[:, 0]
-    order = torch.sort(-scores[candidates].double(), stable=True).indices
+    order = torch.arange(len(candidates))
+    if tie_break is not None:  # lexicographic: sort by the tie-break, then stably by the score
+        order = torch.sort(-tie_break[candidates].double(), stable=True).indices
+    order = order[torch.sort(-scores[candidates][order].double(), stable=True).indices]
     return candidates[order[:count]].sort().values
 
 
-def filter_scores(method: str, confidence: torch.Tensor, proxy_wer: list[float] | None = None) -> torch.Tensor:
-    """The score :func:`select` ranks by (higher is kept first) for filter ``method``."""
+def filter_scores(method: str, confidence: torch.Tensor,
+                  proxy_wer: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """``(scores, tie_break)`` that :func:`select` ranks by (higher is kept first) for filter ``method``: the
+    teacher's confidence; the proxy's disagreement (negated), ties broken by the confidence; or nothing (none)."""
     if method not in FILTERS:
         raise UsageError(f"unknown filter {method!r}; valid: {', '.join(FILTERS)}")
     if method == "none":
-        return torch.zeros_like(confidence)
+        return torch.zeros_like(confidence), None
     if method == "confidence":
-        return confidence.clone()
+        return confidence.clone(), None
     if proxy_wer is None:
         raise UsageError("the proxy filter needs a proxy model (--proxy)")
-    # disagreement first; within equal disagreement, the more confident teacher transcript first (confidence is a
-    # mean log-probability, in (-inf, 0], so squashing it into (0, 1] keeps the WER order)
-    return -torch.tensor(proxy_wer, dtype=torch.float64) + 1e-3 * torch.exp(confidence.double())
+    return -torch.tensor(proxy_wer, dtype=torch.float64), confidence.clone()
 
 
 @dataclass
