@@ -41,8 +41,10 @@ from gendistill.speech.udistil import (
     error_rates,
     filter_scores,
     label_ids,
+    load_sentence_encoder,
     log_mel,
     select,
+    sentence_embeddings,
     sequence_confidence,
     token_kl,
     utterance_wer,
@@ -169,6 +171,37 @@ def test_filters_rank_and_keep_without_labels():
         filter_scores("wer", confidence)
 
 
+def tiny_sentence_encoder(folder):
+    from transformers import BertConfig, BertModel
+
+    from gendistill.text.models import train_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer([" ".join(WORDS), *WORDS] * 3, vocab_size=60)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(folder)  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_similarity_filter_mean_pools_a_sentence_encoder(tmp_path):
+    model, tokenizer = load_sentence_encoder(str(tiny_sentence_encoder(tmp_path / "encoder")))
+    texts = ["up down", "stop", "left right up"]
+    embeddings = sentence_embeddings(model, tokenizer, texts, batch=2)  # two batches, padded differently
+    for text, embedding in zip(texts, embeddings):
+        with torch.no_grad():
+            hidden = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]  # no padding: a plain mean
+        torch.testing.assert_close(embedding, F.normalize(hidden.mean(dim=0), dim=0), atol=1e-5, rtol=1e-5)
+    similarity = torch.tensor([0.9, 0.2, 0.9, 0.5])
+    scores, tie_break = filter_scores("similarity", torch.tensor([-1.0, 0.0, -0.1, 0.0]), similarity=similarity)
+    assert select(scores, 0.5, torch.ones(4, dtype=torch.bool), tie_break=tie_break).tolist() == [0, 2]
+    assert select(scores, 0.25, torch.ones(4, dtype=torch.bool), tie_break=tie_break).tolist() == [2]
+    with pytest.raises(UsageError, match="similarity filter needs"):
+        filter_scores("similarity", torch.zeros(4))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_sentence_encoder(str(tmp_path / "nothing"))
+
+
 def test_the_shrunk_student_copies_the_picked_teacher_layers():
     assert layer_picks(4, 2) == [0, 3] and layer_picks(6, 3) == [0, 2, 5] and layer_picks(4, 1) == [0]
     with pytest.raises(UsageError, match="between 1 and 4"):
@@ -284,6 +317,20 @@ def test_the_commands_teach_filter_distill_and_report(speech_runs):
     assert all(r["proxy_wer"] >= worst_kept for r in rows if not r["kept"] and r["transcription"])
 
 
+def test_the_similarity_filter_on_the_command_line(speech_runs, tmp_path):
+    root, kd = speech_runs
+    encoder = tiny_sentence_encoder(tmp_path / "encoder")
+    out = tmp_path / "similar"
+    args = [a for a in kd if a not in ("--max-steps", "6")]
+    assert cli_main([*args, "--max-steps", "1", "--filter", "similarity", "--sentence-encoder", str(encoder),
+                     "--output", str(out)]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in (out / "pseudo_labels.jsonl").read_text().splitlines()]
+    usable = [r for r in rows if r["transcription"]]
+    kept = [r for r in rows if r["kept"]]
+    assert kept and all(-1.0001 <= r["similarity"] <= 1.0001 for r in rows)
+    assert min(r["similarity"] for r in kept) >= max((r["similarity"] for r in usable if not r["kept"]), default=-2)
+
+
 @pytest.mark.slow
 def test_the_folders_load_in_a_fresh_interpreter(speech_runs):
     root, _ = speech_runs
@@ -333,6 +380,8 @@ def test_bad_input_is_refused_before_anything_is_written(speech_runs, tmp_path, 
     save_whisper(other, processor, tmp_path / "other")
     assert cli_main([*base, "--proxy", str(tmp_path / "other")]) == 2
     assert "reads other features than the teacher" in capsys.readouterr().err
+    assert cli_main([*base, "--filter", "similarity", "--proxy", str(root / "proxy")]) == 2
+    assert "--filter similarity needs --sentence-encoder" in capsys.readouterr().err and not out.exists()
     assert cli_main(["teach", "speech-recognizer", "--output", str(out)]) == 2
     assert "--data is required" in capsys.readouterr().err and not out.exists()
     assert cli_main(["teach", "speech-recognizer", "--data", str(root / "pool"), "--output", str(out)]) == 2

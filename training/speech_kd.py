@@ -6,7 +6,8 @@ filtered without ground truth (uDistil-Whisper).
 
 The teacher transcribes every ``.wav`` of ``--audio`` (any metadata there is ignored); ``--filter`` ranks its
 transcripts without labels (``confidence``: the teacher's mean token log-probability; ``proxy``: agreement with
-``--proxy``'s transcripts; ``none``: all of them) and ``--keep`` of the pool is kept. The student starts from the
+``--proxy``'s transcripts; ``similarity``: their sentence embeddings' cosine similarity by ``--sentence-encoder``;
+``none``: all of them) and ``--keep`` of the pool is kept. The student starts from the
 teacher's weights with ``--student-encoder-layers``/``--student-decoder-layers`` layers (default: half of each,
 picked evenly from first to last), or from a Whisper folder (``--student``) with the teacher's vocabulary. It learns
 the kept pseudo-labels (cross-entropy; ``--method-options kl_weight=W`` adds W x KL from the teacher's token
@@ -37,8 +38,10 @@ from gendistill.speech.udistil import (
     decoder_logits,
     filter_scores,
     label_ids,
+    load_sentence_encoder,
     log_mel,
     select,
+    sentence_embeddings,
     sequence_confidence,
     transcribe,
     utterance_wer,
@@ -56,9 +59,10 @@ class SpeechKDRecipe(TrainRecipe):
     output: str = "speech-student"  # run folder; also the student (save_pretrained: model + processor)
     teacher: str | None = None  # Whisper folder (save_pretrained), e.g. from `gendistill teach speech-recognizer`
     audio: str | None = None  # unlabelled audio folder (.wav files) the teacher transcribes
-    filter: str = "proxy"  # confidence | proxy | none: how pseudo-labels are ranked, without labels
+    filter: str = "proxy"  # confidence | proxy | similarity | none: how pseudo-labels are ranked, without labels
     keep: float = 0.5  # the fraction of the pool kept (best first by the filter's score)
     proxy: str | None = None  # a second Whisper folder whose transcripts the proxy filter compares with the teacher's
+    sentence_encoder: str | None = None  # similarity filter: a transformers text encoder folder (AutoModel)
     student: str | None = None  # a Whisper folder to start from (the teacher's vocabulary); None: the teacher shrunk
     student_encoder_layers: int = 0  # the teacher shrunk: encoder layers kept (0: half, at least 1)
     student_decoder_layers: int = 0  # the teacher shrunk: decoder layers kept (0: half, at least 1)
@@ -73,7 +77,7 @@ class SpeechKDRecipe(TrainRecipe):
     sample_every: int = 0
     checkpoint_every: int = 500
 
-    INPUT_PATHS = ("teacher", "audio", "proxy", "student", "eval_data")
+    INPUT_PATHS = ("teacher", "audio", "proxy", "sentence_encoder", "student", "eval_data")
 
     def validate(self) -> None:
         super().validate()
@@ -82,9 +86,11 @@ class SpeechKDRecipe(TrainRecipe):
                              "required")  # fmt: skip
         if self.filter not in FILTERS:
             raise UsageError(f"unknown filter {self.filter!r}; valid: {', '.join(FILTERS)}")
-        if self.filter == "proxy" and not self.proxy:
-            raise UsageError("--filter proxy needs --proxy: a second Whisper folder (e.g. another `gendistill teach "
-                             "speech-recognizer` run)")  # fmt: skip
+        if self.filter in ("proxy", "similarity") and not self.proxy:
+            raise UsageError(f"--filter {self.filter} needs --proxy: a second Whisper folder (e.g. another "
+                             "`gendistill teach speech-recognizer` run)")  # fmt: skip
+        if self.filter == "similarity" and not self.sentence_encoder:
+            raise UsageError("--filter similarity needs --sentence-encoder: a transformers text encoder folder")
         if not 0 < self.keep <= 1:
             raise UsageError(f"keep must be in (0, 1], got {self.keep}")
         if self.student_encoder_layers < 0 or self.student_decoder_layers < 0:
@@ -113,7 +119,12 @@ def pseudo_label(recipe: SpeechKDRecipe, teacher, processor, features: torch.Ten
                              f"{ours}")  # fmt: skip
         proxy_texts = transcribe(proxy, proxy_processor.tokenizer, features, desc="proxy transcribes the pool")
         proxy_wer = utterance_wer(texts, proxy_texts)
-    scores, tie_break = filter_scores(recipe.filter, confidence, proxy_wer)
+    similarity = None
+    if recipe.sentence_encoder and proxy_texts is not None:
+        encoder, encoder_tokenizer = load_sentence_encoder(recipe.sentence_encoder)
+        both = sentence_embeddings(encoder, encoder_tokenizer, texts + proxy_texts)
+        similarity = (both[: len(texts)] * both[len(texts) :]).sum(dim=1)
+    scores, tie_break = filter_scores(recipe.filter, confidence, proxy_wer, similarity)
     kept = select(scores, recipe.keep, usable, tie_break=tie_break)
     kept_set = set(kept.tolist())
     rows = []
@@ -121,6 +132,8 @@ def pseudo_label(recipe: SpeechKDRecipe, teacher, processor, features: torch.Ten
         row = {"file_name": name, "transcription": texts[i], "confidence": round(float(confidence[i]), 6)}
         if proxy_texts is not None:
             row.update(proxy_transcription=proxy_texts[i], proxy_wer=round(proxy_wer[i], 6))
+        if similarity is not None:
+            row["similarity"] = round(float(similarity[i]), 6)
         row["kept"] = i in kept_set
         rows.append(row)
     return texts, kept, rows

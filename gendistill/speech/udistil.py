@@ -8,6 +8,8 @@ before training, without any ground truth:
   transcript it wrote, the end-of-text token included); low means unsure.
 - ``proxy``: a second recognizer (the proxy) transcribes the same audio; the word error rate between the two
   transcripts (the teacher's as the reference) measures their disagreement; ties are broken by ``confidence``.
+- ``similarity``: the cosine similarity of the two transcripts' sentence embeddings (a ``transformers`` encoder,
+  mean-pooled): agreement in meaning rather than word for word; ties are broken by ``confidence``.
 - ``none``: every pseudo-label (the baseline).
 
 Empty transcripts are always dropped (nothing to learn). The filter keeps the best ``keep`` fraction of the pool by
@@ -21,6 +23,7 @@ Word and character error rates are ``jiwer``'s (the ``speech`` extra), on normal
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +35,7 @@ from ..data.speech import normalize_transcript
 from ..errors import UsageError
 from ..task import Phase
 
-FILTERS = ("none", "confidence", "proxy")
+FILTERS = ("none", "confidence", "proxy", "similarity")
 IGNORE = -100  # label positions the loss skips (padding)
 
 
@@ -168,16 +171,48 @@ def select(scores: torch.Tensor, keep: float, usable: torch.Tensor, *, tie_break
     return candidates[order[:count]].sort().values
 
 
-def filter_scores(method: str, confidence: torch.Tensor,
-                  proxy_wer: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def load_sentence_encoder(source: str):
+    """``(model, tokenizer)`` of a ``transformers`` text encoder folder (``AutoModel``/``AutoTokenizer``), in eval
+    mode on the CPU."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = Path(source).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"sentence encoder folder {source!r} has no config.json (what save_pretrained of a "
+                                "transformers encoder and its tokenizer writes)")  # fmt: skip
+    try:
+        return AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load a sentence encoder from {source!r}: {err}") from None
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str], *, batch: int = 64) -> torch.Tensor:
+    """Unit-length sentence embeddings (N, D): the encoder's last hidden states averaged over each text's tokens."""
+    chunks = []
+    for start in range(0, len(texts), batch):
+        encoded = tokenizer(texts[start : start + batch], padding=True, truncation=True, return_tensors="pt")
+        hidden = model(**encoded).last_hidden_state  # (B, L, D)
+        mask = encoded["attention_mask"][..., None].to(hidden.dtype)
+        chunks.append(F.normalize((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1), dim=-1))
+    return torch.cat(chunks)
+
+
+def filter_scores(method: str, confidence: torch.Tensor, proxy_wer: list[float] | None = None,
+                  similarity: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """``(scores, tie_break)`` that :func:`select` ranks by (higher is kept first) for filter ``method``: the
-    teacher's confidence; the proxy's disagreement (negated), ties broken by the confidence; or nothing (none)."""
+    teacher's confidence; the proxy's disagreement (negated) or the transcripts' similarity, ties broken by the
+    confidence; or nothing (none)."""
     if method not in FILTERS:
         raise UsageError(f"unknown filter {method!r}; valid: {', '.join(FILTERS)}")
     if method == "none":
         return torch.zeros_like(confidence), None
     if method == "confidence":
         return confidence.clone(), None
+    if method == "similarity":
+        if similarity is None:
+            raise UsageError("the similarity filter needs a proxy model (--proxy) and a sentence encoder")
+        return similarity.double(), confidence.clone()
     if proxy_wer is None:
         raise UsageError("the proxy filter needs a proxy model (--proxy)")
     return -torch.tensor(proxy_wer, dtype=torch.float64), confidence.clone()
