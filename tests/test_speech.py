@@ -361,6 +361,19 @@ def test_the_student_resumes_exactly(speech_runs):
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+def test_the_teacher_resumes_exactly_with_its_own_tokenizer(speech_runs, tmp_path):
+    root, _ = speech_runs
+    common = ["teach", "speech-recognizer", "--data", str(root / "train"), *TINY_TEACHER, "--checkpoint-every", "2"]
+    assert cli_main([*common, "--output", str(tmp_path / "full"), "--max-steps", "4"]) == 0
+    assert cli_main([*common, "--output", str(tmp_path / "half"), "--max-steps", "2"]) == 0
+    assert (tmp_path / "half" / "processor" / "tokenizer.json").is_file()
+    assert cli_main([*common, "--output", str(tmp_path / "half"), "--max-steps", "4", "--resume", "latest"]) == 0
+    from safetensors.torch import load_file
+
+    full, half = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "half"))
+    assert full.keys() == half.keys() and all(torch.equal(full[k], half[k]) for k in full)
+
+
 def test_bad_input_is_refused_before_anything_is_written(speech_runs, tmp_path, capsys):
     root, _ = speech_runs
     out = tmp_path / "out"
