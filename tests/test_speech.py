@@ -37,7 +37,8 @@ from gendistill.speech.models import (
 )
 from gendistill.speech.udistil import (
     IGNORE,
-    decoder_logits,
+    SpeechKDConfig,
+    SpeechKDTask,
     error_rates,
     filter_scores,
     label_ids,
@@ -47,6 +48,7 @@ from gendistill.speech.udistil import (
     sentence_embeddings,
     sequence_confidence,
     token_kl,
+    transcript_confidence,
     utterance_wer,
 )
 
@@ -131,12 +133,16 @@ def test_labels_confidence_and_kl_against_hand_computations():
     rng = np.random.default_rng(0)
     features = log_mel(processor, [tone_utterance(["up"], rng), tone_utterance(["down", "stop"], rng)])
     assert features.shape == (2, 16, 100)
-    logits = decoder_logits(model, features, labels)
+    with torch.no_grad():
+        logits = model.eval()(input_features=features, labels=labels).logits
     expected = []
     for b in range(2):
         positions = [i for i in range(1, labels.shape[1]) if labels[b, i] != IGNORE]
         expected.append(np.mean([F.log_softmax(logits[b, i], -1)[labels[b, i]].item() for i in positions]))
     torch.testing.assert_close(sequence_confidence(logits, labels), torch.tensor(expected).float(), atol=1e-5, rtol=0)
+    # batch by batch (one row at a time here), the same scores
+    torch.testing.assert_close(transcript_confidence(model, features, labels, batch=1), torch.tensor(expected).float(),
+                               atol=1e-5, rtol=0)  # fmt: skip
     # The KL term against torch's kl_div over the valid positions, temperature scaled.
     student_logits = torch.randn_like(logits)
     valid = labels != IGNORE
@@ -146,6 +152,31 @@ def test_labels_confidence_and_kl_against_hand_computations():
     torch.testing.assert_close(token_kl(student_logits, logits, valid, tau), reference)
     with pytest.raises(UsageError, match="longer than the model's 1 s window"):
         log_mel(processor, [np.zeros(20000, np.float32)], names=["long.wav"])
+
+
+def test_the_task_loss_is_cross_entropy_plus_the_weighted_kl_from_the_teacher():
+    teacher, processor = tiny_whisper(layers=(2, 2))
+    student = shrink_whisper(teacher, 1, 1)
+    rng = np.random.default_rng(1)
+    features = log_mel(processor, [tone_utterance(["up", "left"], rng), tone_utterance(["stop"], rng)])
+    labels = label_ids(processor.tokenizer, ["up left", "stop"], 16)
+    task = SpeechKDTask(teacher, student, features, labels, processor.tokenizer,
+                        config=SpeechKDConfig(kl_weight=0.7, temperature=2.0))  # fmt: skip
+    index = torch.tensor([1, 0, 1])
+    out = task("student", index)
+    rows = labels[index][:, : int((labels[index] != IGNORE).sum(dim=1).max())]
+    valid = rows != IGNORE
+    with torch.no_grad():
+        s_logits = student(input_features=features[index], labels=rows).logits
+        t_logits = teacher(input_features=features[index], labels=rows).logits
+    ce = F.cross_entropy(s_logits[valid], rows[valid])
+    kl = F.kl_div(F.log_softmax(s_logits[valid] / 2, -1), F.log_softmax(t_logits[valid] / 2, -1), log_target=True,
+                  reduction="batchmean") * 4  # fmt: skip
+    torch.testing.assert_close(out["ce"], ce)
+    torch.testing.assert_close(out["kl"], kl)
+    torch.testing.assert_close(out["loss"].detach(), ce + 0.7 * kl)
+    plain = SpeechKDTask(teacher, student, features, labels, processor.tokenizer)("student", index)
+    assert "kl" not in plain and torch.equal(plain["loss"].detach(), plain["ce"])  # the default: cross-entropy alone
 
 
 def test_filters_rank_and_keep_without_labels():

@@ -35,15 +35,14 @@ from gendistill.speech.udistil import (
     SpeechKDConfig,
     SpeechKDTask,
     config_from_options,
-    decoder_logits,
     filter_scores,
     label_ids,
     load_sentence_encoder,
     log_mel,
     select,
     sentence_embeddings,
-    sequence_confidence,
     transcribe,
+    transcript_confidence,
     utterance_wer,
 )
 
@@ -108,7 +107,7 @@ def pseudo_label(recipe: SpeechKDRecipe, teacher, processor, features: torch.Ten
     texts = transcribe(teacher, tokenizer, features, desc="teacher transcribes the pool")
     usable = torch.tensor([bool(t) for t in texts])
     labels = label_ids(tokenizer, [t or "-" for t in texts], teacher.config.max_target_positions, truncate=True)
-    confidence = sequence_confidence(decoder_logits(teacher, features, labels), labels)
+    confidence = transcript_confidence(teacher, features, labels)
     proxy_texts = proxy_wer = None
     if recipe.proxy:
         proxy, proxy_processor = load_whisper(recipe.proxy)

@@ -15,7 +15,8 @@ before training, without any ground truth:
 Empty transcripts are always dropped (nothing to learn). The filter keeps the best ``keep`` fraction of the pool by
 its score. The student (usually :func:`~gendistill.speech.models.shrink_whisper` of the teacher) then learns from
 the kept audio: cross-entropy on the pseudo-label tokens, plus (``kl_weight`` > 0) ``kl_weight`` x the KL divergence
-from the teacher's token distributions at the same positions (Distil-Whisper's objective).
+from the teacher's token distributions at the same positions (Distil-Whisper's objective; the teacher runs on each
+batch, as there: a vocabulary of 51,865 tokens makes a whole pool's logits too big to keep).
 
 Word and character error rates are ``jiwer``'s (the ``speech`` extra), on normalized transcripts.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -111,15 +113,11 @@ def label_ids(tokenizer, texts: list[str], max_tokens: int, *, truncate: bool = 
     return labels
 
 
-def _bare(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module)
-
-
 @torch.no_grad()
 def transcribe(model: nn.Module, tokenizer, features: torch.Tensor, *, batch: int = 32,
                desc: str | None = None) -> list[str]:  # fmt: skip
     """Greedy transcripts of ``model`` (``generate``) for every row of ``features``, normalized."""
-    model = _bare(model)
+    model = extract_model_from_parallel(model)  # generate() is not on a DDP wrapper
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -133,22 +131,6 @@ def transcribe(model: nn.Module, tokenizer, features: torch.Tensor, *, batch: in
     return texts
 
 
-@torch.no_grad()
-def decoder_logits(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, *, batch: int = 32) -> torch.Tensor:
-    """``model``'s next-token logits (N, L, V) under teacher forcing on ``labels`` (float32, on the CPU)."""
-    model = _bare(model)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    chunks = []
-    for start in range(0, len(features), batch):
-        out = model(input_features=features[start : start + batch].to(device),
-                    labels=labels[start : start + batch].to(device))  # fmt: skip
-        chunks.append(out.logits.float().cpu())
-    model.train(was_training)
-    return torch.cat(chunks)
-
-
 def sequence_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean log-probability (N,) of each label row's tokens after its first (``<|notimestamps|>``, which the prompt
     forces), the end-of-text token included."""
@@ -157,6 +139,24 @@ def sequence_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     valid = scored != IGNORE
     log_probs = F.log_softmax(logits, dim=-1).gather(-1, scored.clamp_min(0)[..., None])[..., 0]
     return (log_probs * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1)
+
+
+@torch.no_grad()
+def transcript_confidence(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, *,
+                          batch: int = 32) -> torch.Tensor:  # fmt: skip
+    """:func:`sequence_confidence` (N,) of ``model`` on its ``labels`` under teacher forcing, batch by batch (the
+    logits of a whole pool, N x L x vocabulary, are never held at once)."""
+    model = extract_model_from_parallel(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores = []
+    for start in range(0, len(features), batch):
+        rows = labels[start : start + batch].to(device)
+        logits = model(input_features=features[start : start + batch].to(device), labels=rows).logits
+        scores.append(sequence_confidence(logits.float(), rows).cpu())
+    model.train(was_training)
+    return torch.cat(scores)
 
 
 def select(scores: torch.Tensor, keep: float, usable: torch.Tensor, *, tie_break: torch.Tensor | None = None):
@@ -275,9 +275,6 @@ class SpeechKDTask(nn.Module):
         self.student = student
         self.register_buffer("features", features, persistent=False)
         self.register_buffer("labels", labels, persistent=False)
-        # the frozen teacher's token distributions, computed once (None: cross-entropy alone)
-        logits = decoder_logits(teacher, features, labels) if config.kl_weight > 0 else None
-        self.register_buffer("teacher_logits", logits, persistent=False)
         self.eval_data = eval_data
         self.teacher_metrics = None
         if eval_data is not None:
@@ -302,8 +299,10 @@ class SpeechKDTask(nn.Module):
         valid = labels != IGNORE
         ce = F.cross_entropy(logits[valid], labels[valid])
         out = {"loss": ce, "ce": ce.detach()}
-        if self.teacher_logits is not None:
-            kl = token_kl(logits, self.teacher_logits[index, :length], valid, self.config.temperature)
+        if self.config.kl_weight > 0:  # the frozen teacher's token distributions on the batch, as Distil-Whisper
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_features=self.features[index], labels=labels).logits
+            kl = token_kl(logits, teacher_logits, valid, self.config.temperature)
             out["loss"] = ce + self.config.kl_weight * kl
             out["kl"] = kl.detach()
         return out
