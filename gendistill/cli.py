@@ -18,19 +18,28 @@ COMMANDS = {
     "boot": "distill a diffusers teacher into a one-step BOOT student pipeline",
     "sid": "distill a pixel diffusers teacher into a one-step generator with SiD or DMD (fake score network)",
     "teach": "train a teacher (methods: diffusion, text2image, classifier, segmenter, text-classifier, "
-    "speech-recognizer)",
+    "speech-recognizer, language-model)",
     "dfkd": "distill a classifier into a student on synthesized images only (DAFL, Fast, CMI, ...)",
     "segment": "distill a segmenter on generated or unlabeled images with the teacher's masks (EchoDFKD)",
     "fair": "fair synthetic data: a fair VAE teacher, a data-free distilled decoder, fairness judged (Fair4Free)",
     "text-kd": "distill a transformers text classifier into a small student without the task's text (zero-shot KD)",
     "speech-kd": "distill a Whisper teacher into a smaller Whisper with label-free filtered pseudo-labels (uDistil)",
+    "zerogen": "a language model writes a labelled dataset from prompts; a small text classifier learns it (ZeroGen)",
     "meta": "meta-learn from black-box classifiers without their data (BiDf-MKD), for few-shot unseen classes",
     "federated": "federated learning with data-free distillation on Flower (FedAvg, FedGen, FedFTG, FedD2S)",
     "demo": "run the embedded default end to end (MNIST: BOOT one-step student, DFKD student, report)",
     "sample": "sample a grid of images from a saved BOOT student folder",
     "eval": "measure: fid, kid, clip, accuracy, asr, speed (metrics.json + report.md with images)",
 }
-TEACH_METHODS = ("diffusion", "text2image", "classifier", "segmenter", "text-classifier", "speech-recognizer")
+TEACH_METHODS = (
+    "diffusion",
+    "text2image",
+    "classifier",
+    "segmenter",
+    "text-classifier",
+    "speech-recognizer",
+    "language-model",
+)
 
 USAGE = (
     "usage: gendistill {"
@@ -59,6 +68,8 @@ def _dispatch(command: str, argv: list[str]) -> int:
             from gendistill.training.teach_text import main
         elif argv[0] == "speech-recognizer":
             from gendistill.training.teach_speech import main
+        elif argv[0] == "language-model":
+            from gendistill.training.teach_lm import main
         else:
             from gendistill.training.teach_classifier import main
         argv = argv[1:]
@@ -68,6 +79,8 @@ def _dispatch(command: str, argv: list[str]) -> int:
         from gendistill.training.text_kd import main
     elif command == "speech-kd":
         from gendistill.training.speech_kd import main
+    elif command == "zerogen":
+        from gendistill.training.zerogen import main
     elif command == "segment":
         from gendistill.training.segment import main
     elif command == "fair":

@@ -19,13 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import AutoTokenizer
 
 from gendistill.data.text import load_text_data
 from gendistill.errors import UsageError
-from gendistill.task import Phase
 from gendistill.text.models import (
     TextClassifierSize,
     build_text_classifier,
@@ -34,7 +31,7 @@ from gendistill.text.models import (
     save_text_classifier,
     train_tokenizer,
 )
-from gendistill.text.zero_shot import classification_metrics, classifier_logits
+from gendistill.text.zerogen import TextClassifierTask
 
 from .core import run_recipe
 from .recipes import TrainRecipe, parse_recipe
@@ -81,37 +78,6 @@ def encode(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, 
     return batch["input_ids"], batch["attention_mask"]
 
 
-class TextClassifierTrainingTask(nn.Module):
-    """Cross-entropy training of a sequence classifier on token ids (N, L) with labels (N,)."""
-
-    def __init__(self, model: nn.Module, ids, mask, labels, *, eval_data=None):
-        super().__init__()
-        self.model = model
-        self.register_buffer("ids", ids, persistent=False)
-        self.register_buffer("mask", mask, persistent=False)
-        self.register_buffer("labels", labels, persistent=False)
-        self.eval_data = eval_data
-
-    def phases(self) -> list[Phase]:
-        return [Phase("model")]
-
-    def sample_batch(self, phase: str, batch_size: int, device) -> torch.Tensor:
-        return torch.randint(len(self.labels), (batch_size,)).to(device)
-
-    def forward(self, phase: str, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        mask = self.mask[index]
-        length = int(mask.sum(dim=1).max())  # the padding columns every text of the batch has are dropped
-        logits = self.model(input_ids=self.ids[index, :length], attention_mask=mask[:, :length]).logits
-        return {"loss": F.cross_entropy(logits, self.labels[index])}
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        if self.eval_data is None:
-            return {}
-        ids, mask, labels = self.eval_data
-        predictions = classifier_logits(model, ids, mask).argmax(1)
-        return classification_metrics(predictions, labels, model.config.num_labels)
-
-
 def run(recipe: TeachTextRecipe) -> dict:
     def build():
         texts, labels, names = load_text_data(recipe.data, "train", test_fraction=recipe.test_fraction)
@@ -133,7 +99,7 @@ def run(recipe: TeachTextRecipe) -> dict:
             size = TextClassifierSize(recipe.hidden, recipe.layers, recipe.heads)
             model = build_text_classifier(tokenizer, names, size, max_length=recipe.max_length)
         length = min(recipe.max_length, model.config.max_position_embeddings)  # a pretrained encoder's own limit
-        task = TextClassifierTrainingTask(model, *encode(tokenizer, texts, length), torch.tensor(labels),
+        task = TextClassifierTask(model, *encode(tokenizer, texts, length), torch.tensor(labels),
                                           eval_data=(*encode(tokenizer, test_texts, length),
                                                      torch.tensor(test_labels)))  # fmt: skip
         task.tokenizer, task.sizes = tokenizer, (len(texts), len(test_texts))

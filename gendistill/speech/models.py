@@ -14,7 +14,6 @@ short commands do not need 1,500 encoder positions.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from transformers import (
 )
 
 from ..errors import UsageError
+from ..text.models import byte_level_bpe
 
 SAMPLING_RATE = 16_000
 # Whisper's special tokens, in its order (a tokenizer learnt here puts them right after the BPE vocabulary)
@@ -61,20 +61,13 @@ class WhisperSize:
 def train_whisper_tokenizer(texts: list[str], vocab_size: int = 400) -> WhisperTokenizer:
     """A Whisper tokenizer whose byte-level BPE vocabulary (``tokenizers``' trainer) is learnt from ``texts``, with
     Whisper's special tokens after it; English-only, no timestamps."""
-    from tokenizers import ByteLevelBPETokenizer
-
     if vocab_size < 257:
         raise UsageError(f"vocab_size must be >= 257 (the 256 bytes and one merge), got {vocab_size}")
     if not texts:
         raise UsageError("a tokenizer needs at least one transcript to learn from")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False)
-    with tempfile.TemporaryDirectory() as folder:
-        bpe.save_model(folder)
-        lines = Path(folder, "merges.txt").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#")]
+    vocab, merges = byte_level_bpe(texts, vocab_size)
     specials = list(SPECIAL_TOKENS[1:])
-    return WhisperTokenizer(vocab=bpe.get_vocab(), merges=merges, additional_special_tokens=specials,
+    return WhisperTokenizer(vocab=vocab, merges=merges, additional_special_tokens=specials,
                             pad_token=SPECIAL_TOKENS[0])  # fmt: skip
 
 

@@ -62,6 +62,20 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4000, *, lowercase: bool
         return BertTokenizerFast.from_pretrained(folder, do_lower_case=lowercase)
 
 
+def byte_level_bpe(texts: list[str], vocab_size: int, *, special_tokens: list[str] = ()):
+    """``(vocab, merges)`` of a byte-level BPE (``tokenizers``' trainer, merges seen at least twice) learnt from
+    ``texts``, ``special_tokens`` first in the vocabulary: what GPT-2 and Whisper tokenizers are built from."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(special_tokens),
+                            show_progress=False)  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        bpe.save_model(folder)
+        lines = Path(folder, "merges.txt").read_text(encoding="utf-8").splitlines()
+    return bpe.get_vocab(), [tuple(line.split()) for line in lines if line and not line.startswith("#")]
+
+
 def build_text_classifier(
     tokenizer, labels: list[str], size: TextClassifierSize, *, max_length: int = 128
 ) -> BertForSequenceClassification:

@@ -1,0 +1,323 @@
+"""ZeroGen (``gendistill teach language-model``, ``gendistill zerogen``): the language model's loss and the task
+model's losses against independent computations, seeded and distinct generation of prompt continuations, the
+package-docstring corpus read without importing anything, both commands' folders loading back with
+``from_pretrained`` in a fresh interpreter, exact resume, and bad input refused with a clear error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gendistill.cli import main as cli_main
+from gendistill.data.text import source_docstrings, stdlib_docstrings, stdlib_source_docstrings
+from gendistill.errors import UsageError
+from gendistill.text.models import TextClassifierSize, build_text_classifier, save_text_classifier, train_tokenizer
+from gendistill.text.zerogen import (
+    DOCSTRING_PROMPTS,
+    LanguageModelSize,
+    LanguageModelTask,
+    build_language_model,
+    generate_examples,
+    load_label_prompts,
+    load_language_model,
+    synthetic_loss,
+    token_stream,
+    train_bpe_tokenizer,
+)
+
+TINY_LM = ["--hidden", "16", "--layers", "1", "--heads", "2", "--context", "64", "--vocab-size", "400",
+           "--checkpoint-every", "0", "--eval-every", "0", "--batch-size", "4"]  # fmt: skip
+TINY_ZEROGEN = ["--per-label", "6", "--max-new-tokens", "12", "--min-words", "1", "--generation-batch", "6",
+                "--model-hidden", "8", "--model-layers", "1", "--model-heads", "2", "--vocab-size", "200",
+                "--max-length", "32", "--checkpoint-every", "0", "--eval-every", "0", "--batch-size", "8"]  # fmt: skip
+PROMPTS = {"spam": ["Buy now: {label}"], "ham": ["Meeting notes:", "Lunch at noon?"]}
+
+
+def corpus_file(folder):
+    texts = stdlib_docstrings("train")[0][:120]
+    path = folder / "corpus.txt"
+    path.write_text("\n\n".join(texts), encoding="utf-8")
+    return path, texts
+
+
+def tiny_lm(texts, context=48, seed=0):
+    torch.manual_seed(seed)
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=300)
+    return build_language_model(tokenizer, LanguageModelSize(16, 1, 2, context)), tokenizer
+
+
+def test_the_language_model_loss_is_next_token_cross_entropy(tmp_path):
+    _, texts = corpus_file(tmp_path)
+    model, tokenizer = tiny_lm(texts)
+    stream = token_stream(tokenizer, texts[:20])
+    # every text is followed by one end of text, and decoding the stream gives the texts back
+    assert int((stream == tokenizer.eos_token_id).sum()) == 20
+    assert tokenizer.decode(stream[: int((stream == tokenizer.eos_token_id).nonzero()[0])]) == texts[0]
+    task = LanguageModelTask(model.eval(), stream, context=16, eval_stream=stream[:64])  # no dropout
+    starts = torch.tensor([0, 5, 40])
+    loss = task("model", starts)["loss"]
+    windows = torch.stack([stream[s : s + 16] for s in starts])
+    logits = model(input_ids=windows).logits
+    by_hand = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, by_hand)
+    metrics = task.evaluate(model)
+    assert metrics["heldout_perplexity"] == pytest.approx(np.exp(metrics["heldout_loss"]), rel=1e-5)
+    with pytest.raises(UsageError, match="fewer than one window"):
+        LanguageModelTask(model, stream[:10], context=16)
+
+
+def test_the_task_model_losses_against_hand_computations():
+    torch.manual_seed(0)
+    logits, teacher, labels = torch.randn(5, 3), torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    picked = -torch.log_softmax(logits, 1)[torch.arange(5), labels]
+    torch.testing.assert_close(synthetic_loss(logits, labels), picked.mean())
+    smooth = 0.9 * picked + 0.1 * (-torch.log_softmax(logits, 1)).mean(1)
+    torch.testing.assert_close(synthetic_loss(logits, labels, label_smoothing=0.1), smooth.mean())
+    t = 2.0
+    p_teacher = np.exp(teacher.numpy() / t) / np.exp(teacher.numpy() / t).sum(1, keepdims=True)
+    p_student = np.exp(logits.numpy() / t) / np.exp(logits.numpy() / t).sum(1, keepdims=True)
+    kl = (p_teacher * (np.log(p_teacher) - np.log(p_student))).sum(1).mean() * t * t
+    got = synthetic_loss(logits, labels, teacher, temperature=t)
+    assert float(got) == pytest.approx(float(kl), rel=1e-5)
+
+
+def test_generation_is_seeded_distinct_and_continues_each_labels_prompts(tmp_path):
+    _, texts = corpus_file(tmp_path)
+    model, tokenizer = tiny_lm(texts)
+    tokenizer.padding_side = "left"
+    prompts = {label: [p.replace("{label}", label) for p in ps] for label, ps in PROMPTS.items()}
+    rng = torch.random.get_rng_state()
+    rows = generate_examples(model, tokenizer, prompts, 5, max_new_tokens=10, batch_size=4, min_words=1, seed=3,
+                             progress=False)  # fmt: skip
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's random stream is left as it was
+    again = generate_examples(model, tokenizer, prompts, 5, max_new_tokens=10, batch_size=4, min_words=1, seed=3,
+                              progress=False)  # fmt: skip
+    assert rows == again and [r["label"] for r in rows] == ["spam"] * 5 + ["ham"] * 5
+    assert len({r["text"] for r in rows}) == 10 and all(r["text"] == " ".join(r["text"].split()) for r in rows)
+    assert {r["prompt"] for r in rows if r["label"] == "ham"} == set(prompts["ham"])
+    # the text is the continuation alone: generating it again after its prompt reproduces the model's choice
+    first = rows[0]
+    ids = tokenizer(tokenizer.eos_token + first["prompt"], return_tensors="pt")["input_ids"]
+    assert not first["text"].startswith(first["prompt"]) and ids.shape[1] > 1
+    other = generate_examples(model, tokenizer, prompts, 5, max_new_tokens=10, batch_size=4, min_words=1, seed=4,
+                              progress=False)  # fmt: skip
+    assert other != rows
+    with pytest.raises(UsageError, match="only 0 of 2 distinct texts"):
+        generate_examples(model, tokenizer, prompts, 2, max_new_tokens=3, min_words=50, progress=False)
+    with pytest.raises(UsageError, match="exceed the generator's 48 positions"):
+        generate_examples(model, tokenizer, prompts, 2, max_new_tokens=45, progress=False)
+    with pytest.raises(UsageError, match="top_p"):
+        generate_examples(model, tokenizer, prompts, 2, top_p=0, progress=False)
+
+
+def test_label_prompts_from_a_file(tmp_path):
+    assert load_label_prompts("docstrings") == DOCSTRING_PROMPTS
+    assert list(DOCSTRING_PROMPTS) == list(stdlib_docstrings("test")[2])
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"spam": "Buy now: {label}", "ham": ["a", "b"]}))
+    assert load_label_prompts(str(path)) == {"spam": ["Buy now: spam"], "ham": ["a", "b"]}
+    for bad, match in [
+        ({"spam": "x"}, "at least two"),
+        ({"a": [], "b": "x"}, "non-empty"),
+        ([1], "expected an object"),
+    ]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(UsageError, match=match):
+            load_label_prompts(str(path))
+    path.write_text("{not json")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        load_label_prompts(str(path))
+    with pytest.raises(FileNotFoundError, match="valid: docstrings"):
+        load_label_prompts(str(tmp_path / "missing.json"))
+
+
+def test_package_docstrings_are_read_from_source_without_importing(tmp_path):
+    package = tmp_path / "toypkg"
+    (package / "tests").mkdir(parents=True)
+    (package / "_private").mkdir()
+    task_text = stdlib_docstrings("all")[0][0]
+    (package / "__init__.py").write_text(
+        '"""A toy package that is read but never imported by anyone at all."""\n'
+        'raise SystemExit("importing this package would stop the test")\n'
+        f"def public():\n    {json.dumps(task_text)}\n"
+        'class Thing:\n    """A thing that holds eight words or more of text."""\n'
+        '    def method(self):\n        """What the method of the thing does, in eight words."""\n'
+        '    def _hidden(self):\n        """A private method is documentation nobody reads from outside."""\n'
+        'def short():\n    """Too short."""\n'
+    )
+    (package / "tests" / "test_x.py").write_text('"""A test module that the pool never reads from at all."""\n')
+    (package / "_private" / "m.py").write_text('"""A private module that the pool never reads from at all."""\n')
+    (package / "broken.py").write_text('"""Not Python at all """ (((\n')
+    (tmp_path / "single.py").write_text('"""A single-file module at the top level is read as well."""\n')
+    (tmp_path / "_single.py").write_text('"""A private single-file module at the top level is not read."""\n')
+    (tmp_path / "toypkg-1.0.dist-info").mkdir()
+    (tmp_path / "site-packages" / "inner").mkdir(parents=True)
+    (tmp_path / "site-packages" / "inner" / "__init__.py").write_text(
+        '"""Not a package name, so it is never read here."""\n'
+    )
+    texts = source_docstrings([tmp_path])
+    assert texts == sorted([
+        "A single-file module at the top level is read as well.",
+        "A thing that holds eight words or more of text.",
+        "A toy package that is read but never imported by anyone at all.",
+        "What the method of the thing does, in eight words.",
+    ])  # fmt: skip
+    named = source_docstrings([tmp_path], with_names=True)
+    assert "toypkg.Thing.method: What the method of the thing does, in eight words." in named
+    assert task_text in source_docstrings([tmp_path], exclude=())
+
+
+def test_the_named_stdlib_corpus_holds_no_task_text():
+    named = stdlib_source_docstrings(with_names=True)
+    texts = {line.split(": ", 1)[1] for line in named}
+    task = set(stdlib_docstrings("all")[0])
+    assert len(named) > 2000 and not texts & task
+    assert not any(line.split(".")[0].split(":")[0] in DOCSTRING_PROMPTS for line in named)
+    assert any(line.startswith("smtplib.SMTP.") for line in named)
+
+
+@pytest.fixture(scope="module")
+def generator_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zerogen")
+    corpus, _ = corpus_file(folder)
+    out = folder / "lm"
+    assert cli_main(["teach", "language-model", "--corpus", str(corpus), "--max-steps", "4", "--output", str(out),
+                     *TINY_LM]) == 0  # fmt: skip
+    return out
+
+
+def test_both_folders_load_in_a_fresh_interpreter(generator_folder, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    eval_rows = [{"text": "Buy the best pills now spam", "label": "spam"}, {"text": "Notes of the meeting", "label":
+                 "ham"}]  # fmt: skip
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({**r, "split": "test"}) + "\n" for r in eval_rows))
+    out = tmp_path / "model"
+    assert cli_main(["zerogen", "--generator", str(generator_folder), "--prompts", str(prompts), "--eval-data",
+                     str(eval_file), "--output", str(out), "--max-steps", "3", *TINY_ZEROGEN]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["labels_from"] == "prompt" and results["synthetic_texts"] == 12 and 0 <= results["accuracy"] <= 1
+    rows = [json.loads(line) for line in (out / "synthetic.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["spam"] * 6 + ["ham"] * 6
+    lm_results = json.loads((generator_folder / "results.json").read_text())
+    assert lm_results["heldout_perplexity"] > 1 and lm_results["train_tokens"] > 1000
+    code = (
+        "import sys, json, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer\n"
+        "lm, clf = sys.argv[1:]\n"
+        "tok = AutoTokenizer.from_pretrained(lm)\n"
+        "model = AutoModelForCausalLM.from_pretrained(lm).eval()\n"
+        "ids = tok('Return the value of the header.', return_tensors='pt')['input_ids']\n"
+        "with torch.no_grad():\n"
+        "    out = {'lm': model(input_ids=ids).logits[0, -1].tolist()}\n"
+        "tok = AutoTokenizer.from_pretrained(clf)\n"
+        "model = AutoModelForSequenceClassification.from_pretrained(clf).eval()\n"
+        "with torch.no_grad():\n"
+        "    out['clf'] = model(**tok(['Buy now'], return_tensors='pt')).logits[0].tolist()\n"
+        "out['labels'] = [model.config.id2label[i] for i in range(model.config.num_labels)]\n"
+        "assert not any(m.startswith('gendistill') for m in sys.modules)\n"
+        "print(json.dumps(out))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(generator_folder), str(out)], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    model, tok = load_language_model(generator_folder)
+    with torch.no_grad():
+        mine = model(input_ids=tok("Return the value of the header.", return_tensors="pt")["input_ids"]).logits
+    np.testing.assert_allclose(np.array(fresh["lm"]), mine[0, -1].numpy(), rtol=1e-5, atol=1e-5)
+    assert fresh["labels"] == ["spam", "ham"] and len(fresh["clf"]) == 2
+
+
+def test_teacher_soft_labels_and_exact_resume(generator_folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(stdlib_docstrings("train")[0][:50], vocab_size=150)
+    teacher = build_text_classifier(tokenizer, ["ham", "spam"], TextClassifierSize(8, 1, 2), max_length=32)
+    save_text_classifier(teacher, tokenizer, tmp_path / "teacher")
+    common = ["--generator", str(generator_folder), "--prompts", str(prompts), "--teacher", str(tmp_path / "teacher"),
+              *TINY_ZEROGEN]  # fmt: skip
+    run = tmp_path / "run"
+    assert cli_main(["zerogen", *common, "--max-steps", "4", "--checkpoint-every", "2", "--output", str(run)]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["labels_from"] == "teacher" and 0 <= results["teacher_agrees_with_prompt_labels"] <= 1
+    from safetensors.torch import load_file
+
+    straight = {k: v.clone() for k, v in load_file(run / "model.safetensors").items()}
+    synthetic = (run / "synthetic.jsonl").read_text()
+    step_2 = run / "checkpoints" / "checkpoint_0"
+    # 2 + 2 steps: the resumed run reads the dataset and the tokenizer it made, it does not make new ones
+    assert cli_main(["zerogen", *common, "--max-steps", "4", "--checkpoint-every", "2", "--resume", str(step_2),
+                     "--output", str(run)]) == 0  # fmt: skip
+    resumed = load_file(run / "model.safetensors")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert (run / "synthetic.jsonl").read_text() == synthetic
+    for name, message in [("tokenizer/tokenizer_config.json", "the tokenizer this run learnt"),
+                          ("synthetic.jsonl", "the dataset this run generated")]:  # fmt: skip
+        (run / name).unlink()
+        assert cli_main(["zerogen", *common, "--max-steps", "4", "--checkpoint-every", "2", "--resume", str(step_2),
+                         "--output", str(run)]) == 2  # fmt: skip
+        assert message in capsys.readouterr().err
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text(synthetic)
+    # the same generated file, given back with --synthetic, trains without a generator
+    again = tmp_path / "again"
+    assert cli_main(["zerogen", "--synthetic", str(kept), "--labels-from", "prompt",
+                     *TINY_ZEROGEN, "--max-steps", "1", "--output", str(again)]) == 0  # fmt: skip
+
+
+def test_bad_input_is_refused_before_anything_is_written(generator_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    bad_synthetic = tmp_path / "bad.jsonl"
+    bad_synthetic.write_text('{"text": "only one label", "label": "a"}\n')
+    wrong_teacher = tmp_path / "teacher"
+    tokenizer = train_tokenizer(stdlib_docstrings("train")[0][:50], vocab_size=150)
+    save_text_classifier(build_text_classifier(tokenizer, ["x", "y"], TextClassifierSize(8, 1, 2), max_length=32),
+                         tokenizer, wrong_teacher)  # fmt: skip
+    cases = [
+        ([], "give --generator"),
+        (["--generator", str(generator_folder), "--labels-from", "teacher"], "needs --teacher"),
+        (["--generator", str(generator_folder), "--labels-from", "gold"], "unknown --labels-from 'gold'"),
+        (["--generator", str(tmp_path / "none")], "does not exist"),
+        (["--generator", str(generator_folder), "--prompts", str(tmp_path / "none.json")], "valid: docstrings"),
+        (["--synthetic", str(bad_synthetic)], "needs two"),
+        (["--synthetic", str(generator_folder / "results.json")], "line 1"),
+        (["--generator", str(generator_folder), "--per-label", "2", "--max-new-tokens", "100"], "positions"),
+        (["--generator", str(generator_folder), "--teacher", str(wrong_teacher)], "same label names"),
+        (["--generator", str(generator_folder), "--eval-data", "docstrings", "--prompts", str(prompts)],
+         "labels ['asyncio', 'email', 'http', 'logging', 'unittest', 'xml'] the teacher does not know"),
+    ]  # fmt: skip
+    for args, message in cases:
+        assert cli_main(["zerogen", *args, "--output", str(out), "--max-steps", "1"]) == 2, args
+        assert message in capsys.readouterr().err, args
+        assert not (out / "results.json").exists() and not (out / "model.safetensors").exists()
+    assert cli_main(["teach", "language-model", "--corpus", str(tmp_path / "none.txt"), "--output", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["teach", "language-model", "--heads", "5", "--output", str(out)]) == 2
+    assert "must divide hidden" in capsys.readouterr().err
+
+
+def test_the_language_model_resumes_exactly_with_its_own_tokenizer(tmp_path):
+    from safetensors.torch import load_file
+
+    corpus, _ = corpus_file(tmp_path)
+    run = tmp_path / "run"
+    common = ["teach", "language-model", "--corpus", str(corpus), *TINY_LM, "--checkpoint-every", "2", "--output",
+              str(run), "--max-steps", "4"]  # fmt: skip
+    assert cli_main(common) == 0
+    straight = {k: v.clone() for k, v in load_file(run / "model.safetensors").items()}
+    step_2 = run / "checkpoints" / "checkpoint_0"
+    assert cli_main([*common, "--resume", str(step_2)]) == 0
+    resumed = load_file(run / "model.safetensors")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    (run / "tokenizer" / "tokenizer_config.json").unlink()
+    assert cli_main([*common, "--resume", str(step_2)]) == 2
