@@ -5,10 +5,11 @@ The task: which of six standard-library packages (asyncio, email, http, logging,
 documents (``gendistill.data.text.stdlib_docstrings``: 676 training and 151 held-out docstrings on CPython 3.11.7,
 PSF license). The generator is a GPT-2 built from config and pretrained by ``gendistill teach language-model`` on
 docstrings that are not the task's: the rest of the standard library and every installed third-party package, read
-from source, each after the dotted name it documents (the task's six packages are never read, and any text they
-also hold is removed). ``gendistill zerogen`` writes ``--per-label`` texts per package from the built-in prompts
-(the package's name, and the name with a one-line description of what the package is for) by top-p sampling, and
-trains the classifier on them, per seed:
+from source, each after the dotted name it documents and a line of its five most distinctive words (``--keywords
+5``; the task's six packages are never read, and any text they also hold is removed). ``gendistill zerogen`` writes
+``--per-label`` texts per package from the built-in prompts (the package's name; the name with a one-line
+description of what the package is for; five keywords of that description) by top-p sampling, and trains the
+classifier on them, per seed:
 
 - ``prompt``: on the prompts' labels (ZeroGen as published);
 - ``teacher``: on the soft labels of a teacher classifier trained on the real data (``gendistill teach
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--generator", default=None, help="an existing generator folder (default: pretrain one)")
-    parser.add_argument("--generator-steps", type=int, default=2000)
+    parser.add_argument("--generator-steps", type=int, default=1500)
+    parser.add_argument("--generator-keywords", type=int, default=5, help="teach language-model --keywords")
     parser.add_argument("--teacher", default=None, help="an existing teacher folder (default: train one)")
     parser.add_argument("--per-label", type=int, default=500)
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -72,9 +74,11 @@ def main(argv=None) -> int:
     if generator is None:
         generator = str(root / "generator")
         generator_result = run(["teach", "language-model", "--corpus", "stdlib,packages", "--output", generator,
-                                "--max-steps", str(args.generator_steps)])  # fmt: skip
+                                "--max-steps", str(args.generator_steps), "--keywords",
+                                str(args.generator_keywords)])  # fmt: skip
     else:
         generator_result = json.loads((Path(generator) / "results.json").read_text())
+    generator_recipe = json.loads((Path(generator) / "gendistill_run.json").read_text())["recipe"]
     teacher = args.teacher
     if teacher is None:
         teacher = str(root / "teacher")
@@ -120,8 +124,9 @@ def main(argv=None) -> int:
         "device": device_description("cpu"),
         "task": "stdlib docstrings -> package (6 classes), held-out split",
         "generator": {
-            k: generator_result.get(k) for k in ("parameters", "train_tokens", "heldout_perplexity", "corpus", "steps")
-        },  # fmt: skip
+            **{k: generator_result.get(k) for k in ("parameters", "train_tokens", "heldout_perplexity", "steps")},
+            **{k: generator_recipe[k] for k in ("corpus", "keywords", "names", "hidden", "layers", "vocab_size")},
+        },
         "corpus": {
             "stdlib_docstrings": len(stdlib_source_docstrings()),
             "package_docstrings": sum(packages.values()),

@@ -24,6 +24,7 @@ from gendistill.text.zerogen import (
     LanguageModelTask,
     build_language_model,
     generate_examples,
+    keyword_headers,
     load_label_prompts,
     load_language_model,
     synthetic_loss,
@@ -116,6 +117,19 @@ def test_generation_is_seeded_distinct_and_continues_each_labels_prompts(tmp_pat
         generate_examples(model, tokenizer, prompts, 2, top_p=0, progress=False)
 
 
+def test_keyword_headers_name_each_texts_most_distinctive_words():
+    texts = ["the cat sat on the cat mat", "the dog sat", "the dog ran far far away"]
+    headed = keyword_headers(texts, count=2)
+    # by hand: tf-idf = count in the text / words in the text x log(3 / texts holding the word)
+    # text 1: cat 2/6 x log 3, mat 1/6 x log 3, sat 1/6 x log 1.5, the 0; text 2: dog and sat 1/3 x log 1.5, the 0
+    assert headed[0] == "Keywords: cat, mat.\nthe cat sat on the cat mat"
+    assert headed[1] == "Keywords: dog, sat.\nthe dog sat"
+    assert headed[2] == "Keywords: far, away.\nthe dog ran far far away"
+    assert keyword_headers(["a b"], count=3) == ["a b"]  # no word of 3 letters: no header
+    with pytest.raises(UsageError, match="keyword count"):
+        keyword_headers(texts, count=0)
+
+
 def test_label_prompts_from_a_file(tmp_path):
     assert load_label_prompts("docstrings") == DOCSTRING_PROMPTS
     assert list(DOCSTRING_PROMPTS) == list(stdlib_docstrings("test")[2])
@@ -188,7 +202,7 @@ def generator_folder(tmp_path_factory):
     corpus, _ = corpus_file(folder)
     out = folder / "lm"
     assert cli_main(["teach", "language-model", "--corpus", str(corpus), "--max-steps", "4", "--output", str(out),
-                     *TINY_LM]) == 0  # fmt: skip
+                     "--keywords", "3", *TINY_LM]) == 0  # fmt: skip
     return out
 
 

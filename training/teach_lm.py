@@ -9,7 +9,9 @@ one or more of ``stdlib`` (the docstrings of the standard library outside the do
 ``packages`` (the docstrings of the installed third-party packages, read from their source), ``pydoc`` (the
 language reference's paragraphs), or ``.txt``/``.jsonl``/``.csv`` files; every text the docstring task holds is
 removed from the built-in corpora, and with ``--names`` (default) each built-in docstring comes after the dotted name
-it documents (``smtplib.SMTP.sendmail: This command performs ...``), so the model can be prompted with a name.
+it documents (``smtplib.SMTP.sendmail: This command performs ...``), so the model can be prompted with a name;
+``--keywords N`` puts a line of each text's N most distinctive words (tf-idf) in front of it, so the model can be
+prompted with keywords (``Keywords: logger, handler, level.``).
 A byte-level BPE vocabulary (``--vocab-size``) is learnt from the corpus; the run
 keeps it (``tokenizer/``) and a resumed run reads it, so resume is exact. ``--held-out-fraction`` of the texts (by a
 hash of each) measure the perplexity and are never trained on.
@@ -30,6 +32,7 @@ from gendistill.text.zerogen import (
     LanguageModelSize,
     LanguageModelTask,
     build_language_model,
+    keyword_headers,
     save_language_model,
     token_stream,
     train_bpe_tokenizer,
@@ -47,6 +50,7 @@ class TeachLanguageModelRecipe(TrainRecipe):
     output: str = "language-model"  # run folder; also the model (save_pretrained: model + tokenizer)
     corpus: list[str] = field(default_factory=lambda: ["stdlib", "packages"])  # stdlib | packages | pydoc | files
     names: bool = True  # built-in docstring corpora (stdlib, packages) as "dotted.name: docstring"
+    keywords: int = 0  # > 0: each text after a "Keywords: ..." line of its N most distinctive words (tf-idf)
     held_out_fraction: float = 0.01  # share of the texts (by a hash of each) kept to measure the perplexity
     hidden: int = 192  # GPT-2 width
     layers: int = 4  # transformer blocks
@@ -74,6 +78,8 @@ class TeachLanguageModelRecipe(TrainRecipe):
         super().validate()
         if not self.corpus:
             raise UsageError("--corpus needs at least one source: stdlib, packages, pydoc or a .txt/.jsonl/.csv file")
+        if self.keywords < 0:
+            raise UsageError(f"keywords must be >= 0 (0: no keyword line), got {self.keywords}")
         if not 0 < self.held_out_fraction < 1:
             raise UsageError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
         LanguageModelSize(self.hidden, self.layers, self.heads, self.context).validate()
@@ -98,6 +104,8 @@ def load_corpus(sources: list[str], *, names: bool = False) -> list[str]:
 def run(recipe: TeachLanguageModelRecipe) -> dict:
     def build():
         texts = load_corpus(recipe.corpus, names=recipe.names)
+        if recipe.keywords:
+            texts = keyword_headers(texts, recipe.keywords)
         train = [t for t in texts if split_of(t, recipe.held_out_fraction) == "train"]
         held_out = [t for t in texts if split_of(t, recipe.held_out_fraction) == "test"]
         if not train:
@@ -134,6 +142,7 @@ def run(recipe: TeachLanguageModelRecipe) -> dict:
             "heldout_texts": task.sizes[1],
             "train_tokens": task.sizes[2],
             "corpus": list(recipe.corpus),
+            "keywords": recipe.keywords,
             "parameters": count_parameters(model),
         }
 

@@ -34,14 +34,22 @@ LABEL_SOURCES = ("prompt", "teacher")
 # name: the bare label is the first prompt. The second adds what the package is for, as a user who knows the labels
 # but has none of the task's text would describe it (written from the packages' purpose, not from their docstrings).
 # Only the continuation becomes an example.
+# The third is the same description as keywords, for a generator pretrained with keyword headers
+# (`gendistill teach language-model --keywords 5`, see keyword_headers).
 DOCSTRING_PROMPTS = {
-    "asyncio": ["asyncio:", "asyncio: Asynchronous I/O: coroutines, the event loop, tasks, futures and streams."],
-    "email": ["email:", "email: Email messages: headers, MIME parts, parsing and generating messages."],
-    "http": ["http:", "http: HTTP clients and servers: requests, responses, status codes, headers and cookies."],
-    "logging": ["logging:", "logging: Logging: loggers, handlers, formatters, filters and log levels."],
-    "unittest": ["unittest:", "unittest: Unit testing: test cases, test suites, assertions, mocks and runners."],
-    "xml": ["xml:", "xml: XML processing: parsers, elements, the DOM, SAX events and XML documents."],
-}
+    "asyncio": ["asyncio:", "asyncio: Asynchronous I/O: coroutines, the event loop, tasks, futures and streams.",
+                "Keywords: coroutine, event, loop, task, future.\nasyncio"],
+    "email": ["email:", "email: Email messages: headers, MIME parts, parsing and generating messages.",
+              "Keywords: email, message, header, mime, charset.\nemail"],
+    "http": ["http:", "http: HTTP clients and servers: requests, responses, status codes, headers and cookies.",
+             "Keywords: http, request, response, server, cookie.\nhttp"],
+    "logging": ["logging:", "logging: Logging: loggers, handlers, formatters, filters and log levels.",
+                "Keywords: logging, logger, handler, formatter, level.\nlogging"],
+    "unittest": ["unittest:", "unittest: Unit testing: test cases, test suites, assertions, mocks and runners.",
+                 "Keywords: test, case, suite, assert, mock.\nunittest"],
+    "xml": ["xml:", "xml: XML processing: parsers, elements, the DOM, SAX events and XML documents.",
+            "Keywords: xml, element, parser, document, node.\nxml"],
+}  # fmt: skip
 
 
 @dataclass
@@ -117,6 +125,32 @@ def save_language_model(model: nn.Module, tokenizer, folder: str | os.PathLike) 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     model.to("cpu").save_pretrained(folder)
+
+
+KEYWORDS = "Keywords:"  # the line keyword_headers puts in front of every text
+
+
+def keyword_headers(texts: list[str], count: int = 5) -> list[str]:
+    """Each text after a line naming its ``count`` most distinctive words, ``"Keywords: a, b, c.\n" + text``: the
+    words (lowercase, 3 letters or more) with the highest tf-idf within the texts, best first, ties by the word.
+
+    A language model pretrained on texts with these lines learns that a text is about the words its header names
+    (what CTRL's control codes do); prompted with ``"Keywords: logger, handler, level."`` it writes about them. The
+    keywords come from each text itself, so no label is involved."""
+    import math
+    import re
+    from collections import Counter
+
+    if count < 1:
+        raise UsageError(f"keyword count must be >= 1, got {count}")
+    words = [Counter(re.findall(r"[a-z]{3,}", text.lower())) for text in texts]
+    frequency = Counter(w for counts in words for w in counts)
+    headed = []
+    for text, counts in zip(texts, words, strict=True):
+        score = {w: n / sum(counts.values()) * math.log(len(texts) / frequency[w]) for w, n in counts.items()}
+        best = sorted(score, key=lambda w: (-score[w], w))[:count]
+        headed.append(f"{KEYWORDS} {', '.join(best)}.\n{text}" if best else text)
+    return headed
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
