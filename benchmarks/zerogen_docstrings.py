@@ -5,11 +5,10 @@ The task: which of six standard-library packages (asyncio, email, http, logging,
 documents (``gendistill.data.text.stdlib_docstrings``: 676 training and 151 held-out docstrings on CPython 3.11.7,
 PSF license). The generator is a GPT-2 built from config and pretrained by ``gendistill teach language-model`` on
 docstrings that are not the task's: the rest of the standard library and every installed third-party package, read
-from source, each after the dotted name it documents and a line of its five most distinctive words (``--keywords
-5``; the task's six packages are never read, and any text they also hold is removed). ``gendistill zerogen`` writes
-``--per-label`` texts per package from the built-in prompts (the package's name; the name with a one-line
-description of what the package is for; five keywords of that description) by top-p sampling, and trains the
-classifier on them, per seed:
+from source, each after the dotted name it documents (``--generator-keywords N``: also after a line of its N most
+distinctive words; the task's six packages are never read, and any text they also hold is removed). ``gendistill
+zerogen`` writes ``--per-label`` texts per package from the built-in prompts (the package's name, and the name with a
+one-line description of what the package is for) by top-p sampling, and trains the classifier on them, per seed:
 
 - ``prompt``: on the prompts' labels (ZeroGen as published);
 - ``teacher``: on the soft labels of a teacher classifier trained on the real data (``gendistill teach
@@ -56,8 +55,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--generator", default=None, help="an existing generator folder (default: pretrain one)")
-    parser.add_argument("--generator-steps", type=int, default=1500)
-    parser.add_argument("--generator-keywords", type=int, default=5, help="teach language-model --keywords")
+    parser.add_argument("--generator-steps", type=int, default=2000)
+    parser.add_argument("--generator-keywords", type=int, default=0, help="teach language-model --keywords")
     parser.add_argument("--teacher", default=None, help="an existing teacher folder (default: train one)")
     parser.add_argument("--per-label", type=int, default=500)
     parser.add_argument("--top-p", type=float, default=0.9)

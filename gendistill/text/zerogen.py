@@ -34,22 +34,14 @@ LABEL_SOURCES = ("prompt", "teacher")
 # name: the bare label is the first prompt. The second adds what the package is for, as a user who knows the labels
 # but has none of the task's text would describe it (written from the packages' purpose, not from their docstrings).
 # Only the continuation becomes an example.
-# The third is the same description as keywords, for a generator pretrained with keyword headers
-# (`gendistill teach language-model --keywords 5`, see keyword_headers).
 DOCSTRING_PROMPTS = {
-    "asyncio": ["asyncio:", "asyncio: Asynchronous I/O: coroutines, the event loop, tasks, futures and streams.",
-                "Keywords: coroutine, event, loop, task, future.\nasyncio"],
-    "email": ["email:", "email: Email messages: headers, MIME parts, parsing and generating messages.",
-              "Keywords: email, message, header, mime, charset.\nemail"],
-    "http": ["http:", "http: HTTP clients and servers: requests, responses, status codes, headers and cookies.",
-             "Keywords: http, request, response, server, cookie.\nhttp"],
-    "logging": ["logging:", "logging: Logging: loggers, handlers, formatters, filters and log levels.",
-                "Keywords: logging, logger, handler, formatter, level.\nlogging"],
-    "unittest": ["unittest:", "unittest: Unit testing: test cases, test suites, assertions, mocks and runners.",
-                 "Keywords: test, case, suite, assert, mock.\nunittest"],
-    "xml": ["xml:", "xml: XML processing: parsers, elements, the DOM, SAX events and XML documents.",
-            "Keywords: xml, element, parser, document, node.\nxml"],
-}  # fmt: skip
+    "asyncio": ["asyncio:", "asyncio: Asynchronous I/O: coroutines, the event loop, tasks, futures and streams."],
+    "email": ["email:", "email: Email messages: headers, MIME parts, parsing and generating messages."],
+    "http": ["http:", "http: HTTP clients and servers: requests, responses, status codes, headers and cookies."],
+    "logging": ["logging:", "logging: Logging: loggers, handlers, formatters, filters and log levels."],
+    "unittest": ["unittest:", "unittest: Unit testing: test cases, test suites, assertions, mocks and runners."],
+    "xml": ["xml:", "xml: XML processing: parsers, elements, the DOM, SAX events and XML documents."],
+}
 
 
 @dataclass
