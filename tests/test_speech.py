@@ -430,3 +430,15 @@ def test_bad_input_is_refused_before_anything_is_written(speech_runs, tmp_path, 
     assert "--data is required" in capsys.readouterr().err and not out.exists()
     assert cli_main(["teach", "speech-recognizer", "--data", str(root / "pool"), "--output", str(out)]) == 2
     assert "no metadata.csv" in capsys.readouterr().err
+
+
+def test_a_whisper_folder_needs_its_config_and_processor(tmp_path):
+    from gendistill.speech.models import load_whisper
+
+    with pytest.raises(FileNotFoundError, match="config.json' is missing: a speech model folder"):
+        load_whisper(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is not a Whisper folder"):
+        load_whisper(tmp_path)
+    with pytest.raises(FileNotFoundError, match="speech model folder './nowhere' does not exist"):
+        load_whisper("./nowhere")

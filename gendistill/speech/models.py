@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from ..errors import UsageError
-from ..text.models import byte_level_bpe
+from ..text.models import byte_level_bpe, pretrained_source
 
 SAMPLING_RATE = 16_000
 # Whisper's special tokens, in its order (a tokenizer learnt here puts them right after the BPE vocabulary)
@@ -123,17 +123,12 @@ def has_processor(folder: Path) -> bool:
 
 def load_whisper(source: str | os.PathLike) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
     """``(model, processor)`` from a folder (or a hub id where the hub is reachable), in eval mode on the CPU."""
-    source = str(source)
-    folder = Path(source).expanduser()
-    if folder.exists():
-        if not (folder / "config.json").is_file() or not has_processor(folder):
-            raise FileNotFoundError(
-                f"{str(folder)!r} is not a Whisper folder: it needs config.json and processor_config.json or "
-                "preprocessor_config.json (what save_pretrained of the model and its WhisperProcessor write)"
-            )
-        source = str(folder)
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise FileNotFoundError(f"speech model folder {source!r} does not exist")
+    source = pretrained_source(source, "speech model")
+    if Path(source).exists() and not has_processor(Path(source)):
+        raise FileNotFoundError(
+            f"{source!r} is not a Whisper folder: it needs processor_config.json or preprocessor_config.json besides "
+            "config.json (what save_pretrained of the model and its WhisperProcessor write)"
+        )
     try:
         processor = WhisperProcessor.from_pretrained(source)
         model = WhisperForConditionalGeneration.from_pretrained(source)

@@ -99,23 +99,30 @@ def build_text_classifier(
     return BertForSequenceClassification(config)
 
 
+def pretrained_source(source: str | os.PathLike, what: str) -> str:
+    """``source`` as ``from_pretrained`` takes it: an existing folder (user home expanded), which must hold
+    config.json, or a hub id; a path-like name that does not exist is a clear error, not a failed download."""
+    source = str(source)
+    folder = Path(source).expanduser()
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{str(folder / 'config.json')!r} is missing: a {what} folder is what save_pretrained writes "
+                "(config.json, model.safetensors, the tokenizer's or processor's files)"
+            )
+        return str(folder)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise FileNotFoundError(f"{what} folder {source!r} does not exist")
+    return source
+
+
 def load_text_classifier(source: str | os.PathLike, *, num_labels: int | None = None, labels: list[str] | None = None):
     """``(model, tokenizer)`` from a folder (or a hub id where the hub is reachable), in eval mode on the CPU.
 
     ``labels``: give a pretrained encoder a new classification head with these labels (its old head, if any, is
     replaced); otherwise the folder must already be a classifier (``num_labels``, when given, must match).
     """
-    source = str(source)
-    folder = Path(source).expanduser()
-    if folder.exists():
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{str(folder / 'config.json')!r} is missing: a text model folder is what save_pretrained writes "
-                "(config.json, model.safetensors, the tokenizer's files)"
-            )
-        source = str(folder)
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise FileNotFoundError(f"text model folder {source!r} does not exist")
+    source = pretrained_source(source, "text model")
     kwargs = {}
     if labels is not None:
         kwargs = {

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from ..errors import UsageError
 from ..task import Phase
-from .models import byte_level_bpe
+from .models import byte_level_bpe, pretrained_source
 from .zero_shot import classification_metrics, classifier_logits
 
 END_OF_TEXT = "<|endoftext|>"
@@ -87,17 +87,7 @@ def load_language_model(source: str | os.PathLike):
     """``(model, tokenizer)`` of a causal LM folder (or a hub id where the hub is reachable), in eval mode on the
     CPU; the tokenizer pads on the left (generation continues every prompt of a batch at its end) with its end of
     text where it has no padding token."""
-    source = str(source)
-    folder = Path(source).expanduser()
-    if folder.exists():
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{str(folder / 'config.json')!r} is missing: a language model folder is what save_pretrained "
-                "writes (config.json, model.safetensors, the tokenizer's files)"
-            )
-        source = str(folder)
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise FileNotFoundError(f"language model folder {source!r} does not exist")
+    source = pretrained_source(source, "language model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source)
