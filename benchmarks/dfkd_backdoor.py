@@ -85,6 +85,7 @@ def distill(job: dict) -> dict:
         method=job["method"],
         teacher=job["teacher"],
         student_arch="lenet5_half",
+        student_init="random",  # ABD's students never start from the (poisoned) teacher; the plain ones neither
         max_steps=10**7,
         max_seconds=job["budget"],
         eval_every=0,

@@ -381,7 +381,7 @@ def test_the_student_lr_defaults_to_the_methods_own():
 
 
 def test_the_recipe_takes_dfqs_batch_and_lr_from_the_teachers_profile(tmp_path):
-    """A ResNet teacher folder gets DFQ's deep profile (batch 32, student lr 1e-2) from its config.json alone; a
+    """A ResNet teacher folder gets DFQ's deep profile (batch 32, student lr 3e-3) from its config.json alone; a
     LeNet-5-BN one the shallow profile; --batch-size and --lr still win; distill() resolves the same way."""
     from gendistill.dfkd.synthesizers.dfq import PROFILES
     from gendistill.training.dfkd import DFKDRecipe
@@ -415,6 +415,46 @@ def test_the_recipe_takes_dfqs_batch_and_lr_from_the_teachers_profile(tmp_path):
     torch.testing.assert_close(
         exported.net.state_dict(), {k: v.contiguous() for k, v in student.net.state_dict().items()}
     )
+
+
+def test_a_resnet8_student_starts_from_its_resnet20_teacher(tmp_path, capsys):
+    """--student-init auto (the default) copies the teacher's tensors into a student of its family, and DFQ then
+    regresses the logits (student_loss mse); random keeps the fresh student and the KL; teacher on a student of
+    another shape is refused with exit 2; the Python API leaves the student it is given alone unless asked."""
+    from gendistill.training.dfkd import DFKDRecipe, task_from_recipe
+
+    teacher_folder = tmp_path / "resnet20"
+    save_classifier(build_classifier("resnet20", num_classes=10, mean=(0.1,) * 3, std=(0.3,) * 3), teacher_folder)
+    teacher = load_classifier(teacher_folder)
+
+    def task(**fields):
+        return task_from_recipe(DFKDRecipe(teacher=str(teacher_folder), student_arch="resnet8", **fields))
+
+    auto = task()
+    assert auto.student.initialized_from == "teacher" and auto.synthesizer.config.student_loss == "mse"
+    torch.testing.assert_close(auto.student.net.fc.weight, teacher.net.fc.weight)
+    fresh = task(student_init="random")
+    assert fresh.student.initialized_from is None and fresh.synthesizer.config.student_loss == "kd"
+    assert not torch.equal(fresh.student.net.fc.weight, teacher.net.fc.weight)
+    assert task(student_init="random", method_options=["student_loss=mse"]).synthesizer.config.student_loss == "mse"
+
+    base = ["dfkd", "--teacher", str(teacher_folder), "--max-steps", "1", *QUICK]
+    _fails(capsys, [*base, "--output", str(tmp_path / "o"), "--student-init", "copy"], "student_init 'copy' is not")
+    _fails(
+        capsys,
+        [*base, "--output", str(tmp_path / "o2"), "--student-arch", "lenet5_half", "--student-init", "teacher"],
+        "cannot initialize a lenet5_half student from a resnet20 teacher",
+    )
+    _fails(capsys, [*base, "--output", str(tmp_path / "o3"), "--method-options", "student_loss=l2"], "valid: kd, mse")
+    assert not any((tmp_path / name).exists() for name in ("o", "o2", "o3"))
+
+    student = build_classifier("resnet8", num_classes=10, mean=(0.1,) * 3, std=(0.3,) * 3)
+    kept = student.net.fc.weight.detach().clone()
+    # one iteration of the deep profile is a generator step alone (student_start): the student's weights stay
+    distill(teacher, student, output=str(tmp_path / "api"), max_steps=1, eval_every=0, ema_decay=0)
+    assert torch.equal(student.net.fc.weight, kept)
+    distill(teacher, student, output=str(tmp_path / "api2"), max_steps=1, eval_every=0, student_init="teacher")
+    assert torch.equal(student.net.fc.weight, teacher.net.fc.weight)
 
 
 def test_a_run_that_ends_before_the_students_first_step_warns(bn_teacher, tmp_path, caplog):

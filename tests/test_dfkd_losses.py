@@ -21,6 +21,7 @@ from gendistill.dfkd.losses import (
     info_nce,
     information_entropy_loss,
     kd_loss,
+    logit_mse_loss,
     one_hot_loss,
 )
 
@@ -56,6 +57,15 @@ def test_kd_loss_golden(tau):
     expected = tau**2 * np_kl_rows(np_softmax(t, tau), np_softmax(s, tau)).mean()
     assert close(kd_loss(student, teacher, tau=tau), expected)
     assert float(kd_loss(teacher, teacher, tau=tau)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_logit_mse_loss_golden():
+    student, teacher = logits_pair()
+    s, t = student.double().numpy(), teacher.double().numpy()
+    expected = sum((s[i, k] - t[i, k]) ** 2 for i in range(s.shape[0]) for k in range(s.shape[1])) / s.size
+    assert close(logit_mse_loss(student, teacher), expected)
+    with pytest.raises(ValueError, match=r"logits differ in shape: student \(6, 5\), teacher \(6, 4\)"):
+        logit_mse_loss(student, teacher[:, :4])
 
 
 def test_kd_loss_rejects_bad_tau():

@@ -17,6 +17,7 @@ from gendistill.dfkd.models import (
     FeatureHooks,
     build_classifier,
     check_image_size,
+    init_from_teacher,
     load_classifier,
     save_classifier,
 )
@@ -250,3 +251,77 @@ def test_check_image_size_and_wrapping_user_models():
         Classifier(nn.Conv2d(3, 4, 1), ClassifierConfig("user", num_classes=4), feature_layer="net.head")
     user = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Linear(8, 4)), ClassifierConfig("user", 4))
     assert user.feature_layer == "net.2" and user(torch.rand(2, 3, 2, 2)).shape == (2, 4)
+
+
+def test_a_shallower_resnet_starts_from_its_teachers_tensors():
+    """ResNet-8 from ResNet-20: every student tensor (stem, first block of each stage, classifier, BN statistics)
+    is the teacher's tensor of the same name; a student of another shape is copied only when asked, and then
+    refused with the tensors that do not match."""
+    torch.manual_seed(0)
+    mean, std = (0.1, 0.1, 0.1), (0.3, 0.3, 0.3)
+    teacher = build_classifier("resnet20", mean=mean, std=std)
+    with torch.no_grad():  # non-default BN statistics, so copying them is visible
+        teacher.train()(torch.rand(8, 3, 32, 32))
+    student = build_classifier("resnet8", mean=mean, std=std)
+    before = {k: v.clone() for k, v in student.net.state_dict().items()}
+    copied = init_from_teacher(student, teacher)
+    source, target = teacher.net.state_dict(), student.net.state_dict()
+    assert sorted(copied) == sorted(target) and "net.layer3.0.shortcut.1.running_var" not in copied
+    assert "layer3.0.shortcut.1.running_var" in copied and "layer1.1.conv1.weight" not in target
+    for name in target:
+        assert torch.equal(target[name], source[name]), name
+    assert not torch.equal(before["layer2.0.conv1.weight"], target["layer2.0.conv1.weight"])
+    # the student with its first block of each stage is the teacher with blocks 1 and 2 of each stage removed
+    x = torch.rand(4, 3, 32, 32)
+    net = teacher.net.eval()
+    h = torch.relu(net.bn1(net.conv1((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))))
+    for stage in (net.layer1, net.layer2, net.layer3):
+        h = stage[0](h)
+    expected = net.fc(h.mean((2, 3)))
+    torch.testing.assert_close(student.eval()(x), expected)
+
+    assert student.initialized_from == "teacher"  # whole tensors: DFQ regresses its logits
+    assert init_from_teacher(build_classifier("resnet8", mean=mean, std=std), teacher, "random") == []
+    with pytest.raises(ValueError, match="student init 'copy' is not valid; valid: auto, teacher, random"):
+        init_from_teacher(student, teacher, "copy")
+
+
+def test_a_narrower_lenet_takes_the_first_filters_of_its_teacher_with_batchnorm_folded():
+    """LeNet-5-half from LeNet-5-BN: BatchNorm folded into the convolutions (the folded net computes what the BN
+    net computes in eval mode), then each student tensor is the leading slice of the teacher's: its first 3 of 6,
+    8 of 16, 60 of 120 channels and 42 of 84 hidden units, connected as in the teacher (checked against a forward
+    pass through the teacher's own layers restricted to those channels)."""
+    torch.manual_seed(0)
+    teacher = build_classifier("lenet5_bn", in_channels=1)
+    with torch.no_grad():
+        teacher.train()(torch.rand(16, 1, 32, 32) * 2)  # BN statistics far from the defaults
+        for bn in (teacher.net.bn1, teacher.net.bn2, teacher.net.bn3):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    teacher.eval()
+    kept = {k: v.clone() for k, v in teacher.state_dict().items()}
+    folded = build_classifier("lenet5", in_channels=1)
+    folded.net.load_state_dict(teacher.net.batchnorm_folded_state_dict())
+    x = torch.rand(5, 1, 32, 32)
+    torch.testing.assert_close(folded.eval()(x), teacher(x), rtol=1e-4, atol=1e-5)
+
+    student = build_classifier("lenet5_half", in_channels=1)
+    assert sorted(init_from_teacher(student, teacher, "teacher")) == sorted(student.net.state_dict())
+    assert student.initialized_from == "teacher-slices"
+    f = folded.net
+    h = F.max_pool2d(F.relu(F.conv2d(x, f.conv1.weight[:3], f.conv1.bias[:3])), 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, f.conv2.weight[:8, :3], f.conv2.bias[:8])), 2)
+    h = F.relu(F.conv2d(h, f.conv3.weight[:60, :8], f.conv3.bias[:60])).flatten(1)
+    h = F.relu(F.linear(h, f.fc1.weight[:42, :60], f.fc1.bias[:42]))
+    expected = F.linear(h, f.fc2.weight[:, :42], f.fc2.bias)
+    torch.testing.assert_close(student.eval()(x), expected, rtol=1e-4, atol=1e-5)
+
+    torch.testing.assert_close(teacher.state_dict(), kept)  # folding left the teacher as it was
+
+    # a student wider than its teacher cannot be selected from it; nor one with other input normalization
+    wide_teacher = build_classifier("lenet5_half", in_channels=1)
+    assert init_from_teacher(build_classifier("lenet5", in_channels=1), wide_teacher, "auto") == []
+    with pytest.raises(ValueError, match=r"cannot initialize a lenet5 student from a lenet5_half teacher: \d+ of"):
+        init_from_teacher(build_classifier("lenet5", in_channels=1), wide_teacher, "teacher")
+    with pytest.raises(ValueError, match="input normalization"):
+        init_from_teacher(build_classifier("lenet5_half", in_channels=1, mean=(0.5,), std=(0.2,)), teacher, "auto")

@@ -61,7 +61,7 @@ BUDGETS = {
         boot_batch_size=32,
         num_intervals=16,
         sid_steps=60,
-        dfkd_iterations=1800,
+        dfkd_iterations=1000,
         dfkd_batch_size=None,
         eval_samples=300,
     ),

@@ -22,9 +22,11 @@ from gendistill.data.classification import load_classification_data
 from gendistill.dfkd.losses import batchnorm_layer_count
 from gendistill.dfkd.models import (
     QUANT_BITS,
+    STUDENT_INITS,
     Classifier,
     build_classifier,
     canonical_arch,
+    init_from_teacher,
     load_classifier,
     save_classifier,
 )
@@ -52,6 +54,9 @@ class DFKDRecipe(TrainRecipe):
     extra_teachers: list[str] | None = None  # mixmix: more classifier folders whose statistics join the synthesis
     student_arch: str = "lenet5_half"  # model zoo architecture of the student
     student_quant_bits: int | None = None  # 1 | 2 | 4 | 8: a quantization-aware student (weights fake-quantized)
+    student_init: str = "auto"  # teacher: weight selection from the teacher (each tensor the leading slice of the
+    # teacher's of the same name: ResNet-8 from ResNet-20, LeNet-5-half from LeNet-5) | random | auto: teacher
+    # when every student tensor has such a teacher tensor, else random (always random for dfme and under abd)
     method_options: list[str] | None = None  # method options as key=value (e.g. oh=0.5,adv=1.33): the method's Config
     pool: str | None = None  # unlabeled, kd3: the image pool (folder | .npz | mnist5k | generated:PIPELINE_FOLDER)
     plugins: list[str] | None = None  # plug-ins on top of the method, comma-separated: abd | faqd | lra
@@ -84,6 +89,18 @@ class DFKDRecipe(TrainRecipe):
             self.batch_size = int(config.batch_size) if self.batch_size is None else self.batch_size
         super().validate()
         self.student_arch = canonical_arch(self.student_arch, what="student architecture")
+        if self.student_init not in STUDENT_INITS:
+            raise UsageError(f"student_init {self.student_init!r} is not valid; valid: {', '.join(STUDENT_INITS)}")
+        if self.student_init == "teacher" and self.teacher_weights_stay_out():
+            why = (
+                f"method {self.method!r} reads the teacher only through queries"
+                if cls.black_box
+                else "--plugins abd is there to keep a possible backdoor of the teacher out of the student"
+            )
+            raise UsageError(
+                f"student_init 'teacher' copies the teacher's weights, but {why}; use student_init random (or auto, "
+                "which is random here)"
+            )
         if self.student_quant_bits is not None and self.student_quant_bits not in QUANT_BITS:
             raise UsageError(
                 f"student_quant_bits {self.student_quant_bits!r} is not valid; valid: "
@@ -91,6 +108,11 @@ class DFKDRecipe(TrainRecipe):
             )
         self.options()
         self.build_plugins()
+
+    def teacher_weights_stay_out(self) -> bool:
+        """True when the student must not start from the teacher's weights: a black-box method (DFME), or ABD
+        (the teacher may be poisoned, and its weights would carry the backdoor)."""
+        return get_method(self.method).black_box or "abd" in (self.plugins or [])
 
     def teacher_bn_layers(self) -> int | None:
         """How many BatchNorm layers the teacher has (the architecture in its folder's config.json; the weights are
@@ -196,6 +218,10 @@ def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
         std=None if config.std is None else tuple(config.std),
         quant_bits=recipe.student_quant_bits,
     )
+    init = "random" if recipe.teacher_weights_stay_out() else recipe.student_init  # auto is random there
+    copied = init_from_teacher(student, teacher, init)
+    if copied:
+        logger.info("student initialized from the teacher: %d tensors copied", len(copied))
     options = recipe.options()
     method = get_method(recipe.method)
     source = None if method.data_free else generated_source(options.get("data", ""))
@@ -280,8 +306,16 @@ def distill(
 ) -> dict:
     """Distill ``teacher`` into ``student`` with ``method`` (Python API); trains ``student`` in place, exports it to
     ``output`` and returns the summary. ``recipe_fields`` are any ``DFKDRecipe`` fields (max_steps, batch_size, lr,
-    ...); ``objectives`` add terms to the losses (see ``DFKDTask``)."""
+    ...); ``objectives`` add terms to the losses (see ``DFKDTask``). The student keeps the weights it comes with
+    unless ``student_init`` is given (``"teacher"`` or ``"auto"``: ``init_from_teacher``)."""
     recipe = DFKDRecipe(output=output, method=method, **recipe_fields)
+    if "student_init" in recipe_fields:  # only when asked: the student given may already be trained
+        if recipe.teacher_weights_stay_out() and recipe.student_init != "random":
+            raise UsageError(
+                f"student_init {recipe.student_init!r}: the teacher's weights stay out of the student with method "
+                f"{method!r} and plug-ins {recipe.plugins}; use student_init random"
+            )
+        init_from_teacher(student, teacher, recipe.student_init)
     if recipe.pool is not None:  # pool= is the method's data option, as on the command line
         if (options or {}).get("data", recipe.pool) != recipe.pool:
             raise UsageError(f"pool={recipe.pool!r} and options data={options['data']!r} disagree")

@@ -44,6 +44,15 @@ def kd_loss(
     return per_sample.mean() if weights is None else weighted_mean(per_sample, weights)
 
 
+def logit_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch and the K classes of ``(S - T)^2`` on logits (B, K): distillation by logit regression
+    (Ba & Caruana 2014), which keeps the teacher's logit scale that a softmax discards."""
+    if student_logits.shape != teacher_logits.shape:
+        raise UsageError(f"logits differ in shape: student {tuple(student_logits.shape)}, teacher "
+                         f"{tuple(teacher_logits.shape)}")  # fmt: skip
+    return F.mse_loss(student_logits, teacher_logits)
+
+
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_i w_i v_i / sum_i w_i`` of per-sample ``values`` (B,) and ``weights`` (B,) (>= 0, positive sum)."""
     if weights.shape != values.shape:

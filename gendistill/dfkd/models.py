@@ -66,6 +66,19 @@ class LeNet5(nn.Module):
         self.fc1 = nn.Linear(c3, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
+    def batchnorm_folded_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict of the same function in eval mode without BatchNorm: each ``bnK`` folded into ``convK``
+        (``w * g``, ``(b - mean) * g + beta`` with ``g = gamma / sqrt(var + eps)``); the ``bnK`` entries are dropped.
+        Without BatchNorm: the state dict as it is."""
+        state = {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("bn")}
+        for i in (1, 2, 3):
+            conv, bn = getattr(self, f"conv{i}"), getattr(self, f"bn{i}")
+            if isinstance(bn, nn.BatchNorm2d):
+                g = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+                state[f"conv{i}.weight"] = conv.weight.detach() * g.view(-1, 1, 1, 1)
+                state[f"conv{i}.bias"] = (conv.bias.detach() - bn.running_mean) * g + bn.bias.detach()
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, 32, 32) normalized images -> logits (B, K)."""
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)  # (B, c1, 14, 14)
@@ -405,6 +418,7 @@ class Classifier(nn.Module):
             net = _quantize_layers(net, config.quant_bits, skip_first_last=config.quant_skip_first_last)
         self.net = net
         self.config = config
+        self.initialized_from: str | None = None  # "teacher" / "teacher-slices" once init_from_teacher copied
         mean = None if config.mean is None else torch.tensor(config.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = None if config.std is None else torch.tensor(config.std, dtype=torch.float32).view(1, -1, 1, 1)
         # Not persistent: config.json holds them; the safetensors file is the net's state dict alone.
@@ -462,6 +476,71 @@ def build_classifier(
         f"a {arch} classifier with num_classes={num_classes} and in_channels={in_channels}",
     )
     return Classifier(ARCHITECTURES[arch](num_classes=num_classes, in_channels=in_channels), config)
+
+
+STUDENT_INITS = ("auto", "teacher", "random")
+
+
+def init_from_teacher(student: Classifier, teacher: Classifier, how: str = "auto") -> list[str]:
+    """Initialize ``student`` from ``teacher`` by weight selection (Xu et al., ICLR 2024, "Initializing Models with
+    Larger Ones"): each student tensor takes the leading slice of the teacher's tensor of the same name (its first
+    channels, features and inputs; the whole tensor where the shapes agree). Returns the names copied (parameters and
+    buffers, BatchNorm statistics included).
+
+    Selecting the same leading channels in every layer keeps the copied filters connected as they were: a shallower
+    model of the teacher's family (ResNet-8 from ResNet-20) gets the stem, the first block of each stage and the
+    classifier, and a narrower one (LeNet-5-half from LeNet-5) the first half of every layer's filters. A teacher
+    with BatchNorm after its convolutions where the student has none (LeNet-5-BN) is folded first
+    (``LeNet5.batchnorm_folded_state_dict``: exact in eval mode).
+
+    ``how``: ``"teacher"`` selects and raises ``UsageError`` unless every student tensor has a teacher tensor of the
+    same name, number of dimensions and no smaller size; ``"auto"`` selects only in that case (else copies nothing);
+    ``"random"`` copies nothing. The student's input normalization must be the teacher's (``UsageError`` otherwise).
+    Sets ``student.initialized_from`` when it copied: ``"teacher"`` when every tensor was whole (a shallower student,
+    whose logits are on the teacher's scale), ``"teacher-slices"`` when some were cut (a narrower one).
+    """
+    if how not in STUDENT_INITS:
+        raise UsageError(f"student init {how!r} is not valid; valid: {', '.join(STUDENT_INITS)}")
+    if how == "random":
+        return []
+    target = student.net.state_dict()
+    source = teacher.net.state_dict()
+    fold = getattr(teacher.net, "batchnorm_folded_state_dict", None)
+    if fold is not None and any(k not in target for k in source if k.startswith("bn")):
+        source = fold()
+
+    def fits(name: str, tensor: torch.Tensor) -> bool:
+        other = source.get(name)
+        return (
+            other is not None
+            and other.dim() == tensor.dim()
+            and all(a >= b for a, b in zip(other.shape, tensor.shape))
+        )
+
+    unmatched = [
+        f"{k} {tuple(v.shape)}" + ("" if k not in source else f" (teacher: {tuple(source[k].shape)})")
+        for k, v in target.items()
+        if not fits(k, v)
+    ]
+    if unmatched:
+        if how == "auto":
+            return []
+        raise UsageError(
+            f"cannot initialize a {student.config.arch} student from a {teacher.config.arch} teacher: "
+            f"{len(unmatched)} of its {len(target)} tensors have no teacher tensor of the same name and at least "
+            f"its size ({_first(unmatched, 3)}); use student init 'random' (or 'auto', which falls back to it)"
+        )
+    if (student.config.mean, student.config.std) != (teacher.config.mean, teacher.config.std):
+        raise UsageError(
+            "a student initialized from its teacher needs the teacher's input normalization; student "
+            f"mean/std {student.config.mean}/{student.config.std}, teacher {teacher.config.mean}/{teacher.config.std}"
+        )
+    with torch.no_grad():
+        for name, tensor in target.items():
+            tensor.copy_(source[name][tuple(slice(0, n) for n in tensor.shape)])
+    whole = all(source[name].shape == tensor.shape for name, tensor in target.items())
+    student.initialized_from = "teacher" if whole else "teacher-slices"
+    return list(target)
 
 
 def _parameter_bytes(arch: str, *, num_classes: int, in_channels: int) -> int:

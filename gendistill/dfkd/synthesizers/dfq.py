@@ -28,9 +28,12 @@ from ..losses import (
     BNStatsLoss,
     adversarial_loss,
     information_entropy_loss,
+    logit_mse_loss,
     one_hot_loss,
 )
 from .base import GeneratorConfig, GeneratorSynthesizer
+
+STUDENT_LOSSES = ("kd", "mse")
 
 
 @dataclass
@@ -51,6 +54,8 @@ class DFQConfig(GeneratorConfig):
     generator_lr: float | None = None  # Adam learning rate of the generator (the reference's lr_g: 1e-3)
     student_lr: float | None = None  # the student's AdamW learning rate when the recipe gives none
     tau: float = 4.0  # temperature of the student's KD loss (the reference's: 20)
+    student_loss: str | None = None  # kd: tau^2 KL at tau | mse: mean squared difference of the logits | None:
+    # mse for a student that starts from its teacher's whole tensors (its logits are on the teacher's scale), else kd
     batch_size: int | None = None  # images per generator and student step when the recipe gives none
     AT_LEAST = {**GeneratorConfig.AT_LEAST, "padding": 0, "bn": 0}
     POSITIVE = ("generator_lr", "student_lr", "batch_size")  # the base checks skip options left at None
@@ -59,6 +64,8 @@ class DFQConfig(GeneratorConfig):
         super().__post_init__()
         if self.profile not in (*PROFILES, "auto"):
             raise UsageError(f"profile {self.profile!r} is not valid; valid: {', '.join(PROFILES)}, auto")
+        if self.student_loss is not None and self.student_loss not in STUDENT_LOSSES:
+            raise UsageError(f"student_loss {self.student_loss!r} is not valid; valid: {', '.join(STUDENT_LOSSES)}")
         if self.bn_kind is not None and self.bn_kind not in BN_LOSS_KINDS:
             raise UsageError(f"bn_kind {self.bn_kind!r} is not valid; valid: {', '.join(BN_LOSS_KINDS)}")
 
@@ -70,7 +77,7 @@ PROFILES = {
         bn_kind="norm", bn=5.0, generator_lr=3e-3, student_lr=5e-3, batch_size=128, memory_batches=10, student_start=60
     ),
     "deep": dict(
-        bn_kind="kl", bn=1.0, generator_lr=3e-2, student_lr=1e-2, batch_size=32, memory_batches=40, student_start=100
+        bn_kind="kl", bn=1.0, generator_lr=3e-2, student_lr=3e-3, batch_size=32, memory_batches=40, student_start=50
     ),
 }
 DEEP_TEACHER_BN_LAYERS = 4  # profile "auto": deep above this many BatchNorm layers (LeNet-5-BN 3, ResNet-8 9)
@@ -91,6 +98,20 @@ class DFQ(GeneratorSynthesizer):
             profile = "deep" if deep else "shallow"
         unset = {k: v for k, v in PROFILES[profile].items() if getattr(config, k) is None}
         return dataclasses.replace(config, profile=profile, **unset)
+
+    def adapt_to_student(self, student):
+        """Resolve ``student_loss`` left at None: ``"mse"`` for a student initialized from its teacher's whole
+        tensors (``Classifier.initialized_from == "teacher"``: a shallower model of its family), else ``"kd"`` (also
+        for a narrower student initialized from slices, whose logits are not on the teacher's scale)."""
+        if self.config.student_loss is None:
+            from_teacher = getattr(student, "initialized_from", None) == "teacher"
+            self.config = dataclasses.replace(self.config, student_loss="mse" if from_teacher else "kd")
+
+    def student_loss(self, student_logits, teacher_logits):
+        """``tau^2 KL`` at ``tau`` (``student_loss="kd"``) or the mean squared difference of the logits (``"mse"``)."""
+        if self.config.student_loss == "mse":
+            return logit_mse_loss(student_logits, teacher_logits)
+        return super().student_loss(student_logits, teacher_logits)
 
     def generator_loss(self, batch, *, generator, teacher, student):
         """Loss of one generator step on noise ``batch["z"]`` (B, nz), on the shifted generator images x:
