@@ -453,8 +453,10 @@ def test_a_resnet8_student_starts_from_its_resnet20_teacher(tmp_path, capsys):
     # one iteration of the deep profile is a generator step alone (student_start): the student's weights stay
     distill(teacher, student, output=str(tmp_path / "api"), max_steps=1, eval_every=0, ema_decay=0)
     assert torch.equal(student.net.fc.weight, kept)
+    assert json.loads((tmp_path / "api" / "results.json").read_text())["student_init"] == "random"
     distill(teacher, student, output=str(tmp_path / "api2"), max_steps=1, eval_every=0, student_init="teacher")
     assert torch.equal(student.net.fc.weight, teacher.net.fc.weight)
+    assert json.loads((tmp_path / "api2" / "results.json").read_text())["student_init"] == "teacher"
 
 
 def test_a_run_that_ends_before_the_students_first_step_warns(bn_teacher, tmp_path, caplog):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from gendistill.data.classification import load_classification_data
 from gendistill.dfkd.losses import batchnorm_layer_count
@@ -260,6 +261,9 @@ def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
     def export(trainer, task, metrics) -> dict:
         save_classifier(trainer.export_module("student"), Path(recipe.output))
         summary = {"method": recipe.method, "plugins": list(recipe.plugins or []), **metrics}
+        # how the student started: "teacher" (whole tensors), "teacher-slices" (weight selection) or "random"
+        student = extract_model_from_parallel(task.student)
+        summary["student_init"] = getattr(student, "initialized_from", None) or "random"
         if getattr(task.synthesizer, "source_info", None):  # a transfer set drawn from a diffusion model
             summary["transfer_set"] = task.synthesizer.source_info
         if recipe.eval_data and hasattr(task, "eval_labels"):  # what the held-out accuracy is measured on
