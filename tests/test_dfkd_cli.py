@@ -437,6 +437,9 @@ def test_a_resnet8_student_starts_from_its_resnet20_teacher(tmp_path, capsys):
     assert fresh.student.initialized_from is None and fresh.synthesizer.config.student_loss == "kd"
     assert not torch.equal(fresh.student.net.fc.weight, teacher.net.fc.weight)
     assert task(student_init="random", method_options=["student_loss=mse"]).synthesizer.config.student_loss == "mse"
+    # a black-box method (DFME) and ABD keep the teacher's weights out: auto means random there, teacher is refused
+    assert task(method="dfme").student.initialized_from is None
+    assert task(plugins=["abd"]).student.initialized_from is None
 
     base = ["dfkd", "--teacher", str(teacher_folder), "--max-steps", "1", *QUICK]
     _fails(capsys, [*base, "--output", str(tmp_path / "o"), "--student-init", "copy"], "student_init 'copy' is not")
@@ -446,7 +449,17 @@ def test_a_resnet8_student_starts_from_its_resnet20_teacher(tmp_path, capsys):
         "cannot initialize a lenet5_half student from a resnet20 teacher",
     )
     _fails(capsys, [*base, "--output", str(tmp_path / "o3"), "--method-options", "student_loss=l2"], "valid: kd, mse")
-    assert not any((tmp_path / name).exists() for name in ("o", "o2", "o3"))
+    _fails(
+        capsys,
+        [*base, "--output", str(tmp_path / "o4"), "--method", "dfme", "--student-init", "teacher"],
+        "method 'dfme' reads the teacher only through queries",
+    )
+    _fails(
+        capsys,
+        [*base, "--output", str(tmp_path / "o5"), "--plugins", "abd", "--student-init", "teacher"],
+        "--plugins abd is there to keep a possible backdoor",
+    )
+    assert not any((tmp_path / name).exists() for name in ("o", "o2", "o3", "o4", "o5"))
 
     student = build_classifier("resnet8", num_classes=10, mean=(0.1,) * 3, std=(0.3,) * 3)
     kept = student.net.fc.weight.detach().clone()

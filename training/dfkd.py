@@ -90,18 +90,7 @@ class DFKDRecipe(TrainRecipe):
             self.batch_size = int(config.batch_size) if self.batch_size is None else self.batch_size
         super().validate()
         self.student_arch = canonical_arch(self.student_arch, what="student architecture")
-        if self.student_init not in STUDENT_INITS:
-            raise UsageError(f"student_init {self.student_init!r} is not valid; valid: {', '.join(STUDENT_INITS)}")
-        if self.student_init == "teacher" and self.teacher_weights_stay_out():
-            why = (
-                f"method {self.method!r} reads the teacher only through queries"
-                if cls.black_box
-                else "--plugins abd is there to keep a possible backdoor of the teacher out of the student"
-            )
-            raise UsageError(
-                f"student_init 'teacher' copies the teacher's weights, but {why}; use student_init random (or auto, "
-                "which is random here)"
-            )
+        self.resolved_student_init()
         if self.student_quant_bits is not None and self.student_quant_bits not in QUANT_BITS:
             raise UsageError(
                 f"student_quant_bits {self.student_quant_bits!r} is not valid; valid: "
@@ -110,10 +99,26 @@ class DFKDRecipe(TrainRecipe):
         self.options()
         self.build_plugins()
 
-    def teacher_weights_stay_out(self) -> bool:
-        """True when the student must not start from the teacher's weights: a black-box method (DFME), or ABD
-        (the teacher may be poisoned, and its weights would carry the backdoor)."""
-        return get_method(self.method).black_box or "abd" in (self.plugins or [])
+    def resolved_student_init(self) -> str:
+        """``student_init`` as it applies: ``"random"`` where the teacher's weights stay out of the student (a
+        black-box method such as DFME reads the teacher only through queries; under ABD the teacher may be poisoned
+        and its weights would carry the backdoor), where ``"teacher"`` is refused; else ``student_init``."""
+        if self.student_init not in STUDENT_INITS:
+            raise UsageError(f"student_init {self.student_init!r} is not valid; valid: {', '.join(STUDENT_INITS)}")
+        black_box = get_method(self.method).black_box
+        if not black_box and "abd" not in (self.plugins or []):
+            return self.student_init
+        if self.student_init == "teacher":
+            why = (
+                f"method {self.method!r} reads the teacher only through queries"
+                if black_box
+                else "--plugins abd is there to keep a possible backdoor of the teacher out of the student"
+            )
+            raise UsageError(
+                f"student_init 'teacher' copies the teacher's weights, but {why}; use student_init random (or auto, "
+                "which is random here)"
+            )
+        return "random"
 
     def teacher_bn_layers(self) -> int | None:
         """How many BatchNorm layers the teacher has (the architecture in its folder's config.json; the weights are
@@ -219,8 +224,7 @@ def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
         std=None if config.std is None else tuple(config.std),
         quant_bits=recipe.student_quant_bits,
     )
-    init = "random" if recipe.teacher_weights_stay_out() else recipe.student_init  # auto is random there
-    copied = init_from_teacher(student, teacher, init)
+    copied = init_from_teacher(student, teacher, recipe.resolved_student_init())
     if copied:
         logger.info("student initialized from the teacher: %d tensors copied", len(copied))
     options = recipe.options()
@@ -314,12 +318,7 @@ def distill(
     unless ``student_init`` is given (``"teacher"`` or ``"auto"``: ``init_from_teacher``)."""
     recipe = DFKDRecipe(output=output, method=method, **recipe_fields)
     if "student_init" in recipe_fields:  # only when asked: the student given may already be trained
-        if recipe.teacher_weights_stay_out() and recipe.student_init != "random":
-            raise UsageError(
-                f"student_init {recipe.student_init!r}: the teacher's weights stay out of the student with method "
-                f"{method!r} and plug-ins {recipe.plugins}; use student_init random"
-            )
-        init_from_teacher(student, teacher, recipe.student_init)
+        init_from_teacher(student, teacher, recipe.resolved_student_init())
     if recipe.pool is not None:  # pool= is the method's data option, as on the command line
         if (options or {}).get("data", recipe.pool) != recipe.pool:
             raise UsageError(f"pool={recipe.pool!r} and options data={options['data']!r} disagree")
