@@ -158,7 +158,7 @@ def test_defaults_and_phases():
     assert (dfad.adv, dfad.tau) == (1.0, 20.0)
     assert (zskt.adv, zskt.tau, zskt.adv_tau) == (1.0, 20.0, 20.0)
     assert (dfq.adv, dfq.bn, dfq.oh, dfq.balance, dfq.tau, dfq.adv_tau) == (1.0, 5.0, 1.0, 20.0, 4.0, 1.0)
-    assert (dfq.ngf, dfq.padding, dfq.memory_batches, dfq.student_lr, dfq.bn_kind) == (8, 4, 10, 5e-3, "norm")
+    assert (dfq.ngf, dfq.padding, dfq.memory_batches, dfq.student_lr, dfq.bn_kind) == (8, 4, 30, 5e-3, "norm")
     assert dfq.batch_size == 128 and dfad.batch_size == 64
     assert [cls.needs_batchnorm for cls in CLASSES] == [False, False, True]
     with pytest.raises(ValueError, match="unknown option.*bn"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -127,6 +128,10 @@ def test_dafl_cli_distills_and_logs_accuracy(mnist_teacher, tmp_path, capsys):
     assert any("loss/generator" in r and "loss/student" in r for r in rows)
     assert all("elapsed_s" in r for r in rows)
     assert [r["step"] for r in rows if "student_accuracy" in r] == [0, 2, 4]
+    # The learning rates anneal over the run (cosine to 0 at max_steps, the DFKD default)
+    lr = json.loads((out / "gendistill_run.json").read_text())["recipe"]["lr"]
+    student_lr = [r["lr/student"] for r in rows if "lr/student" in r]
+    assert student_lr == pytest.approx([lr * (1 + math.cos(math.pi * k / 4)) / 2 for k in (1, 2, 3, 4)], abs=1e-12)
     student = load_classifier(out)
     assert student.config.arch == "lenet5_half" and student.config.mean == load_classifier(mnist_teacher).config.mean
 

@@ -69,6 +69,8 @@ class DFKDRecipe(TrainRecipe):
     max_steps: int = 1000  # iterations
     batch_size: int | None = None  # images per generator and student step, per process (default: the method's)
     lr: float | None = None  # the student's AdamW learning rate (default: the method's student_lr option)
+    lr_scheduler: str = "cosine"  # learning rates over max_steps (student and generator): cosine decay to 0, as
+    # Fast-Datafree's code anneals its student; any diffusers get_scheduler name (constant_with_warmup: flat)
     ema_decay: float = 0.99  # EMA of the student weights; the EMA student is evaluated and exported (0: the live one)
     eval_every: int = 100  # held-out accuracy and teacher agreement every N iterations (with --eval-data)
     sample_every: int = 500  # PNG grid of synthesized images every N iterations

@@ -74,7 +74,7 @@ class DFQConfig(GeneratorConfig):
 # "deep" on ResNet-20 (21), both on the CPU MNIST benchmark; docs/dfkd.md, "DFQ", has the measurements.
 PROFILES = {
     "shallow": dict(
-        bn_kind="norm", bn=5.0, generator_lr=3e-3, student_lr=5e-3, batch_size=128, memory_batches=10, student_start=60
+        bn_kind="norm", bn=5.0, generator_lr=3e-3, student_lr=5e-3, batch_size=128, memory_batches=30, student_start=60
     ),
     "deep": dict(
         bn_kind="kl", bn=1.0, generator_lr=3e-2, student_lr=3e-3, batch_size=32, memory_batches=40, student_start=50
