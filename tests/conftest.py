@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -65,6 +66,27 @@ class ToyTask(torch.nn.Module):
         self.calls += 1
         loss = ((self.model(x) - 2 * x) ** 2).mean()
         return {"loss": loss * float("nan") if self.calls in self.poison else loss}
+
+
+@contextlib.contextmanager
+def killed_after_checkpoint(step: int):
+    """Within the block, a training run stops with ``KeyboardInterrupt`` right after writing its checkpoint of
+    ``step``, as if killed there (a resumed run must then equal an uninterrupted one, learning-rate schedule
+    included: the run is not told that it ends at ``step``)."""
+    from gendistill.training.core import Trainer
+
+    original = Trainer.save_checkpoint
+
+    def save_then_die(self):
+        folder = original(self)
+        if self.counters.step == step:
+            raise KeyboardInterrupt(f"killed after the checkpoint of step {step}")
+        return folder
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt, match="killed after the checkpoint"):
+            yield
 
 
 def run_fresh_python(script: str, *args, cwd) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import killed_after_checkpoint
 from PIL import Image
 
 from gendistill.cli import main
@@ -294,16 +295,22 @@ def _student_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_of_a_generator_method_is_exact(bn_teacher, tmp_path):
-    """Generator, student, both optimizers and the RNG are checkpointed: 2 + 2 iterations equal 4, the student's
-    steps starting after the resume (``student_start=3``: the resumed run counts the generator's warm-up on)."""
+    """Generator, student, both optimizers, their schedules and the RNG are checkpointed: 2 + 2 iterations equal 4,
+    the student's steps starting after the resume (``student_start=3``: the resumed run counts the generator's
+    warm-up on). A run that ends at 2 and is then extended to 4 is another run: its rates annealed over 2."""
     base = ["dfkd", "--method", "dfq", "--teacher", str(bn_teacher), "--batch-size", "8", "--log-every", "1"]
     base += ["--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "2"]
     base += tiny_generator("student_steps=2", "student_start=3")
     assert main([*base, "--output", str(tmp_path / "straight"), "--max-steps", "4"]) == 0
-    assert main([*base, "--output", str(tmp_path / "resumed"), "--max-steps", "2"]) == 0
+    with killed_after_checkpoint(2):
+        main([*base, "--output", str(tmp_path / "resumed"), "--max-steps", "4"])
     assert main([*base, "--output", str(tmp_path / "resumed"), "--max-steps", "4", "--resume", "latest"]) == 0
     a, b = _student_weights(tmp_path / "straight"), _student_weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main([*base, "--output", str(tmp_path / "extended"), "--max-steps", "2"]) == 0
+    assert main([*base, "--output", str(tmp_path / "extended"), "--max-steps", "4", "--resume", "latest"]) == 0
+    c = _student_weights(tmp_path / "extended")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
     rows = [json.loads(line) for line in (tmp_path / "resumed" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss/student" in row] == [4]
 
@@ -386,8 +393,9 @@ def test_the_student_lr_defaults_to_the_methods_own():
 
 
 def test_the_recipe_takes_dfqs_batch_and_lr_from_the_teachers_profile(tmp_path):
-    """A ResNet teacher folder gets DFQ's deep profile (batch 32, student lr 3e-3) from its config.json alone; a
-    LeNet-5-BN one the shallow profile; --batch-size and --lr still win; distill() resolves the same way."""
+    """A ResNet teacher folder gets DFQ's deep profile (batch 32, student lr 3e-3, 1,000 iterations) from its
+    config.json alone; a LeNet-5-BN one the shallow profile (2,500 iterations); --batch-size, --lr and --max-steps
+    (or --iterations) still win; other methods run 1,000 iterations; distill() resolves the same way."""
     from gendistill.dfkd.synthesizers.dfq import PROFILES
     from gendistill.training.dfkd import DFKDRecipe
 
@@ -398,12 +406,14 @@ def test_the_recipe_takes_dfqs_batch_and_lr_from_the_teachers_profile(tmp_path):
     def settings(arch, **fields):
         recipe = DFKDRecipe(teacher=str(tmp_path / arch), **fields)
         recipe.validate()
-        return recipe.batch_size, recipe.lr
+        return recipe.batch_size, recipe.lr, recipe.max_steps
 
-    assert settings("resnet20") == (deep["batch_size"], deep["student_lr"])
-    assert settings("lenet5_bn") == (shallow["batch_size"], shallow["student_lr"])
-    assert settings("resnet20", batch_size=16, lr=1e-3) == (16, 1e-3)
-    assert settings("resnet20", method_options=["profile=shallow"]) == (128, 5e-3)
+    assert settings("resnet20") == (deep["batch_size"], deep["student_lr"], 1000)
+    assert settings("lenet5_bn") == (shallow["batch_size"], shallow["student_lr"], 2500)
+    assert settings("resnet20", batch_size=16, lr=1e-3, max_steps=7) == (16, 1e-3, 7)
+    assert settings("lenet5_bn", iterations=9)[2] == 9
+    assert settings("resnet20", method_options=["profile=shallow"]) == (128, 5e-3, 2500)
+    assert settings("lenet5_bn", method="dafl")[2] == 1000
     student = build_classifier("resnet8", num_classes=10)
     out = tmp_path / "run"
     distill(load_classifier(tmp_path / "resnet20"), student, output=str(out), max_steps=1, eval_every=0, ema_decay=0)

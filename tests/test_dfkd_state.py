@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import killed_after_checkpoint
 from safetensors.torch import load_file
 
 from gendistill.cli import main
@@ -42,13 +43,15 @@ TINY = {
 
 
 def straight_and_resumed(teacher: Path, tmp_path: Path, method: str, options: list[str]) -> tuple[dict, dict]:
-    """Student weights after 4 iterations straight and after 2 + 2 with ``--resume latest``."""
+    """Student weights after 4 iterations straight and after 2 + 2: killed after the checkpoint of iteration 2, then
+    ``--resume latest`` (the learning rates anneal over the 4 iterations in both)."""
     argv = ["dfkd", "--method", method, "--teacher", str(teacher), "--batch-size", "8", "--log-every", "1"]
-    argv += ["--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "2"]
+    argv += ["--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "2", "--max-steps", "4"]
     argv += ["--method-options", ",".join(["ngf=8", "nz=16", *options])]
-    assert main([*argv, "--output", str(tmp_path / "straight"), "--max-steps", "4"]) == 0
-    assert main([*argv, "--output", str(tmp_path / "resumed"), "--max-steps", "2"]) == 0
-    assert main([*argv, "--output", str(tmp_path / "resumed"), "--max-steps", "4", "--resume", "latest"]) == 0
+    assert main([*argv, "--output", str(tmp_path / "straight")]) == 0
+    with killed_after_checkpoint(2):
+        main([*argv, "--output", str(tmp_path / "resumed")])
+    assert main([*argv, "--output", str(tmp_path / "resumed"), "--resume", "latest"]) == 0
     return (load_file(tmp_path / name / "model.safetensors") for name in ("straight", "resumed"))
 
 

@@ -37,6 +37,7 @@ class SynthesizerConfig:
     student_steps: int = 1  # student optimizer steps per iteration
     student_lr: float = 2e-3  # the student's AdamW learning rate when the recipe gives none (--lr)
     batch_size: int = 64  # images per generator and student step when the recipe gives none (--batch-size)
+    max_steps: int = 1000  # iterations of a run when the recipe gives none (--max-steps)
     generator_lr: float = 1e-3  # Adam learning rate of the generator (the recipe's lr is the student's)
     nz: int = 256  # generator noise size
     ngf: int = 64  # generator width

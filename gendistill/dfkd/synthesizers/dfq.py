@@ -57,8 +57,10 @@ class DFQConfig(GeneratorConfig):
     student_loss: str | None = None  # kd: tau^2 KL at tau | mse: mean squared difference of the logits | None:
     # mse for a student that starts from its teacher's whole tensors (its logits are on the teacher's scale), else kd
     batch_size: int | None = None  # images per generator and student step when the recipe gives none
+    max_steps: int | None = None  # iterations of a run when the recipe gives none (the learning rates anneal over
+    # them: a cheap iteration needs more of them)
     AT_LEAST = {**GeneratorConfig.AT_LEAST, "padding": 0, "bn": 0}
-    POSITIVE = ("generator_lr", "student_lr", "batch_size")  # the base checks skip options left at None
+    POSITIVE = ("generator_lr", "student_lr", "batch_size", "max_steps")  # the base checks skip options left at None
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,10 +76,24 @@ class DFQConfig(GeneratorConfig):
 # "deep" on ResNet-20 (21), both on the CPU MNIST benchmark; docs/dfkd.md, "DFQ", has the measurements.
 PROFILES = {
     "shallow": dict(
-        bn_kind="norm", bn=5.0, generator_lr=3e-3, student_lr=5e-3, batch_size=128, memory_batches=30, student_start=60
+        bn_kind="norm",
+        bn=5.0,
+        generator_lr=3e-3,
+        student_lr=5e-3,
+        batch_size=128,
+        memory_batches=30,
+        student_start=60,
+        max_steps=2500,
     ),
     "deep": dict(
-        bn_kind="kl", bn=1.0, generator_lr=3e-2, student_lr=3e-3, batch_size=32, memory_batches=40, student_start=50
+        bn_kind="kl",
+        bn=1.0,
+        generator_lr=3e-2,
+        student_lr=3e-3,
+        batch_size=32,
+        memory_batches=40,
+        student_start=50,
+        max_steps=1000,
     ),
 }
 DEEP_TEACHER_BN_LAYERS = 4  # profile "auto": deep above this many BatchNorm layers (LeNet-5-BN 3, ResNet-8 9)
