@@ -500,3 +500,15 @@ def test_a_run_that_ends_before_the_students_first_step_warns(bn_teacher, tmp_pa
     assert "ends before the student's first step" not in caplog.text
     rows = [json.loads(line) for line in (tmp_path / "b" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss/student" in row] == [2]
+
+
+def test_run_resolves_a_recipe_built_in_python(bn_teacher, tmp_path):
+    """``training.dfkd.run`` on a ``DFKDRecipe`` made in Python (as the benchmarks do) fills the fields left at None
+    (max_steps from ``iterations``, batch size and lr from the method) before building the task."""
+    from gendistill.training.dfkd import DFKDRecipe, run
+
+    recipe = DFKDRecipe(teacher=str(bn_teacher), output=str(tmp_path / "run"), iterations=2, eval_every=0)
+    recipe.method_options = ["ngf=8", "nz=16", "student_start=1"]
+    recipe.sample_every = recipe.checkpoint_every = 0
+    summary = run(recipe)
+    assert summary["steps"] == 2 and recipe.max_steps == 2 and recipe.batch_size == 128

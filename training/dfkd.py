@@ -265,6 +265,7 @@ def task_from_recipe(recipe: DFKDRecipe) -> DFKDTask:
 def run(recipe: DFKDRecipe, task: DFKDTask | None = None) -> dict:
     """Distill and export the student into ``recipe.output``; returns the summary (also ``results.json``).
     ``task``: one built by the caller (``distill``) instead of the recipe's."""
+    recipe.validate()  # the defaults left at None (max_steps, lr, batch size) come from the method
 
     def export(trainer, task, metrics) -> dict:
         save_classifier(trainer.export_module("student"), Path(recipe.output))
