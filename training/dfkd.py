@@ -88,10 +88,7 @@ class DFKDRecipe(TrainRecipe):
             raise UsageError(f"eval_split {self.eval_split!r} is not valid; valid: {', '.join(EVAL_SPLITS)}")
         if self.lr is None or self.batch_size is None or self.max_steps is None:
             # The method's own defaults, which may depend on the teacher (DFQ's profiles)
-            config = cls.config_for_teacher(cls.Config(**self.options()), self.teacher_bn_layers())
-            self.lr = float(config.student_lr) if self.lr is None else self.lr
-            self.batch_size = int(config.batch_size) if self.batch_size is None else self.batch_size
-            self.max_steps = int(config.max_steps) if self.max_steps is None else self.max_steps
+            self.take_method_defaults(cls.config_for_teacher(cls.Config(**self.options()), self.teacher_bn_layers()))
         super().validate()
         self.student_arch = canonical_arch(self.student_arch, what="student architecture")
         self.resolved_student_init()
@@ -102,6 +99,12 @@ class DFKDRecipe(TrainRecipe):
             )
         self.options()
         self.build_plugins()
+
+    def take_method_defaults(self, config) -> None:
+        """Fill the fields left at None (student lr, batch size, max_steps) from a method's resolved ``config``."""
+        self.lr = float(config.student_lr) if self.lr is None else self.lr
+        self.batch_size = int(config.batch_size) if self.batch_size is None else self.batch_size
+        self.max_steps = int(config.max_steps) if self.max_steps is None else self.max_steps
 
     def resolved_student_init(self) -> str:
         """``student_init`` as it applies: ``"random"`` where the teacher's weights stay out of the student (a
@@ -337,12 +340,8 @@ def distill(
         objectives=[*(objectives or []), *recipe.build_plugins()],
         kernel_backend=backend_for(recipe.fused_kernels),
     )
-    config = task.synthesizer.config  # the method's defaults for this teacher
-    recipe.lr = float(config.student_lr) if recipe.lr is None else recipe.lr
-    recipe.batch_size = int(config.batch_size) if recipe.batch_size is None else recipe.batch_size
-    recipe.max_steps = int(config.max_steps) if recipe.max_steps is None else recipe.max_steps
-    recipe.validate()
-    return run(recipe, task)
+    recipe.take_method_defaults(task.synthesizer.config)  # the method's defaults for this teacher
+    return run(recipe, task)  # which validates the recipe
 
 
 def main(argv: list[str] | None = None) -> int:
