@@ -76,13 +76,36 @@ def test_first_order_lra_differentiates_only_through_the_adapted_weights():
     assert not torch.allclose(torch.autograd.grad(term2, layer2.weight)[0], got)
 
 
+def test_the_memory_terms_wait_for_a_batch_of_distinct_images():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    task = SimpleNamespace(student=model, synthesizer=SimpleNamespace(student_loss=_kl))
+
+    def terms_per_step(**options):
+        torch.manual_seed(0)
+        plugin = LRA(memory_every=1, memory_fraction=0.5, **options)  # 2 of each batch of 4 join the memory
+        plugin.attach(task)
+        out = []
+        for _ in range(4):
+            x, t = torch.randn(4, 1, 2, 3), torch.randn(4, 3)
+            out.append(sorted(plugin.student_terms(images=x, student_logits=model(x), teacher_logits=t, task=task)))
+        return out
+
+    both = ["loss_lra", "loss_replay"]
+    assert terms_per_step() == [[], [], both, both]  # memory 0, 2, 4, 6 images before each step: a batch is 4
+    assert terms_per_step(min_memory=1) == [[], both, both, both]
+    assert terms_per_step(min_memory=6) == [[], [], [], both]
+    with pytest.raises(UsageError, match="min_memory"):
+        LRA(min_memory=-1)
+
+
 @pytest.mark.parametrize(
     "method", ["dafl", "dfad", "zskt", "dfq", "cae", "deepinversion", "cmi", "fast", "nayer", "unlabeled"]
 )
 def test_lra_plugs_into_every_method(method, bn_teacher, tmp_path):
     argv = ["dfkd", "--method", method, "--teacher", str(bn_teacher), "--max-steps", "2", *QUICK]
     argv += ["--method-options", ",".join(["ngf=8", "nz=16", *TINY[method]]), "--plugins", "lra"]
-    assert main([*argv, "--plugin-options", "lra.memory_every=2", "--output", str(tmp_path / "o")]) == 0
+    options = "lra.memory_every=2,lra.min_memory=1"  # the memory terms from the first image on
+    assert main([*argv, "--plugin-options", options, "--output", str(tmp_path / "o")]) == 0
     assert json.loads((tmp_path / "o" / "results.json").read_text())["plugins"] == ["lra"]
 
 
@@ -91,7 +114,7 @@ def test_resume_with_lra_and_faqd_is_exact(bn_teacher, tmp_path, monkeypatch):
     import test_dfkd_state
 
     original = test_dfkd_state.main
-    plugins = ["--plugins", "lra,faqd", "--plugin-options", "lra.memory_every=2,lra.first_order=true"]
+    plugins = ["--plugins", "lra,faqd", "--plugin-options", "lra.memory_every=2,lra.first_order=true,lra.min_memory=1"]
     monkeypatch.setattr(test_dfkd_state, "main", lambda argv: original([*argv, *plugins]))
     straight, resumed = straight_and_resumed(bn_teacher, tmp_path, "dfad", TINY["dfad"])
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -103,7 +126,7 @@ def test_the_memory_is_sparse_and_the_replay_term_is_the_loss_on_a_memory_batch(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).double()
     task = SimpleNamespace(student=model, synthesizer=SimpleNamespace(student_loss=_kl))
-    plugin = LRA(lra=0.0, replay=3.0, memory_size=5, memory_every=2, memory_fraction=0.5)
+    plugin = LRA(lra=0.0, replay=3.0, memory_size=5, memory_every=2, memory_fraction=0.5, min_memory=1)
     plugin.attach(task)
     shapes = ((4, 1, 2, 3), (4, 3))
     batches = [tuple(torch.randn(shape, dtype=torch.float64) for shape in shapes) for _ in range(5)]

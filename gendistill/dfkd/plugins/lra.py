@@ -18,9 +18,11 @@ images together). The retention term is differentiated through the inner step (s
 The memory, as in the reference, is sparse and long: every ``memory_every`` student steps the first
 ``ceil(memory_fraction * B)`` images of the step's batch join a ring buffer of ``memory_size`` images (the
 reference keeps an eighth of a batch every five epochs). The memory batch, the new batch's size, is drawn
-uniformly with replacement (global RNG, so resume is exact); before the first images join there is no memory
-term. The memory is checkpointed; the teacher's logits are stored beside the images (the teacher is frozen, so
-they equal the reference's recomputed ones).
+uniformly with replacement (global RNG, so resume is exact). The memory terms start once the memory holds
+``min_memory`` images (0, the default: a student batch's worth): a batch drawn with replacement from a few dozen
+images is those few images repeated, and fitting them (twice: replay and retention) wrecked a student that
+started from its teacher's weights (measured: docs/dfkd.md, "LRA"). The memory is checkpointed; the teacher's
+logits are stored beside the images (the teacher is frozen, so they equal the reference's recomputed ones).
 
 Not from the reference: the schedule (``memory_every`` 20 student steps, ``memory_size`` 1024) is scaled to runs
 of minutes instead of hundreds of epochs, and ``inner_lr`` 1e-2 suits the AdamW student learning rates of this
@@ -49,9 +51,10 @@ class LRAConfig(PluginConfig):
     memory_fraction: float = 0.125  # share of that step's batch that joins the memory
     inner_lr: float = 1e-2  # step size of the inner SGD step on the new batch
     first_order: bool = False  # treat the inner gradient as a constant (no second derivatives)
+    min_memory: int = 0  # images the memory holds before its terms start (0: as many as a student batch)
 
     def __post_init__(self):
-        for name in ("lra", "replay", "inner_lr"):
+        for name in ("lra", "replay", "inner_lr", "min_memory"):
             if getattr(self, name) < 0:
                 raise UsageError(f"lra option {name} must be >= 0, got {getattr(self, name)}")
         for name in ("memory_size", "memory_every"):
@@ -73,12 +76,12 @@ class LRA(Plugin):
         self.steps = 0  # student steps seen (the memory grows at every memory_every-th)
 
     def student_terms(self, *, images, student_logits, teacher_logits, task) -> dict[str, torch.Tensor]:
-        """``{"loss_lra": lra * L(m; theta'), "loss_replay": replay * L(m; theta)}`` (absent while the memory is
-        empty), with the student's graph; then, at every ``memory_every``-th step, part of the batch joins the
-        memory."""
+        """``{"loss_lra": lra * L(m; theta'), "loss_replay": replay * L(m; theta)}`` (absent while the memory holds
+        fewer than ``min_memory`` images, or than the batch when that is 0, or none), with the student's graph; then,
+        at every ``memory_every``-th step, part of the batch joins the memory."""
         config = self.config
         terms = {}
-        if len(self.memory):
+        if len(self.memory) and len(self.memory) >= (config.min_memory or len(images)):
             student = extract_model_from_parallel(task.student)
             self.memory.to(images.device)  # a resumed memory is on the CPU
             memory_images, memory_logits = self.memory.sample(len(images))
