@@ -94,8 +94,11 @@ def test_the_memory_terms_wait_for_a_batch_of_distinct_images():
     assert terms_per_step() == [[], [], both, both]  # memory 0, 2, 4, 6 images before each step: a batch is 4
     assert terms_per_step(min_memory=1) == [[], both, both, both]
     assert terms_per_step(min_memory=6) == [[], [], [], both]
+    assert terms_per_step(memory_size=3) == [[], [], both, both]  # a memory smaller than a batch: once full
     with pytest.raises(UsageError, match="min_memory"):
         LRA(min_memory=-1)
+    with pytest.raises(UsageError, match=r"min_memory \(9\) must be at most memory_size \(8\)"):
+        LRA(min_memory=9, memory_size=8)
 
 
 @pytest.mark.parametrize(

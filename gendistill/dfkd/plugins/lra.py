@@ -19,10 +19,11 @@ The memory, as in the reference, is sparse and long: every ``memory_every`` stud
 ``ceil(memory_fraction * B)`` images of the step's batch join a ring buffer of ``memory_size`` images (the
 reference keeps an eighth of a batch every five epochs). The memory batch, the new batch's size, is drawn
 uniformly with replacement (global RNG, so resume is exact). The memory terms start once the memory holds
-``min_memory`` images (0, the default: a student batch's worth): a batch drawn with replacement from a few dozen
-images is those few images repeated, and fitting them (twice: replay and retention) wrecked a student that
-started from its teacher's weights (measured: docs/dfkd.md, "LRA"). The memory is checkpointed; the teacher's
-logits are stored beside the images (the teacher is frozen, so they equal the reference's recomputed ones).
+``min_memory`` images (0, the default: a student batch's worth, or the full memory if that is smaller): a batch
+drawn with replacement from a few dozen images is those few images repeated, and fitting them (twice: replay and
+retention) wrecked a student that started from its teacher's weights (measured: docs/dfkd.md, "LRA"). The memory
+is checkpointed; the teacher's logits are stored beside the images (the teacher is frozen, so they equal the
+reference's recomputed ones).
 
 Not from the reference: the schedule (``memory_every`` 20 student steps, ``memory_size`` 1024) is scaled to runs
 of minutes instead of hundreds of epochs, and ``inner_lr`` 1e-2 suits the AdamW student learning rates of this
@@ -60,6 +61,11 @@ class LRAConfig(PluginConfig):
         for name in ("memory_size", "memory_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"lra option {name} must be >= 1, got {getattr(self, name)}")
+        if self.min_memory > self.memory_size:
+            raise UsageError(
+                f"lra option min_memory ({self.min_memory}) must be at most memory_size ({self.memory_size}): "
+                "the memory terms would never start"
+            )
         if not 0 < self.memory_fraction <= 1:
             raise UsageError(f"lra option memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
@@ -81,7 +87,9 @@ class LRA(Plugin):
         at every ``memory_every``-th step, part of the batch joins the memory."""
         config = self.config
         terms = {}
-        if len(self.memory) and len(self.memory) >= (config.min_memory or len(images)):
+        # min_memory 0: a student batch, or the whole memory when it holds fewer images than a batch
+        needed = config.min_memory or min(len(images), config.memory_size)
+        if len(self.memory) and len(self.memory) >= needed:
             student = extract_model_from_parallel(task.student)
             self.memory.to(images.device)  # a resumed memory is on the CPU
             memory_images, memory_logits = self.memory.sample(len(images))
