@@ -89,7 +89,7 @@ class LRA(Plugin):
         terms = {}
         # min_memory 0: a student batch, or the whole memory when it holds fewer images than a batch
         needed = config.min_memory or min(len(images), config.memory_size)
-        if len(self.memory) and len(self.memory) >= needed:
+        if len(self.memory) >= needed:  # needed >= 1: never on an empty memory
             student = extract_model_from_parallel(task.student)
             self.memory.to(images.device)  # a resumed memory is on the CPU
             memory_images, memory_logits = self.memory.sample(len(images))
