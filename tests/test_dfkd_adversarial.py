@@ -103,6 +103,35 @@ def test_generator_loss_compares_the_student_with_the_teacher(cls, teacher):
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.name)
+def test_generator_phase_computes_no_gradient_for_the_students_weights(cls, teacher):
+    """The task's generator phase backpropagates through the student to the images only: the generator gets its
+    gradients (the same as with the student's weights trainable), the student's weights none, and they are
+    trainable again after the phase (the student phase that follows updates them)."""
+    task = make_task(cls, teacher)
+    torch.manual_seed(2)
+    batch = task.sample_batch("generator", 8, CPU)
+
+    def generator_grads(losses):
+        task.generator.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        return [p.grad.clone() for p in task.generator.parameters()]
+
+    torch.manual_seed(3)
+    through_task = generator_grads(task("generator", batch))
+    assert all(p.grad is None for p in task.student.parameters())
+    assert all(p.requires_grad for p in task.student.parameters())
+    torch.manual_seed(3)  # the same shift of the images, the student's weights trainable (the old graph)
+    task.student.eval()
+    direct = generator_grads(
+        task.synthesizer.generator_loss(batch, generator=task.generator, teacher=task.teacher, student=task.student)
+    )
+    assert any(p.grad is not None for p in task.student.parameters())  # what the phase no longer computes
+    assert any(g.abs().sum() > 0 for g in through_task)
+    for a, b in zip(through_task, direct, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.name)
 def test_student_images_and_preview_come_from_the_generator_without_grad(cls, teacher):
     task = make_task(cls, teacher)
     synth = task.synthesizer

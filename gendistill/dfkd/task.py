@@ -177,10 +177,14 @@ class DFKDTask(nn.Module):
             return self._add_terms(losses, "student_terms", tensors)
         # The student is called unwrapped and in eval mode: its gradients from this phase are never used (each
         # phase starts from zeroed gradients), must not trigger a DDP all-reduce, and synthetic batches must not move
-        # its BatchNorm statistics.
+        # its BatchNorm statistics. Its parameters are frozen while the graph is built, so the backward computes the
+        # gradients w.r.t. the images through it but not the unused ones of its weights.
         student = extract_model_from_parallel(self.student)
         was_training = student.training
         student.eval()
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
         try:
             losses = self.synthesizer.generator_loss(
                 batch, generator=self.generator, teacher=self.teacher, student=student
@@ -193,6 +197,8 @@ class DFKDTask(nn.Module):
             return self._add_terms(losses, "generator_terms", tensors)
         finally:
             student.train(was_training)
+            for p in trainable:
+                p.requires_grad_(True)
 
     def _add_terms(self, losses: dict, hook: str, tensors: dict) -> dict[str, torch.Tensor]:
         """``losses`` with the terms of every objective's ``hook`` added to ``"loss"`` and, detached, by name."""
