@@ -28,10 +28,14 @@ class Phase:
     # a stage that must finish before the next starts (a text-to-image teacher: the autoencoder, then the denoiser)
     ema: bool = True  # keep an EMA of this phase's weights when the recipe asks for one (export and sample grids use
     # it); False: the live weights are final (an autoencoder whose latents a later phase was trained on)
+    adam_beta1: float | None = None  # this phase's Adam beta1 (None: the recipe's adam_beta1); a GAN-style
+    # generator's reference is often 0.5
 
     def __post_init__(self):
         if self.start < 0:
             raise UsageError(f"phase {self.name!r}: start must be >= 0, got {self.start}")
+        if self.adam_beta1 is not None and not 0.0 <= self.adam_beta1 < 1.0:
+            raise UsageError(f"phase {self.name!r}: adam_beta1 must be in [0, 1), got {self.adam_beta1}")
         if self.stop is not None and self.stop <= self.start:
             raise UsageError(f"phase {self.name!r}: stop ({self.stop}) must be after start ({self.start})")
 

@@ -16,6 +16,8 @@ from gendistill.dfkd.synthesizers.dfad import DFAD
 from gendistill.dfkd.synthesizers.dfq import DFQ
 from gendistill.dfkd.synthesizers.zskt import ZSKT
 from gendistill.dfkd.task import DFKDTask
+from gendistill.errors import UsageError
+from gendistill.task import Phase
 from gendistill.training.core import logged_values
 
 CLASSES = (DFAD, ZSKT, DFQ)
@@ -100,6 +102,29 @@ def test_generator_loss_compares_the_student_with_the_teacher(cls, teacher):
     after["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())
     assert all(p.grad is None for p in task.teacher.parameters())
+
+
+@pytest.mark.parametrize(("cls", "beta1"), [(DFAD, 0.9), (ZSKT, 0.9), (DFQ, 0.5)], ids=lambda v: getattr(v, "name", v))
+def test_the_generators_adam_beta1_is_its_references(cls, beta1, teacher, tmp_path):
+    """DFQ's reference (Fast-Datafree's GenerativeSynthesizer) steps its generator with Adam betas (0.5, 0.999);
+    DFAD's and ZSKT's use torch's default (0.9, 0.999), the recipe's. The student keeps the recipe's beta1, and an
+    option overrides the generator's."""
+    from gendistill.training.core import Trainer
+    from gendistill.training.recipes import TrainRecipe
+
+    def optimizers(task):
+        recipe = TrainRecipe(output=str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"), max_steps=1, ema_decay=0)
+        trainer = Trainer(task, recipe, command="test")
+        betas = {name: opt.param_groups[0]["betas"] for name, opt in trainer.optimizers.items()}
+        trainer.end()
+        return betas
+
+    assert optimizers(make_task(cls, teacher)) == {"generator": (beta1, 0.999), "student": (0.9, 0.999)}
+    assert optimizers(make_task(cls, teacher, generator_beta1=0.7))["generator"] == (0.7, 0.999)
+    with pytest.raises(UsageError, match="generator_beta1 must be in"):
+        cls.Config(generator_beta1=1.0)
+    with pytest.raises(UsageError, match="adam_beta1 must be in"):
+        Phase("generator", adam_beta1=-0.1)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.name)

@@ -195,3 +195,30 @@ def test_image_pool_sampling_without_replacement():
     assert len(set(pool.sample(3, replace=False)[0][:, 0, 0, 0].tolist())) == 3
     with pytest.raises(ValueError, match="cannot draw 6 distinct entries from a pool holding 5"):
         pool.sample(6, replace=False)
+
+
+def test_image_pool_weighted_sampling_follows_the_weights():
+    """Weighted draws: an entry of weight 0 never comes, and over many draws with replacement each entry's share
+    matches weight / sum (a hand-computed expectation); without replacement every positive entry can come once."""
+    pool = ImagePool(8)
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    pool.add(x, torch.arange(4) * 10)
+    weights = torch.tensor([1.0, 0.0, 3.0, 4.0])
+    torch.manual_seed(0)
+    images, labels = pool.sample(8000, replace=True, weights=weights)
+    drawn = images[:, 0, 0, 0].long()
+    assert torch.equal(labels, drawn * 10)  # each image with its own label
+    share = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    torch.testing.assert_close(share, torch.tensor([1 / 8, 0.0, 3 / 8, 4 / 8]), atol=0.02, rtol=0)
+    images, _ = pool.sample(3, replace=False, weights=weights)
+    assert sorted(images[:, 0, 0, 0].tolist()) == [0.0, 2.0, 3.0]  # the three of non-zero weight, once each
+    for bad, message in (
+        (torch.ones(3), "weights must be 4 finite non-negative values"),
+        (torch.tensor([1.0, -1.0, 1.0, 1.0]), "weights must be 4 finite non-negative values"),
+        (torch.tensor([1.0, float("nan"), 1.0, 1.0]), "weights must be 4 finite non-negative values"),
+        (torch.zeros(4), "cannot draw 1 entries from 0 of non-zero weight"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            pool.sample(1, weights=bad)
+    with pytest.raises(ValueError, match="cannot draw 4 entries from 3 of non-zero weight"):
+        pool.sample(4, replace=False, weights=weights)

@@ -3,6 +3,7 @@ memory of the generator methods, and plug-in objectives adding terms to the stud
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -66,9 +67,10 @@ def test_resume_is_exact_for_every_method(method, bn_teacher, tmp_path):
     assert (tmp_path / "resumed" / "checkpoints" / "checkpoint_0" / "task_state.safetensors").is_file()
 
 
-@pytest.mark.parametrize("method", ["dfq", "cae"])
-def test_resume_with_a_student_memory_is_exact(method, bn_teacher, tmp_path):
-    straight, resumed = straight_and_resumed(bn_teacher, tmp_path, method, [*TINY[method], "memory_batches=2"])
+@pytest.mark.parametrize(("method", "extra"), [("dfq", []), ("dfq", ["memory_balance=1"]), ("cae", [])])
+def test_resume_with_a_student_memory_is_exact(method, extra, bn_teacher, tmp_path):
+    options = [*TINY[method], "memory_batches=2", *extra]  # memory_balance: class-weighted draws
+    straight, resumed = straight_and_resumed(bn_teacher, tmp_path, method, options)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
@@ -165,6 +167,37 @@ def test_dfq_student_steps_reuse_the_shifted_generator_batch(teacher):
     assert unshifted.synthesizer.memory is None
     with pytest.raises(ValueError, match="bn_kind 'l2' is not valid; valid: norm, kl"):
         DFQ(num_classes=4, image_shape=(3, 32, 32), bn_kind="l2")
+
+
+def test_class_balanced_memory_draws_weigh_each_image_by_its_class_count(teacher):
+    """``memory_balance`` b: each memory image is drawn with weight n_c ** -b, n_c the count of images whose stored
+    teacher logits have their argmax at c (computed here by hand); b = 1 draws the classes equally often, b = 0
+    leaves the draws uniform (no weights: the same random stream as before the option)."""
+    task = make_task(DFQ, teacher, memory_batches=2, memory_balance=1.0)
+    synth = task.synthesizer
+    images = torch.rand(10, 3, 32, 32)
+    logits = torch.zeros(10, 4)
+    classes = [0] * 6 + [1] * 3 + [3]  # 6, 3 and 1 images of classes 0, 1, 3; none of class 2
+    logits[torch.arange(10), torch.tensor(classes)] = 5.0
+    synth.add_to_memory(images, logits)
+    counts = {0: 6, 1: 3, 3: 1}
+    torch.testing.assert_close(synth.memory_weights(), torch.tensor([1 / counts[c] for c in classes]))
+    synth.config = dataclasses.replace(synth.config, memory_balance=0.5)
+    torch.testing.assert_close(synth.memory_weights(), torch.tensor([counts[c] ** -0.5 for c in classes]))
+    synth.config = dataclasses.replace(synth.config, memory_balance=1.0)
+    torch.manual_seed(0)
+    # One image per draw: its class's share is then exactly its weight's (a batch is drawn without replacement).
+    drawn = torch.cat([task.sample_batch("student", 1, CPU)["teacher_logits"].argmax(1) for _ in range(6000)])
+    share = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    torch.testing.assert_close(share, torch.tensor([1 / 3, 1 / 3, 0.0, 1 / 3]), atol=0.03, rtol=0)
+    synth.config = dataclasses.replace(synth.config, memory_balance=0.0)
+    assert synth.memory_weights() is None
+    torch.manual_seed(1)
+    uniform = task.sample_batch("student", 4, CPU)["images"]
+    torch.manual_seed(1)
+    assert torch.equal(uniform, synth.memory.sample(4, replace=False)[0])
+    with pytest.raises(ValueError, match="memory_balance must be >= 0"):
+        DFQ(num_classes=4, image_shape=(3, 32, 32), memory_balance=-1.0)
 
 
 def test_student_memory_off_by_default_and_fresh_samples_while_empty(teacher):

@@ -242,10 +242,14 @@ def resolve_mixed_precision(recipe: TrainRecipe) -> str:
     return recipe.mixed_precision
 
 
-def make_optimizer(recipe: TrainRecipe, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    recipe: TrainRecipe, params: list[torch.nn.Parameter], lr: float, *, beta1: float | None = None
+) -> torch.optim.Optimizer:
     """AdamW (torch's fused kernel when ``fused_optimizer`` and every parameter is on CUDA), or bitsandbytes' 8-bit
-    AdamW (``optimizer: adamw8bit``) to save optimizer-state memory."""
-    kwargs = {"lr": lr, "betas": (recipe.adam_beta1, recipe.adam_beta2), "weight_decay": recipe.weight_decay}
+    AdamW (``optimizer: adamw8bit``) to save optimizer-state memory. ``beta1`` overrides the recipe's
+    ``adam_beta1`` (a phase's own, ``Phase.adam_beta1``)."""
+    beta1 = recipe.adam_beta1 if beta1 is None else beta1
+    kwargs = {"lr": lr, "betas": (beta1, recipe.adam_beta2), "weight_decay": recipe.weight_decay}
     if recipe.optimizer == "adamw8bit":
         import bitsandbytes  # checked by TrainRecipe.validate
 
@@ -313,7 +317,8 @@ class Trainer:
         for phase in self.phases:
             module = getattr(task, phase.name)
             params = [p for p in module.parameters() if p.requires_grad]
-            optimizer = make_optimizer(recipe, params, recipe.lr if phase.lr is None else phase.lr)
+            lr = recipe.lr if phase.lr is None else phase.lr
+            optimizer = make_optimizer(recipe, params, lr, beta1=phase.adam_beta1)
             scheduler = get_scheduler(
                 recipe.lr_scheduler,
                 optimizer=optimizer,

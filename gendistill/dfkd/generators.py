@@ -224,13 +224,26 @@ class ImagePool:
         self._next = (self._next + count) % self.capacity
         self._size = min(self._size + count, self.capacity)
 
-    def sample(self, batch_size: int, *, replace: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sample(
+        self, batch_size: int, *, replace: bool = True, weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``batch_size`` entries drawn uniformly (global RNG of the pool's device), with replacement
         (``torch.randint``) or without (``torch.randperm``; then at most ``len(self)``): (images (batch_size, C, H,
-        W), labels (batch_size, ...) or None)."""
+        W), labels (batch_size, ...) or None). ``weights`` (``len(self)``,), non-negative, one per stored entry in
+        storage order: drawn with probability proportional to them instead (``torch.multinomial``)."""
         if self._size == 0:
             raise UsageError("cannot sample from an empty ImagePool: add() images first")
-        if replace:
+        if weights is not None:
+            if weights.shape != (self._size,) or bool((weights < 0).any()) or not bool(weights.isfinite().all()):
+                raise UsageError(
+                    f"weights must be {self._size} finite non-negative values (one per stored entry), got shape "
+                    f"{tuple(weights.shape)}"
+                )
+            positive = int((weights > 0).sum())
+            if positive == 0 or (not replace and batch_size > positive):
+                raise UsageError(f"cannot draw {batch_size} entries from {positive} of non-zero weight")
+            index = torch.multinomial(weights.to(self.images.device, torch.float32), batch_size, replacement=replace)
+        elif replace:
             index = torch.randint(0, self._size, (batch_size,), device=self.images.device)
         elif batch_size > self._size:
             raise UsageError(f"cannot draw {batch_size} distinct entries from a pool holding {self._size}")

@@ -62,7 +62,17 @@ class GeneratorConfig(SynthesizerConfig):
     memory_batches: int = 0  # 0: the student learns on fresh samples; N: on the last N generator batches + logits
     # (1: every student step of an iteration reuses that iteration's generator batch)
     student_start: int = 0  # iterations of generator steps alone before the student's steps start
-    AT_LEAST = {"generator_steps": 1, "memory_batches": 0, "student_start": 0}
+    generator_beta1: float | None = None  # the generator's Adam beta1 (None: the recipe's adam_beta1, 0.9 by
+    # default, torch's Adam default, which DAFL's, DFAD's and ZSKT's reference code use)
+    memory_balance: float | None = 0.0  # the student's draws from the memory: each image with probability
+    # proportional to n_c ** -memory_balance, n_c the number of memory images the teacher puts in its class c
+    # (0: uniform; 1: every class as often, as far as the memory holds it)
+    AT_LEAST = {"generator_steps": 1, "memory_batches": 0, "student_start": 0, "memory_balance": 0}
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.generator_beta1 is not None and not 0.0 <= self.generator_beta1 < 1.0:
+            raise UsageError(f"generator_beta1 must be in [0, 1), got {self.generator_beta1}")
 
 
 @dataclass
@@ -276,7 +286,7 @@ class GeneratorSynthesizer(Synthesizer):
 
     def phases(self) -> list[Phase]:
         cfg = self.config
-        generator = Phase("generator", steps=cfg.generator_steps, lr=cfg.generator_lr)
+        generator = Phase("generator", steps=cfg.generator_steps, lr=cfg.generator_lr, adam_beta1=cfg.generator_beta1)
         student = Phase("student", steps=cfg.student_steps, start=cfg.student_start)
         return [student, generator] if self.student_first else [generator, student]
 
@@ -316,8 +326,19 @@ class GeneratorSynthesizer(Synthesizer):
         if self.memory is None:
             return super().student_batch(batch_size, device, teacher=teacher, student=student, generator=generator)
         self.memory.to(torch.device(device))
-        images, logits = self.memory.sample(batch_size, replace=batch_size > len(self.memory))
+        replace = batch_size > len(self.memory)
+        images, logits = self.memory.sample(batch_size, replace=replace, weights=self.memory_weights())
         return {"images": images, "teacher_logits": logits}
+
+    def memory_weights(self) -> torch.Tensor | None:
+        """The student's draw weights over the memory (``memory_balance``): ``n_c ** -memory_balance`` for an image
+        the teacher puts in class c (the argmax of its stored logits), ``n_c`` that class's count in the memory;
+        None (uniform) at 0."""
+        if not self.config.memory_balance:
+            return None
+        classes = self.memory.labels[: len(self.memory)].argmax(dim=1)
+        counts = torch.bincount(classes, minlength=self.memory.labels.shape[1]).float()
+        return counts[classes] ** -self.config.memory_balance
 
     @torch.no_grad()
     def student_images(self, batch_size, device, *, teacher, student, generator):

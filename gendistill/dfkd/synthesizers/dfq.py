@@ -50,8 +50,10 @@ class DFQConfig(GeneratorConfig):
     padding: int = 4  # random shift (pixels, no flip) of the generator's images before the networks (0: none)
     student_steps: int = 5  # student steps per generator step
     memory_batches: int | None = None  # the student learns on the last N generator batches (shifted) + teacher logits
+    memory_balance: float | None = None  # the student's draws from the memory, class-balanced at 1 (see the base)
     student_start: int | None = None  # iterations of generator steps alone (its first images are noise to learn on)
     generator_lr: float | None = None  # Adam learning rate of the generator (the reference's lr_g: 1e-3)
+    generator_beta1: float | None = 0.5  # the generator's Adam beta1: the reference's (Adam betas (0.5, 0.999))
     student_lr: float | None = None  # the student's AdamW learning rate when the recipe gives none
     tau: float = 4.0  # temperature of the student's KD loss (the reference's: 20)
     student_loss: str | None = None  # kd: tau^2 KL at tau | mse: mean squared difference of the logits | None:
@@ -82,6 +84,7 @@ PROFILES = {
         student_lr=5e-3,
         batch_size=128,
         memory_batches=30,
+        memory_balance=0.0,
         student_start=60,
         max_steps=2500,
     ),
@@ -92,6 +95,7 @@ PROFILES = {
         student_lr=3e-3,
         batch_size=32,
         memory_batches=40,
+        memory_balance=1.0,
         student_start=50,
         max_steps=1000,
     ),
