@@ -10,9 +10,29 @@ dicts and lists of tensors and JSON scalars; checkpointed as ``task_state.safete
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
+from torch import nn
+
 from gendistill.errors import UsageError
+
+
+@contextlib.contextmanager
+def weights_frozen(module: nn.Module):
+    """``module`` (unwrapped from DDP, whose gradient hooks must not wait for weights that get no gradient) with
+    ``requires_grad`` off on its trainable parameters inside the block, restored after; autograd still differentiates
+    through its input. For a phase whose loss runs through another phase's module: that module's weight gradients
+    would be thrown away (each phase starts from zeroed gradients), so they are not computed."""
+    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    params = [p for p in inner.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield inner
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from conftest import ToyTask
 from torch import nn
 
 from gendistill.errors import UsageError
-from gendistill.task import Phase
+from gendistill.task import Phase, weights_frozen
 from gendistill.training.core import NonFiniteLossError, Trainer, complete_checkpoints
 from gendistill.training.recipes import TrainRecipe
 
@@ -321,3 +321,24 @@ def test_runs_in_one_process_each_get_their_recipes_mixed_precision(tmp_path):
         assert trainer.accelerator.mixed_precision == precision
         trainer.fit()
         trainer.end()
+
+
+def test_weights_frozen_differentiates_through_a_module_without_its_weight_gradients():
+    """Inside the block the module's trainable weights get no gradient while its input still does (the same
+    input gradient as with them trainable); after it, exactly the weights that were trainable are again, and an
+    exception inside the block restores them too."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    net[2].bias.requires_grad_(False)  # a weight frozen by its owner stays frozen
+    x = torch.randn(5, 3, requires_grad=True)
+    (expected,) = torch.autograd.grad(net(x).square().sum(), x)
+    with weights_frozen(net) as inner:
+        assert inner is net and not any(p.requires_grad for p in net.parameters())
+        net(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected)
+    assert all(p.grad is None for p in net.parameters())
+    assert [p.requires_grad for p in net.parameters()] == [True, True, True, False]
+    with pytest.raises(RuntimeError, match="inside"):
+        with weights_frozen(net):
+            raise RuntimeError("inside")
+    assert [p.requires_grad for p in net.parameters()] == [True, True, True, False]

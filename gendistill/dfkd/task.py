@@ -18,7 +18,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from ..errors import UsageError
-from ..task import Phase
+from ..task import Phase, weights_frozen
 from .models import Classifier
 from .plugins import Plugin
 
@@ -182,23 +182,19 @@ class DFKDTask(nn.Module):
         student = extract_model_from_parallel(self.student)
         was_training = student.training
         student.eval()
-        trainable = [p for p in student.parameters() if p.requires_grad]
-        for p in trainable:
-            p.requires_grad_(False)
         try:
-            losses = self.synthesizer.generator_loss(
-                batch, generator=self.generator, teacher=self.teacher, student=student
-            )
-            tensors = self.synthesizer.pop_generator_tensors()
-            if tensors is None or not any(hasattr(o, "generator_terms") for o in self.objectives):
-                return losses  # no generator terms (an inversion method's are its synthesis terms)
-            if tensors["student_logits"] is None:  # a loss without the student (DAFL)
-                tensors = {**tensors, "student_logits": student(tensors["images"])}
-            return self._add_terms(losses, "generator_terms", tensors)
+            with weights_frozen(student):
+                losses = self.synthesizer.generator_loss(
+                    batch, generator=self.generator, teacher=self.teacher, student=student
+                )
+                tensors = self.synthesizer.pop_generator_tensors()
+                if tensors is None or not any(hasattr(o, "generator_terms") for o in self.objectives):
+                    return losses  # no generator terms (an inversion method's are its synthesis terms)
+                if tensors["student_logits"] is None:  # a loss without the student (DAFL)
+                    tensors = {**tensors, "student_logits": student(tensors["images"])}
+                return self._add_terms(losses, "generator_terms", tensors)
         finally:
             student.train(was_training)
-            for p in trainable:
-                p.requires_grad_(True)
 
     def _add_terms(self, losses: dict, hook: str, tensors: dict) -> dict[str, torch.Tensor]:
         """``losses`` with the terms of every objective's ``hook`` added to ``"loss"`` and, detached, by name."""

@@ -29,7 +29,6 @@ generator starts as the teacher's one-step clean prediction from pure noise; fro
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from torch import nn
 from ..data.prompts import PromptEmbeddings
 from ..errors import UsageError
 from ..pipelines.boot_math import to_x0
-from ..task import Phase
+from ..task import Phase, weights_frozen
 from .boot import PARAMETERIZATIONS, PromptConditions, add_lora, check_lora
 from .teacher import DiffusionTeacher
 
@@ -161,21 +160,6 @@ def teacher_init(teacher: DiffusionTeacher, init_timestep: int | None = None) ->
     return GeneratorInit(copy.deepcopy(teacher.unet).float(), read_timestep=t, input_timestep=t)
 
 
-@contextlib.contextmanager
-def _weights_frozen(module: nn.Module):
-    """``module`` (unwrapped from DDP, whose gradient hooks must not wait for weights that get no gradient) with
-    ``requires_grad`` off on its parameters inside the block; autograd still differentiates through its input."""
-    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-    params = [p for p in inner.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield inner
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 class SiDTask(PromptConditions, nn.Module):
     """Frozen teacher, trainable fake score (phase "fake_score", first) and one-step generator (phase "student").
 
@@ -292,7 +276,7 @@ class SiDTask(PromptConditions, nn.Module):
             f_real = self.teacher.predict_x0(x_t, t, cond, guidance_scale=w)
             # The gradient reaches the generator through the fake score's input only: its weights (trained in their
             # own phase, which starts from zero gradients) get none, which saves their share of the backward pass.
-            with _weights_frozen(self.fake_score) as fake_score:
+            with weights_frozen(self.fake_score) as fake_score:
                 f_fake = self.fake_x0(x_t, t, cond, network=fake_score)
             per_sample = sid_generator_loss(x_g, f_real, f_fake, alpha=self.config.alpha)
         loss = per_sample.mean()
