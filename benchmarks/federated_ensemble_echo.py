@@ -13,6 +13,8 @@ the images. This probe measures that along FedAvg's own trajectory, on the 500 h
   (0 for an ensemble that reads the image, 1 for one that repeats its question);
 - ``plain_ensemble``: accuracy of the clients' probabilities averaged by their numbers of examples (no label).
 
+Accuracies are balanced (the mean of the per-class accuracies), as the benchmark's global accuracy.
+
 The federation is the benchmark's (``benchmarks/federated_mnist.py``: 10 clients, Dirichlet alpha 0.1, LeNet-5,
 one local epoch of SGD at lr 0.01), run in this process with the library's own client training and averaging (the
 same split, initialization and per-(seed, round, client) seeding as the Flower apps; no Flower: nothing here is
@@ -48,6 +50,31 @@ from gendistill.federated.fedgen import class_weights
 from gendistill.federated.simulation import _seed
 
 
+def balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean over classes of the share of each class's examples predicted right (the benchmark's global
+    accuracy is this, by ``per_class_accuracy``)."""
+    return float(torch.stack([(predictions[labels == c] == c).float().mean() for c in labels.unique()]).mean())
+
+
+def ensemble_scores(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, shares: torch.Tensor, shift: torch.Tensor
+) -> dict[str, float]:
+    """``logits`` (clients, N, K) of every client on N examples, ``weights`` (clients, K) the class-level ensemble's,
+    ``shares`` (clients,) the clients' shares of all examples, ``shift`` (N,) in 1..K-1 (the wrong label asked
+    about example i is ``(labels_i + shift_i) mod K``). Returns the class-level ensemble's balanced accuracy when
+    asked with the true labels, its echo (the share of examples for which, asked with the wrong label, it answers
+    that label) and the balanced accuracy of the example-weighted mean of the clients' probabilities."""
+    wrong = (labels + shift) % logits.shape[-1]
+    true_answer = class_level_ensemble(logits, labels, weights).argmax(1)
+    wrong_answer = class_level_ensemble(logits, wrong, weights).argmax(1)
+    plain = (logits.softmax(-1) * shares[:, None, None]).sum(0).argmax(1)
+    return {
+        "class_level_true": balanced_accuracy(true_answer, labels),
+        "echo": float((wrong_answer == wrong).float().mean()),
+        "plain_ensemble": balanced_accuracy(plain, labels),
+    }
+
+
 def probe(seed: int, rounds: int, setup_kwargs: dict) -> list[dict]:
     setup = FederatedSetup(seed=seed, **setup_kwargs)
     clients, num_classes = load_split(setup)
@@ -77,19 +104,11 @@ def probe(seed: int, rounds: int, setup_kwargs: dict) -> list[dict]:
                 m = build_model(setup, num_classes, channels)
                 m.load_state_dict(s)
                 logits.append(m.eval()(images))
-            logits = torch.stack(logits)  # (clients, N, K)
             shift = torch.randint(1, num_classes, labels.shape, generator=torch.Generator().manual_seed(seed))
-            wrong = (labels + shift) % num_classes  # a random label other than the digit's own
-            true_answer = class_level_ensemble(logits, labels, weights).argmax(1)
-            wrong_answer = class_level_ensemble(logits, wrong, weights).argmax(1)
-            plain = (logits.softmax(-1) * shares[:, None, None]).sum(0).argmax(1)
-        rows.append({
-            "round": server_round,
-            "global": round(float(np.nanmean(per_class_accuracy(model, images, labels, num_classes))), 4),
-            "class_level_true": round(float((true_answer == labels).float().mean()), 4),
-            "echo": round(float((wrong_answer == wrong).float().mean()), 4),
-            "plain_ensemble": round(float((plain == labels).float().mean()), 4),
-        })  # fmt: skip
+            scores = ensemble_scores(torch.stack(logits), labels, weights, shares, shift)
+        global_accuracy = float(np.nanmean(per_class_accuracy(model, images, labels, num_classes)))
+        rows.append({"round": server_round, "global": round(global_accuracy, 4),
+                     **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
     return rows
 
 

@@ -250,3 +250,33 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, capsys):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert main(["federated", "--output", str(tmp_path / "mine")]) == 2
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_the_echo_probe_scores_a_label_echoing_client_against_a_hand_count():
+    """benchmarks/federated_ensemble_echo.py: client A holds only class 0 and says 0 to everything; client B holds
+    classes 1 and 2 and reads the image. Asked about class 0, the class-level ensemble is A, otherwise B."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "federated_ensemble_echo.py"
+    spec = importlib.util.spec_from_file_location("federated_ensemble_echo", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    labels = torch.tensor([0, 1, 1, 2, 2, 2])
+    says_zero = torch.tensor([5.0, 0.0, 0.0]).expand(6, 3)
+    reads = 5.0 * torch.nn.functional.one_hot(labels, 3).float()
+    logits = torch.stack([says_zero, reads])
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    shares = torch.tensor([0.25, 0.75])
+    shift = torch.tensor([1, 2, 1, 1, 2, 1])  # wrong labels 1, 0, 2, 0, 1, 0
+    scores = probe.ensemble_scores(logits, labels, weights, shares, shift)
+    # true labels: class 0 asked of A (says 0), classes 1, 2 asked of B (reads): all right
+    assert scores["class_level_true"] == pytest.approx(1.0)
+    # wrong label 1 for a 0 (B reads 0: no), 0 for a 1 (A: echo), 2 for a 1 (B: no), 0, 1, 0 for the 2s (A: echo,
+    # B: no, A: echo): 3 of 6
+    assert scores["echo"] == pytest.approx(3 / 6)
+    # plain ensemble: 0.25 softmax(A) + 0.75 softmax(B); B's confident answer wins everywhere: all right
+    assert scores["plain_ensemble"] == pytest.approx(1.0)
+    # a balanced accuracy: class 0 right, class 1 half right, class 2 none: (1 + 0.5 + 0) / 3
+    predictions = torch.tensor([0, 1, 0, 1, 1, 0])
+    assert probe.balanced_accuracy(predictions, labels) == pytest.approx(0.5)
