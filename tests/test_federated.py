@@ -254,7 +254,8 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, capsys):
 
 def test_the_echo_probe_scores_a_label_echoing_client_against_a_hand_count():
     """benchmarks/federated_ensemble_echo.py: client A holds only class 0 and says 0 to everything; client B holds
-    classes 1 and 2 and reads the image. Asked about class 0, the class-level ensemble is A, otherwise B."""
+    classes 1 and 2 and reads the image, except example 4 (a 2), which it reads as 1. Asked about class 0, the
+    class-level ensemble is A, otherwise B."""
     import importlib.util
     from pathlib import Path
 
@@ -264,19 +265,19 @@ def test_the_echo_probe_scores_a_label_echoing_client_against_a_hand_count():
     spec.loader.exec_module(probe)
     labels = torch.tensor([0, 1, 1, 2, 2, 2])
     says_zero = torch.tensor([5.0, 0.0, 0.0]).expand(6, 3)
-    reads = 5.0 * torch.nn.functional.one_hot(labels, 3).float()
+    reads = 5.0 * torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 2, 1, 2]), 3).float()
     logits = torch.stack([says_zero, reads])
     weights = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
     shares = torch.tensor([0.25, 0.75])
     shift = torch.tensor([1, 2, 1, 1, 2, 1])  # wrong labels 1, 0, 2, 0, 1, 0
     scores = probe.ensemble_scores(logits, labels, weights, shares, shift)
-    # true labels: class 0 asked of A (says 0), classes 1, 2 asked of B (reads): all right
-    assert scores["class_level_true"] == pytest.approx(1.0)
-    # wrong label 1 for a 0 (B reads 0: no), 0 for a 1 (A: echo), 2 for a 1 (B: no), 0, 1, 0 for the 2s (A: echo,
-    # B: no, A: echo): 3 of 6
-    assert scores["echo"] == pytest.approx(3 / 6)
-    # plain ensemble: 0.25 softmax(A) + 0.75 softmax(B); B's confident answer wins everywhere: all right
-    assert scores["plain_ensemble"] == pytest.approx(1.0)
+    # true labels: class 0 asked of A (0: right), the 1s and 2s of B (right but example 4): (1 + 1 + 2/3) / 3
+    assert scores["class_level_true"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    # wrong labels: 1 for the 0 (B answers 0: no echo), 0 for a 1 (A: echo), 2 for a 1 (B: 1, no), 0 for a 2 (A:
+    # echo), 1 for example 4 (B misreads it as 1: echo), 0 for the last 2 (A: echo): 4 of 6
+    assert scores["echo"] == pytest.approx(4 / 6)
+    # plain ensemble: 0.25 softmax(A) + 0.75 softmax(B); B's confident answer wins everywhere, example 4 wrong
+    assert scores["plain_ensemble"] == pytest.approx((1 + 1 + 2 / 3) / 3)
     # a balanced accuracy: class 0 right, class 1 half right, class 2 none: (1 + 0.5 + 0) / 3
     predictions = torch.tensor([0, 1, 0, 1, 1, 0])
     assert probe.balanced_accuracy(predictions, labels) == pytest.approx(0.5)
