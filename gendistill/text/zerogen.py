@@ -372,6 +372,7 @@ def generate_examples(
                     raise UsageError(
                         f"label {label!r}: only {kept} of {per_label} distinct texts of >= {min_words} words after "
                         f"{drawn} draws; ask for fewer, lower min_words, or raise top_p/temperature"
+                        + ("" if extract is None else f", or loosen the extract pattern {extract!r}")
                     )
                 batch = [label_prompts[(drawn + i) % len(label_prompts)] for i in range(batch_size)]
                 inputs = tokenizer([framed(p) for p in batch], return_tensors="pt", padding=True,
