@@ -30,12 +30,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gendistill.eval.report import device_description
 from gendistill.federated.base import (
     FederatedSetup,
     build_model,
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     runs = [{"seed": seed, "rounds": probe(seed, args.rounds, setup_kwargs)} for seed in args.seeds]
     out = {
         "benchmark": "federated_ensemble_echo",
-        "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} threads",
+        "device": device_description("cpu"),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "settings": {"rounds": args.rounds, **setup_kwargs, "setup": FederatedSetup(**setup_kwargs).as_config()},
