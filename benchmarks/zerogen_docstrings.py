@@ -12,7 +12,8 @@ one-line description of what the package is for) by top-p sampling, and trains t
 
 - ``prompt``: on the prompts' labels (ZeroGen as published);
 - ``teacher``: on the soft labels of a teacher classifier trained on the real data (``gendistill teach
-  text-classifier``, 4 layers of 256), on the same generated texts.
+  text-classifier``, 4 layers of 256; ``--teacher real``: the seed's own ``real`` classifier below), on the same
+  generated texts.
 
 ``real``: the same classifier (2 layers of 64, WordPiece vocabulary of 4,000 learnt from its training text, the same
 steps and learning rate) trained by ``gendistill teach text-classifier`` on the 676 real training docstrings. Every
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--generator-steps", type=int, default=2000)
     parser.add_argument("--generator-keywords", type=int, default=0, help="teach language-model --keywords")
-    parser.add_argument("--teacher", default=None, help="an existing teacher folder (default: train one)")
+    parser.add_argument("--teacher", default=None, help="an existing teacher folder, or 'real': each seed's "
+                        "classifier trained on the real data (default: train a 4-layer one)")  # fmt: skip
     parser.add_argument("--per-label", type=int, default=500)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -115,12 +117,13 @@ def main(argv=None) -> int:
     trained_here = generator_result is not None  # else a pretrained generator (a .gguf, a packaged model, a folder)
     if trained_here:
         generator_recipe = json.loads((Path(generator) / "gendistill_run.json").read_text())["recipe"]
-    teacher = args.teacher
+    teacher, teacher_result = args.teacher, None
     if teacher is None:
         teacher = str(root / "teacher")
         run(["teach", "text-classifier", "--data", "docstrings", "--output", teacher, "--max-steps", "400",
              "--checkpoint-every", "0", "--eval-every", "0"])  # fmt: skip
-    teacher_result = json.loads((Path(teacher) / "results.json").read_text())
+    if teacher != "real":
+        teacher_result = json.loads((Path(teacher) / "results.json").read_text())
     rows = []
     for seed in args.seeds:
         row = {"seed": seed}
@@ -140,7 +143,11 @@ def main(argv=None) -> int:
             generation = ["--synthetic", synthetic]
         else:
             generation = ["--generator", generator, *generation]
-        for source, data in (("prompt", generation), ("teacher", ["--synthetic", synthetic, "--teacher", teacher])):
+        seed_teacher = str(root / f"real_{seed}") if teacher == "real" else teacher
+        for source, data in (
+            ("prompt", generation),
+            ("teacher", ["--synthetic", synthetic, "--teacher", seed_teacher]),
+        ):
             out = prompt_run if source == "prompt" else root / f"{source}_{seed}"
             result = run(["zerogen", *data, "--labels-from", source, "--eval-data", "docstrings", "--seed", str(seed),
                           "--output", str(out), *zerogen_model, *classifier])  # fmt: skip
@@ -195,7 +202,8 @@ def main(argv=None) -> int:
             "packages": len(packages),
             "largest_packages": dict(packages.most_common(15)),
         },  # fmt: skip
-        "teacher_heldout_accuracy": teacher_result["heldout_accuracy"],
+        "teacher": "each seed's classifier trained on the real data" if teacher == "real" else teacher,
+        "teacher_heldout_accuracy": None if teacher_result is None else teacher_result["heldout_accuracy"],
         "per_label": args.per_label,
         "top_p": args.top_p,
         "temperature": args.temperature,
