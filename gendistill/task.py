@@ -5,7 +5,9 @@ batch_size, device)`` (inputs drawn from the global RNG, so checkpoint/resume re
 ``forward(phase, batch) -> dict`` of losses whose ``"loss"`` entry is optimized. Optional: ``evaluate(**modules)``
 returning metrics, ``sample_images(**modules)`` returning images in [0, 1] for sample grids, and
 ``extra_state() -> dict`` / ``load_extra_state(dict)`` for state outside the modules that a resumed run needs (nested
-dicts and lists of tensors and JSON scalars; checkpointed as ``task_state.safetensors`` + JSON).
+dicts and lists of tensors and JSON scalars; checkpointed as ``task_state.safetensors`` + JSON), and ``example_unit``
+(default ``"images"``): what one example of a batch is, for the throughput the progress bar and the logs show
+(``images_per_s``, ``texts_per_s``, ...).
 """
 
 from __future__ import annotations

@@ -392,6 +392,8 @@ def test_teacher_soft_labels_and_exact_resume(generator_folder, tmp_path, capsys
     assert cli_main(["zerogen", *common, "--max-steps", "4", "--checkpoint-every", "2", "--output", str(run)]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["labels_from"] == "teacher" and 0 <= results["teacher_agrees_with_prompt_labels"] <= 1
+    logged = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("texts_per_s", 0) > 0 for r in logged) and not any("images_per_s" in r for r in logged)
     from safetensors.torch import load_file
 
     straight = {k: v.clone() for k, v in load_file(run / "model.safetensors").items()}

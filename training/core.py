@@ -623,7 +623,8 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        images_per_step = recipe.batch_size * recipe.gradient_accumulation_steps * accelerator.num_processes
+        examples_per_step = recipe.batch_size * recipe.gradient_accumulation_steps * accelerator.num_processes
+        throughput = f"{getattr(self.task, 'example_unit', 'images')}_per_s"  # images_per_s, texts_per_s, ...
         tic, window, losses = time.perf_counter(), 0, {}
         metrics: dict[str, float] = {}
         fit_start = time.perf_counter() - self._aside  # so that now - fit_start - _aside is this fit's training
@@ -664,7 +665,7 @@ class Trainer:
             if step % recipe.log_every == 0 or step == recipe.max_steps:
                 elapsed = time.perf_counter() - tic
                 values = {k: sum(v) / len(v) for k, v in losses.items() if v}
-                values["images_per_s"] = window * images_per_step / max(elapsed, 1e-9)
+                values[throughput] = window * examples_per_step / max(elapsed, 1e-9)
                 values["nonfinite_skipped"] = counters.nonfinite_total
                 for name, sched in self.schedulers.items():
                     values[f"lr/{name}"] = sched.get_last_lr()[0]
@@ -673,7 +674,7 @@ class Trainer:
                     {
                         k.split("/")[-1]: f"{v:.4g}"
                         for k, v in values.items()
-                        if k.startswith("loss") or k == "images_per_s"
+                        if k.startswith("loss") or k == throughput
                     }
                 )
                 tic, window, losses = time.perf_counter(), 0, {}

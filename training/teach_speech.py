@@ -84,6 +84,8 @@ class TeachSpeechRecipe(TrainRecipe):
 class SpeechRecognizerTrainingTask(nn.Module):
     """Cross-entropy training of a Whisper model on log-mel features (N, mel, frames) and label rows (N, L)."""
 
+    example_unit = "clips"  # the progress bar and the logs show clips_per_s
+
     def __init__(self, model: nn.Module, features: torch.Tensor, labels: torch.Tensor, tokenizer, *, eval_data=None):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer

@@ -259,6 +259,8 @@ class SpeechKDTask(nn.Module):
     for evaluation only.
     """
 
+    example_unit = "clips"  # the progress bar and the logs show clips_per_s
+
     def __init__(self, teacher: nn.Module, student: nn.Module, features: torch.Tensor, labels: torch.Tensor,
                  tokenizer, *, config: SpeechKDConfig | None = None,
                  eval_data: tuple[torch.Tensor, list[str]] | None = None):  # fmt: skip

@@ -152,6 +152,8 @@ class ZeroShotTextKDTask(nn.Module):
     of held-out task texts, used for evaluation only (None: no evaluation).
     """
 
+    example_unit = "texts"  # the progress bar and the logs show texts_per_s
+
     def __init__(self, teacher: nn.Module, student: nn.Module, pool_ids: torch.Tensor, pool_mask: torch.Tensor, *,
                  method: str = "zskd", config: ZeroShotConfig | None = None, special_ids: list[int] | tuple = (),
                  eval_data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):  # fmt: skip

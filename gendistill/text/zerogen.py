@@ -235,6 +235,8 @@ class LanguageModelTask(nn.Module):
     """Next-token prediction on random windows of ``context`` tokens of a token stream (GPT-2's pretraining);
     evaluation: the mean loss and perplexity on the held-out stream's consecutive windows."""
 
+    example_unit = "sequences"  # the progress bar and the logs show sequences_per_s
+
     def __init__(self, model: nn.Module, stream: torch.Tensor, *, context: int, eval_stream=None, eval_windows=64):
         super().__init__()
         if len(stream) <= context:
@@ -403,6 +405,8 @@ class TextClassifierTask(nn.Module):
     a teacher's logits on the same texts (N, C), KD from them (:func:`synthetic_loss`); ZeroGen trains on generated
     texts this way, ``gendistill teach text-classifier`` on real ones. Evaluation: accuracy and macro F1 on held-out
     text, when given (it is never trained on)."""
+
+    example_unit = "texts"  # the progress bar and the logs show texts_per_s
 
     def __init__(self, model, ids, mask, labels, *, teacher_logits=None, temperature=1.0, label_smoothing=0.0,
                  eval_data=None):  # fmt: skip
